@@ -1,0 +1,31 @@
+# The local torch==2.13.0 CPU wheel goes in first: with it present, the `torch>=2.11` range in
+# pyproject.toml is satisfied and pip never downloads a CUDA build.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+TEST_JOBS ?=
+
+.PHONY: install demo test study bench clean
+
+.installed: pyproject.toml setup.py
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q triton==3.6.0  # the lent GPU image's Triton: interpreter runs the same APIs
+	touch .installed
+
+install: .installed
+
+demo: .installed
+	$(PYTHON) -m meshrl.cli demo
+
+test: .installed
+	$(PYTHON) -m pytest -q -x tests
+
+study: .installed
+	$(PYTHON) -m meshrl.cli study
+
+bench: .installed
+	$(PYTHON) benchmarks/kernels.py --small
+	$(PYTHON) benchmarks/train_throughput.py --small
+
+clean:
+	rm -rf .installed runs build *.egg-info

@@ -1,0 +1,195 @@
+"""A 3D parallel layout (tp, pp, dp) over an explicit, ordered list of global ranks.
+
+Position i in ``ranks`` has coordinates with tp fastest, then dp, then pp:
+``i = (pp_rank * dp + dp_rank) * tp + tp_rank``. Several layouts live in one process; each owns its
+process groups, and nothing is global.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """A layout that cannot be built; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class Coord:
+    tp: int
+    dp: int
+    pp: int
+
+
+def parse_ranks(spec) -> list[int]:
+    """"0-3,6,8-9" or a list of ints -> list of ints (order kept)."""
+    if isinstance(spec, int):
+        return [spec]
+    if not isinstance(spec, str):
+        return [int(r) for r in spec]
+    out: list[int] = []
+    for part in spec.replace(" ", "").split(","):
+        if not part:
+            continue
+        if "-" in part:
+            lo, hi = part.split("-")
+            out.extend(range(int(lo), int(hi) + 1))
+        else:
+            out.append(int(part))
+    return out
+
+
+def world_size_or_one() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_rank_or_zero() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def group_size(group) -> int:
+    """Size of a process group, where None means "this process alone"."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+class ParallelLayout:
+    """Ranks, coordinates and (unless ``virtual``) the process groups of one layout.
+
+    Building a non-virtual layout is collective: every rank of the world builds every layout in the
+    same order. A virtual layout has no groups; it answers coordinate questions for any rank
+    (``as_rank``) and serves planning and meta-device model construction.
+    """
+
+    def __init__(self, *, ranks, tp: int = 1, pp: int = 1, dp: int = 1, virtual: bool = False,
+                 as_rank: int | None = None, world_size: int | None = None, name: str = "layout"):
+        self.name = name
+        self.ranks = parse_ranks(ranks)
+        self.tp_size, self.pp_size, self.dp_size = int(tp), int(pp), int(dp)
+        for field, v in (("tp", self.tp_size), ("pp", self.pp_size), ("dp", self.dp_size)):
+            if v < 1:
+                raise LayoutError(f"{name}.{field}={v}: must be a positive integer")
+        n = self.tp_size * self.pp_size * self.dp_size
+        if len(self.ranks) != n:
+            raise LayoutError(f"{name}.ranks has {len(self.ranks)} ranks but tp*pp*dp = "
+                              f"{self.tp_size}*{self.pp_size}*{self.dp_size} = {n}: make them equal")
+        if len(set(self.ranks)) != len(self.ranks):
+            raise LayoutError(f"{name}.ranks lists a rank twice ({self.ranks}): list each once")
+        world = world_size if world_size is not None else (None if virtual else world_size_or_one())
+        if world is not None and any(r < 0 or r >= world for r in self.ranks):
+            bad = [r for r in self.ranks if r < 0 or r >= world]
+            raise LayoutError(f"{name}.ranks names ranks {bad} outside the world of {world} "
+                              f"(0..{world - 1}): use ranks that exist")
+        self.virtual = virtual
+        self._index = {r: i for i, r in enumerate(self.ranks)}
+        self.rank = as_rank if as_rank is not None else (None if virtual else global_rank_or_zero())
+        self.coord = self.coord_of(self.rank) if self.rank is not None else None
+        self.tp_group = self.pp_group = self.dp_group = self.group = self.mp_group = None
+        if not virtual:
+            self._build_groups()
+
+    # ---- pure coordinate arithmetic -----------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    def coord_of(self, global_rank: int) -> Coord | None:
+        i = self._index.get(global_rank)
+        if i is None:
+            return None
+        tp = i % self.tp_size
+        dp = (i // self.tp_size) % self.dp_size
+        pp = i // (self.tp_size * self.dp_size)
+        return Coord(tp=tp, dp=dp, pp=pp)
+
+    def rank_at(self, *, tp: int, dp: int, pp: int) -> int:
+        return self.ranks[(pp * self.dp_size + dp) * self.tp_size + tp]
+
+    def tp_ranks_of(self, dp: int, pp: int) -> list[int]:
+        return [self.rank_at(tp=t, dp=dp, pp=pp) for t in range(self.tp_size)]
+
+    def dp_ranks_of(self, tp: int, pp: int) -> list[int]:
+        return [self.rank_at(tp=tp, dp=d, pp=pp) for d in range(self.dp_size)]
+
+    def pp_ranks_of(self, tp: int, dp: int) -> list[int]:
+        return [self.rank_at(tp=tp, dp=dp, pp=p) for p in range(self.pp_size)]
+
+    def mp_ranks_of(self, dp: int) -> list[int]:
+        """One model replica: every (tp, pp) at this dp index, pp-major."""
+        return [self.rank_at(tp=t, dp=dp, pp=p) for p in range(self.pp_size) for t in range(self.tp_size)]
+
+    def as_seen_by(self, global_rank: int) -> "ParallelLayout":
+        """A virtual copy answering for another rank (for meta-device builds and planning)."""
+        return ParallelLayout(ranks=self.ranks, tp=self.tp_size, pp=self.pp_size, dp=self.dp_size,
+                              virtual=True, as_rank=global_rank, name=self.name)
+
+    # ---- this process's view -----------------------------------------------------------------
+    @property
+    def is_member(self) -> bool:
+        return self.coord is not None
+
+    def _require_member(self):
+        if self.coord is None:
+            raise RuntimeError(f"rank {self.rank} is not in {self.name} (ranks {self.ranks})")
+        return self.coord
+
+    @property
+    def tp_rank(self) -> int:
+        return self._require_member().tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self._require_member().dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self._require_member().pp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_rank(self, pp: int) -> int:
+        """Global rank of stage ``pp`` in this rank's pipeline."""
+        c = self._require_member()
+        return self.rank_at(tp=c.tp, dp=c.dp, pp=pp)
+
+    # ---- groups ------------------------------------------------------------------------------
+    def _build_groups(self):
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.ranks != [0]:
+                raise LayoutError(f"{self.name}.ranks={self.ranks} needs torch.distributed: launch "
+                                  "with torchrun or use ranks=[0]")
+            return
+        me = self.rank
+        t, d, p = self.tp_size, self.dp_size, self.pp_size
+
+        def build(rank_lists):
+            mine = None
+            for ranks in rank_lists:
+                g = dist.new_group(ranks) if len(ranks) > 1 else None
+                if me in ranks:
+                    mine = g
+            return mine
+
+        self.tp_group = build([self.tp_ranks_of(dp, pp) for pp in range(p) for dp in range(d)])
+        self.dp_group = build([self.dp_ranks_of(tp, pp) for pp in range(p) for tp in range(t)])
+        self.pp_group = build([self.pp_ranks_of(tp, dp) for dp in range(d) for tp in range(t)])
+        self.mp_group = build([self.mp_ranks_of(dp) for dp in range(d)])
+        self.group = build([list(self.ranks)])
+
+    def __repr__(self):
+        return (f"ParallelLayout({self.name}: tp={self.tp_size}, pp={self.pp_size}, dp={self.dp_size}, "
+                f"ranks={self.ranks})")
+
+
+def single_process_layout(name: str = "layout") -> ParallelLayout:
+    return ParallelLayout(ranks=[global_rank_or_zero()], tp=1, pp=1, dp=1, name=name)

@@ -1,0 +1,18 @@
+import pytest
+
+from meshrl.testing.dist_pool import DistPool
+
+_POOLS: dict[int, DistPool] = {}
+
+
+@pytest.fixture(scope="session")
+def dist_pool():
+    """dist_pool(n) -> a gloo DistPool of n ranks, shared by the whole session."""
+    def get(world_size: int) -> DistPool:
+        if world_size not in _POOLS:
+            _POOLS[world_size] = DistPool(world_size)
+        return _POOLS[world_size]
+    yield get
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()
