@@ -89,6 +89,7 @@ class ParallelLayout:
         self.rank = as_rank if as_rank is not None else (None if virtual else global_rank_or_zero())
         self.coord = self.coord_of(self.rank) if self.rank is not None else None
         self.tp_group = self.pp_group = self.dp_group = self.group = self.mp_group = None
+        self.ends_group = None
         if not virtual:
             self._build_groups()
 
@@ -185,6 +186,11 @@ class ParallelLayout:
         self.pp_group = build([self.pp_ranks_of(tp, dp) for dp in range(d) for tp in range(t)])
         self.mp_group = build([self.mp_ranks_of(dp) for dp in range(d)])
         self.group = build([list(self.ranks)])
+        # First and last stage of each pipeline: parameters both ends hold (tied embeddings).
+        if p > 1:
+            self.ends_group = build([[self.rank_at(tp=tp, dp=dp, pp=0),
+                                      self.rank_at(tp=tp, dp=dp, pp=p - 1)]
+                                     for dp in range(d) for tp in range(t)])
 
     def __repr__(self):
         return (f"ParallelLayout({self.name}: tp={self.tp_size}, pp={self.pp_size}, dp={self.dp_size}, "

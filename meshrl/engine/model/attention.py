@@ -1,0 +1,127 @@
+"""Rotary embeddings and causal attention over packed sequences.
+
+Packed: tokens of B sequences are concatenated into one [N, heads, head_dim] tensor, and
+``cu_seqlens`` (int32 [B+1]) marks the boundaries. On CUDA a varlen flash kernel runs all sequences
+at once; on CPU (where that op does not exist) each sequence goes through SDPA.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+@dataclass
+class PackedMeta:
+    """Boundaries of a packed batch. ``max_seqlen`` stays on the host, so the attention kernels need
+    no device-to-host read."""
+
+    cu_seqlens: torch.Tensor  # int32 [B+1]
+    max_seqlen: int
+    position_ids: torch.Tensor  # [N] position of each token within its sequence
+
+    @staticmethod
+    def from_lengths(lengths, device=None) -> "PackedMeta":
+        lengths = [int(n) for n in lengths]
+        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
+        pos = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.long)
+        return PackedMeta(cu.to(device), max(lengths, default=0), pos.to(device))
+
+    @property
+    def lengths(self) -> list[int]:
+        return (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).tolist()
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind != "llama3":
+        return inv
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling.get("original_max_position_embeddings", cfg.max_position_embeddings))
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / low, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype):
+    """cos/sin [N, head_dim] for each token's position, computed in fp32 like the reference."""
+    freqs = position_ids.float()[:, None] * inv_freq.to(position_ids.device)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@functools.cache
+def _varlen_kwargs_style():
+    """The varlen op's signature moved between torch releases; adapt instead of pinning one."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return {"fn": varlen_attn, "is_causal": "is_causal" in params,
+            "window": "window_size" in params, "gqa": "enable_gqa" in params}
+
+
+def _expand_kv(k, n_heads):
+    return k if k.shape[1] == n_heads else k.repeat_interleave(n_heads // k.shape[1], dim=1)
+
+
+def varlen_causal_attention(q, k, v, meta: PackedMeta, *, window: int | None = None):
+    """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D], causal within each sequence."""
+    style = _varlen_kwargs_style() if q.is_cuda else None
+    if style is not None and (window is None or style["window"]):
+        kw = {}
+        if style["window"]:
+            kw["window_size"] = (-1 if window is None else window - 1, 0)
+        elif style["is_causal"]:
+            kw["is_causal"] = True
+        if style["gqa"]:
+            kw["enable_gqa"] = k.shape[1] != q.shape[1]
+        else:
+            k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+        cu = meta.cu_seqlens.to(q.device, torch.int32)
+        return style["fn"](q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
+    return _per_sequence_sdpa(q, k, v, meta.lengths, window)
+
+
+def _per_sequence_sdpa(q, k, v, lengths, window):
+    out = torch.empty_like(q)
+    start = 0
+    gqa = k.shape[1] != q.shape[1]
+    for n in lengths:
+        if n == 0:
+            continue
+        sl = slice(start, start + n)
+        qs, ks, vs = (t[sl].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        mask = None
+        if window is not None and n > window:
+            i = torch.arange(n, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=gqa)
+        out[sl] = o.squeeze(0).transpose(0, 1)
+        start += n
+    return out
