@@ -1,0 +1,48 @@
+"""Tiny randomly initialised Hugging Face models, saved locally (nothing is downloaded)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            bos_token_id=1, eos_token_id=2)
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def tiny_config(kind: str, **overrides):
+    import transformers
+    kw = dict(TINY, **overrides)
+    if kind == "llama":
+        kw.setdefault("rope_scaling", LLAMA3_ROPE)
+        return transformers.LlamaConfig(**kw)
+    if kind == "mistral":
+        kw.setdefault("sliding_window", 16)
+        return transformers.MistralConfig(**kw)
+    if kind == "qwen2":
+        kw.setdefault("tie_word_embeddings", True)
+        return transformers.Qwen2Config(**kw)
+    raise ValueError(f"unknown tiny model kind {kind}")
+
+
+def make_tiny_hf(kind: str, out_dir: str, *, seed: int = 0, head: str = "lm", **overrides) -> str:
+    """Save a random tiny model of ``kind`` (llama with llama3 rope scaling, mistral with a
+    sliding window, qwen2 with qkv bias and tied embeddings) to ``out_dir``; return the path."""
+    import transformers
+    torch.manual_seed(seed)
+    cfg = tiny_config(kind, **overrides)
+    if head == "lm":
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    else:
+        cfg.num_labels = 1
+        model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    with torch.no_grad():  # break the symmetry of default inits (norm weights at 1, biases at 0)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    return out_dir
