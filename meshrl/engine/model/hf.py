@@ -20,7 +20,7 @@ from meshrl.parallel.layout import ParallelLayout, group_size
 from .config import ConfigError, ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                   "special_tokens_map.json", "generation_config.json", "meshrl_tokenizer.json",
+                   "special_tokens_map.json", "generation_config.json", "char_tokenizer.json",
                    "chat_template.jinja", "vocab.json", "merges.txt")
 
 

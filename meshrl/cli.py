@@ -1,0 +1,38 @@
+"""meshrl command line: run | generate | plan | bench | plot | demo | study."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+class CommandError(Exception):
+    """Raised for bad input anywhere below; printed as one line."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    from meshrl.engine import generate_job
+    p = argparse.ArgumentParser(prog="meshrl", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="sample completions for JSONL prompts")
+    generate_job.add_arguments(g)
+    g.set_defaults(func=generate_job.run)
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from meshrl.engine.data.jsonl import DataError
+    from meshrl.engine.model.config import ConfigError
+    from meshrl.parallel.layout import LayoutError
+    try:
+        return args.func(args) or 0
+    except (DataError, ConfigError, LayoutError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("MESHRL_DEBUG"):
+            raise
+        print(f"meshrl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""`meshrl generate`: JSONL prompts in, JSONL completions out, under torchrun or one process.
+
+Input lines hold ``prompt`` (text, tokenized as is unless ``--chat-template``) or ``input_ids``; other
+fields pass through and order is preserved. Output adds ``output_ids``, ``completion``, ``logprobs``
+and ``finish_reason``. dp = world / (tp·pp); replica d takes a contiguous block of the prompts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from meshrl.parallel.layout import LayoutError, ParallelLayout
+
+from .data.jsonl import DataError, read_jsonl, write_jsonl
+from .data.tokenizer import encode_prompt, load_tokenizer
+from .distributed import init_distributed, world
+from .generate import generate
+from .model import build_stage, load_config
+from .sampling import SamplingParams
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--prompts", required=True, help="input JSONL (prompt or input_ids per line)")
+    p.add_argument("--out", required=True, help="output JSONL")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--stop-ids", type=int, nargs="*", default=[])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-template", action="store_true", help="wrap text prompts in the chat template")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per decoding batch per replica")
+
+
+def _prompt_ids(records, path, tokenizer, chat_template, vocab_size):
+    out = []
+    for lineno, rec in records:
+        where = f"{path}:{lineno}"
+        if "input_ids" in rec:
+            ids = rec["input_ids"]
+            if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+                raise DataError(f"{where}: field 'input_ids' must be a non-empty list of ints")
+            if max(ids) >= vocab_size or min(ids) < 0:
+                raise DataError(f"{where}: field 'input_ids' has ids outside the vocabulary of {vocab_size}")
+        elif "prompt" in rec:
+            if not isinstance(rec["prompt"], str):
+                raise DataError(f"{where}: field 'prompt' must be a string")
+            if tokenizer is None:
+                raise DataError(f"{where}: field 'prompt' needs a tokenizer in the model directory "
+                                "(or give input_ids)")
+            ids = encode_prompt(tokenizer, rec["prompt"], chat_template=chat_template)
+        else:
+            raise DataError(f"{where}: missing field 'prompt' (or 'input_ids')")
+        out.append(ids)
+    return out
+
+
+def run(args) -> int:
+    device = init_distributed()
+    n = world()
+    if n % (args.tp * args.pp):
+        raise LayoutError(f"world size {n} is not divisible by tp*pp={args.tp * args.pp}: "
+                          "launch tp*pp*dp processes")
+    layout = ParallelLayout(ranks=list(range(n)), tp=args.tp, pp=args.pp, dp=n // (args.tp * args.pp),
+                            name="generate")
+    cfg = load_config(args.model)
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except FileNotFoundError:
+        tokenizer = None
+    records = read_jsonl(args.prompts)
+    prompts = _prompt_ids(records, args.prompts, tokenizer, args.chat_template, cfg.vocab_size)
+    eos = set(cfg.eos_ids) | ({tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None)
+                              is not None else set())
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                            greedy=args.greedy, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, eos_ids=sorted(eos), stop_ids=args.stop_ids,
+                            seed=args.seed)
+    stage = build_stage(layout, model_dir=args.model, dtype=DTYPES[args.dtype], device=device)
+    lo = layout.dp_rank * len(prompts) // layout.dp_size
+    hi = (layout.dp_rank + 1) * len(prompts) // layout.dp_size
+    mine = {}
+    for b in range(lo, hi, args.batch_size):
+        batch = prompts[b:min(hi, b + args.batch_size)]
+        r = generate(stage, batch, params, seq_offset=b, device=device)
+        for j in range(len(batch)):
+            mine[b + j] = (r.output_ids[j], r.logprobs[j], r.finish_reason[j])
+    results = _gather_to_rank0(mine if layout.is_last_stage and layout.tp_rank == 0 else {})
+    if results is not None:
+        out = []
+        for i, (_, rec) in enumerate(records):
+            ids, logps, reason = results[i]
+            text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
+            out.append({**rec, "output_ids": ids, "completion": text, "logprobs": logps,
+                        "finish_reason": reason})
+        write_jsonl(args.out, out)
+        print(f"wrote {len(out)} completions to {args.out}")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _gather_to_rank0(part: dict):
+    if not dist.is_initialized():
+        return part
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(part, parts, dst=0)
+    if dist.get_rank() != 0:
+        return None
+    merged = {}
+    for p in parts:
+        merged.update(p)
+    return merged
