@@ -120,6 +120,10 @@ class Sandbox:
         self.uid, self.gid = uid, gid
         self.namespaces = namespaces
         self.tmp_root = tmp_root or tempfile.gettempdir()
+        # Python opens its script by absolute path, so every directory above the run's must be searchable.
+        if self.is_root and not _reachable_by_others(self.tmp_root, stat.S_IXOTH):
+            raise SandboxError(f"sandbox: tmp_root {self.tmp_root} is not searchable by other users "
+                               f"(some directory on its path lacks o+x); choose another")
 
     def _pick_user(self) -> tuple[int | None, int | None, bool]:
         if not self.is_root:
