@@ -1,0 +1,304 @@
+"""Data parallel training: one AdamW for plain DP and ZeRO-1, fp32 master weights, global-norm clipping.
+
+Order of a training step, for the model that owns the parameters::
+
+    opt.zero_grad()
+    train_1f1b(..., no_sync=opt.no_sync)   # backward fills param.main_grad (fp32), param.grad is None
+    model_grad_sync()                      # the model's own sums of duplicated params (tied embeddings
+                                           # across pp, sequence-parallel norms across tp) on main_grad
+    opt.finish_grad_sync()                 # dp SUM (optional: step() calls it)
+    info = opt.step()                      # {"grad_norm", "lr", "skipped"}
+
+Gradients are summed, never averaged, over dp: meshrl's losses are already divided by the global
+token count (DESIGN.md, "Loss normalisation"), so the SUM is the exact gradient.
+
+Under ZeRO-1 each dp rank owns an equal chunk of every bucket of the flat buffer; it keeps fp32 master
+weights and Adam moments for that chunk only (about 1/dp of plain DP's state), updates it from the
+reduce-scattered grads, and all-gathers the new values in the parameters' dtype.
+"""
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .grad_buffer import GradBuffer, _all_gather
+from .layout import ParallelLayout, group_size
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """A piece of one parameter inside this rank's owned range of the flat buffer."""
+
+    slot: int
+    flat_lo: int
+    flat_hi: int
+    shard_lo: int
+    weight: float
+    decay: bool
+
+
+def replica_multiplicity(specs, mp_group) -> list[int]:
+    """How many ranks of the model replica hold each spec's exact (name, range).
+
+    Ranges of one name must be identical or disjoint across the replica (replicated norms, KV heads
+    replicated when tp exceeds them and tied embeddings are identical; TP shards are disjoint), so a
+    count per (name, range) weights every element exactly once. Collective over ``mp_group``.
+    """
+    keys = [(s.name, s.full_shape, s.dim, s.start, s.stop) for s in specs]
+    if group_size(mp_group) > 1:
+        gathered = [None] * dist.get_world_size(mp_group)
+        dist.all_gather_object(gathered, keys, group=mp_group)
+    else:
+        gathered = [keys]
+    counts = collections.Counter(k for rank_keys in gathered for k in set(rank_keys))
+    by_name = collections.defaultdict(set)
+    for k in counts:
+        by_name[k[0]].add(k)
+    for name, variants in by_name.items():
+        if len({(k[1], k[2]) for k in variants}) > 1:
+            raise ValueError(f"parameter {name}: ranks of one model replica disagree on its full shape "
+                             f"or split dim ({sorted(variants, key=str)}): give its copies one ShardSpec")
+        ranges = sorted((k[3], k[4]) for k in variants if k[2] is not None)
+        for (a0, a1), (b0, _) in zip(ranges, ranges[1:]):
+            if b0 < a1:
+                raise ValueError(f"parameter {name}: ranges [{a0},{a1}) and [{b0},...) partly overlap "
+                                 "across the model replica: shards must be identical or disjoint")
+    return [counts[k] for k in keys]
+
+
+def _default_decay(name: str, param) -> bool:
+    # Norm scales and biases (1-D) are conventionally not decayed.
+    return len(param.shard_spec.full_shape) >= 2
+
+
+class DistributedOptimizer:
+    """AdamW (torch.optim.AdamW's arithmetic) over ``named_params`` with a flat grad buffer.
+
+    ``named_params``: (name, param) pairs, each param carrying ``param.shard_spec``; params with
+    ``requires_grad=False`` are skipped. ``zero1`` shards master weights and moments over dp.
+    ``bucket_mb`` is the fp32 grad bucket size. ``max_grad_norm`` clips by the global norm over every
+    unique element of the model. ``overlap`` starts bucket reductions during backward (pass
+    ``no_sync`` to the schedule). ``decay_filter(name, param) -> bool`` picks params that get weight
+    decay (default: ≥2-D). ``use_reduce_scatter=False`` makes ZeRO-1 all-reduce and slice, for
+    backends without a reduce-scatter. Construction is collective over the layout.
+    """
+
+    def __init__(self, named_params, layout: ParallelLayout, *, lr: float, betas=(0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.0, zero1: bool = False,
+                 bucket_mb: float = 25.0, max_grad_norm: float | None = None, overlap: bool = False,
+                 decay_filter=None, use_reduce_scatter: bool = True):
+        self.layout = layout
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), eps, weight_decay
+        self.zero1, self.max_grad_norm = zero1, max_grad_norm
+        self.step_count = 0
+        seen, named = set(), []
+        for name, p in named_params:
+            if p.requires_grad and id(p) not in seen:
+                if getattr(p, "shard_spec", None) is None:
+                    raise ValueError(f"parameter {name} has no shard_spec: every parameter needs one")
+                if not p.is_contiguous():
+                    raise ValueError(f"parameter {name} is not contiguous: the optimizer writes it flat")
+                seen.add(id(p))
+                named.append((name, p))
+        counts = replica_multiplicity([p.shard_spec for _, p in named], layout.mp_group)
+        weight = {id(p): 1.0 / k for (_, p), k in zip(named, counts)}
+        self.grads = GradBuffer(named, dp_group=layout.dp_group, bucket_numel=int(bucket_mb * 2**20) // 4,
+                                deferred={id(p) for (_, p), k in zip(named, counts) if k > 1},
+                                shard=zero1, overlap=overlap, use_reduce_scatter=use_reduce_scatter)
+        self.device = self.grads.data.device
+        decay_filter = decay_filter or _default_decay
+        decays = {id(p): bool(decay_filter(n, p)) for n, p in named}
+        self._owned, self._segments = self._plan_shard(weight, decays)
+        n = sum(hi - lo for lo, hi, _ in self._owned)
+        self.master = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self._offloaded = False
+        with torch.no_grad():
+            for seg in self._segments:
+                slot = self.grads.slots[seg.slot]
+                lo = seg.flat_lo - slot.offset
+                src = slot.param.detach().reshape(-1)[lo:lo + seg.flat_hi - seg.flat_lo]
+                self.master[seg.shard_lo:seg.shard_lo + seg.flat_hi - seg.flat_lo].copy_(src)
+
+    def _plan_shard(self, weight, decays):
+        """Owned flat ranges per bucket (lo, hi, shard offset) and the param segments inside them."""
+        owned, segments, shard = [], [], 0
+        g = self.grads
+        for b in g.buckets:
+            lo, hi = b.chunk(g.dp_rank, g.dp_size) if self.zero1 else (b.start, b.stop)
+            owned.append((lo, hi, shard))
+            for si in b.slots:
+                s = g.slots[si]
+                a, z = max(lo, s.offset), min(hi, s.offset + s.numel)
+                if a < z:
+                    segments.append(_Segment(si, a, z, shard + a - lo, weight[id(s.param)],
+                                             decays[id(s.param)]))
+            shard += hi - lo
+        return owned, segments
+
+    # ---- gradients ---------------------------------------------------------------------------
+    def zero_grad(self):
+        self.grads.zero()
+
+    def no_sync(self):
+        """Context manager: accumulate grads without starting reductions (overlap mode)."""
+        return self.grads.no_sync()
+
+    def reduce_grads(self):
+        """Start the dp SUM of every bucket not yet started (asynchronous)."""
+        self.grads.reduce()
+
+    def finish_grad_sync(self):
+        """Wait for the dp SUM; this rank's owned ranges of the buffer then hold the full gradient."""
+        self.grads.finish()
+
+    def _views(self, t: torch.Tensor, shard: bool):
+        return [t[so:so + hi - lo] if shard else t[lo:hi] for lo, hi, so in self._owned]
+
+    def grad_norm(self) -> float:
+        """Global L2 norm over every unique element of the model's (synced) grads. Collective."""
+        by_weight = collections.defaultdict(list)
+        for seg in self._segments:
+            by_weight[seg.weight].append(self.grads.data[seg.flat_lo:seg.flat_hi])
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for w, views in by_weight.items():
+            total += w * torch.stack(torch._foreach_norm(views)).square().sum()
+        # ZeRO-1 chunks are disjoint over dp; plain DP replicas hold the same grads, count one.
+        group = self.layout.group if self.zero1 else self.layout.mp_group
+        if group_size(group) > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return math.sqrt(total.item())
+
+    # ---- update ------------------------------------------------------------------------------
+    def set_lr(self, lr: float):
+        self.lr = float(lr)
+
+    def step(self) -> dict:
+        """Sync grads if not yet done, clip, AdamW on the owned range, write params. Collective."""
+        if self._offloaded:
+            raise RuntimeError("optimizer state is offloaded: call reload() before step()")
+        self.grads.finish()
+        norm = self.grad_norm()
+        if not math.isfinite(norm):
+            return {"grad_norm": norm, "lr": self.lr, "skipped": True}
+        grads = self._views(self.grads.data, shard=False)
+        if self.max_grad_norm is not None:
+            coef = self.max_grad_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s epsilon
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+        self.step_count += 1
+        self._adamw(grads)
+        self._write_params()
+        return {"grad_norm": norm, "lr": self.lr, "skipped": False}
+
+    @torch.no_grad()
+    def _adamw(self, grads):
+        b1, b2 = self.betas
+        masters = self._views(self.master, shard=True)
+        ms, vs = self._views(self.exp_avg, shard=True), self._views(self.exp_avg_sq, shard=True)
+        if self.weight_decay:
+            decayed = [self.master[s.shard_lo:s.shard_lo + s.flat_hi - s.flat_lo]
+                       for s in self._segments if s.decay]
+            if decayed:
+                torch._foreach_mul_(decayed, 1.0 - self.lr * self.weight_decay)
+        torch._foreach_lerp_(ms, grads, 1.0 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
+        bc1 = 1.0 - b1 ** self.step_count
+        bc2_sqrt = math.sqrt(1.0 - b2 ** self.step_count)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, bc2_sqrt)
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(masters, ms, denom, value=-self.lr / bc1)
+
+    @torch.no_grad()
+    def _write_params(self):
+        """Copy master values into the params (cast); under ZeRO-1 all-gather each bucket first."""
+        g = self.grads
+        gather = self.zero1 and g.dp_size > 1
+        pending = collections.deque()
+        for b, (lo, hi, so) in zip(g.buckets, self._owned):
+            own = self.master[so:so + hi - lo]
+            if gather:
+                full = torch.empty(b.numel, dtype=b.dtype, device=self.device)
+                mine = full[lo - b.start:hi - b.start]
+                mine.copy_(own)
+                work = _all_gather(full, mine, group=g.dp_group, async_op=True)
+            else:
+                full, work = own, None
+            pending.append((b, full, work))
+            # Two buckets in flight bound the temporary memory while still overlapping.
+            while len(pending) > (2 if gather else 0):
+                self._scatter_into_params(*pending.popleft())
+        while pending:
+            self._scatter_into_params(*pending.popleft())
+
+    def _scatter_into_params(self, bucket, full, work):
+        if work is not None:
+            work.wait()
+        for si in bucket.slots:
+            s = self.grads.slots[si]
+            a = s.offset - bucket.start
+            s.param.detach().view(-1).copy_(full[a:a + s.numel])
+
+    # ---- state -------------------------------------------------------------------------------
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of fp32 master weights and Adam moments held by this rank."""
+        return sum(t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq))
+
+    def _state_key(self) -> str:
+        # Coordinates make shards unique per rank for torch.distributed.checkpoint; plain-DP replicas
+        # share a key so DCP writes their identical state once. Sizes make a resume in another
+        # layout fail on a missing key instead of loading the wrong shard.
+        L, c = self.layout, self.layout.coord
+        key = f"tp{c.tp}of{L.tp_size}_pp{c.pp}of{L.pp_size}"
+        if self.zero1 and L.dp_size > 1:
+            key += f"_dp{c.dp}of{L.dp_size}"
+        return ("zero1_" if self.zero1 else "dp_") + key
+
+    def state_dict(self) -> dict:
+        """Live tensors (DCP loads into them in place), keyed by this rank's shard."""
+        return {self._state_key(): {
+            "master": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
+            "step": torch.tensor(self.step_count, dtype=torch.int64),
+            "lr": torch.tensor(self.lr, dtype=torch.float64)}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict):
+        key = self._state_key()
+        if key not in state:
+            raise KeyError(f"optimizer state has no shard {key} (has {sorted(state)}): resume in the "
+                           "layout that saved it")
+        s = state[key]
+        for name in ("master", "exp_avg", "exp_avg_sq"):
+            dst = getattr(self, name)
+            if s[name] is not dst:
+                if s[name].shape != dst.shape:
+                    raise ValueError(f"optimizer {name}: saved shape {tuple(s[name].shape)} != "
+                                     f"{tuple(dst.shape)}: parameters or bucket_mb differ from the save")
+                dst.copy_(s[name])
+        self.step_count = int(s["step"])
+        self.lr = float(s["lr"])
+
+    def offload(self, grads: bool = True):
+        """Move master weights and moments to host memory; optionally free the grad buffer too."""
+        if self._offloaded:
+            return
+        for name in ("master", "exp_avg", "exp_avg_sq"):
+            setattr(self, name, getattr(self, name).to("cpu"))
+        if grads:
+            self.grads.release()
+        self._offloaded = True
+
+    def reload(self):
+        if not self._offloaded:
+            return
+        for name in ("master", "exp_avg", "exp_avg_sq"):
+            setattr(self, name, getattr(self, name).to(self.device))
+        self.grads.restore()
+        self._offloaded = False
