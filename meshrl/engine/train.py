@@ -1,0 +1,155 @@
+"""Training and inference over a model stage in its layout: microbatches through the pipeline,
+gradients synchronised (model, then data parallel), one optimizer step.
+
+A loss function has the signature ``loss_fn(stage, hidden, mb) -> (loss, metrics)``; the loss must
+already be normalised by the *global* count (tokens or sequences over the whole batch and all dp
+ranks), and each metric likewise, so that sums over microbatches and dp ranks are global means.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from meshrl.parallel import mappings
+from meshrl.parallel.data_parallel import DistributedOptimizer
+from meshrl.parallel.pipeline import broadcast_from_last_stage, forward_only, train_1f1b
+
+from .batch import PackedBatch
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    zero1: bool = True
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine | linear
+    total_steps: int | None = None
+    min_lr_ratio: float = 0.0
+
+    def lr_at(self, step: int) -> float:
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant" or not self.total_steps:
+            return self.lr
+        frac = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        lo = self.lr * self.min_lr_ratio
+        if self.schedule == "cosine":
+            return lo + (self.lr - lo) * 0.5 * (1 + math.cos(math.pi * frac))
+        if self.schedule == "linear":
+            return self.lr - (self.lr - lo) * frac
+        raise ValueError(f"schedule='{self.schedule}': use constant, cosine or linear")
+
+
+def global_sum(value: float | torch.Tensor, group) -> float:
+    t = torch.as_tensor(value, dtype=torch.float64).reshape(1).clone()
+    return float(mappings.all_reduce(t, group)[0]) if group is not None else float(t[0])
+
+
+def _device_of(stage):
+    return stage.inv_freq.device
+
+
+def _stage_step(fn):
+    """Adapt ``fn(stage, hidden, mb)`` to the schedules' ``forward_step(batch, model)``."""
+    def forward_step(mb: PackedBatch, model):
+        hidden = model(mb.input_ids, mb.meta)
+        return hidden, (lambda h: fn(model, h, mb))
+    return forward_step
+
+
+class Trainer:
+    """Owns the optimizer of one model stage (its layout's shard of the model)."""
+
+    def __init__(self, stage, cfg: OptimConfig):
+        self.stage, self.cfg = stage, cfg
+        self.layout = stage.layout
+        self.opt = DistributedOptimizer(stage.named_parameters(), self.layout, lr=cfg.lr,
+                                        betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                                        zero1=cfg.zero1 and self.layout.dp_size > 1,
+                                        max_grad_norm=cfg.max_grad_norm)
+        self.steps = 0
+
+    def step(self, microbatches: list[PackedBatch], loss_fn) -> dict:
+        """Forward/backward every microbatch, then one optimizer update. Returns global metrics
+        (identical on every rank of the layout)."""
+        device = _device_of(self.stage)
+        mbs = [mb.to(device) for mb in microbatches]
+        self.opt.set_lr(self.cfg.lr_at(self.steps))
+        self.opt.zero_grad()
+        metrics, _ = train_1f1b(_stage_step(loss_fn), mbs, self.stage, self.layout,
+                                no_sync=self.opt.no_sync, device=device)
+        self.stage.sync_model_grads()
+        self.opt.finish_grad_sync()
+        info = self.opt.step()
+        self.steps += 1
+        out = reduce_metrics(metrics, self.layout, device)
+        out.update(grad_norm=float(info["grad_norm"]), lr=float(info["lr"]))
+        if info.get("skipped"):
+            out["skipped_step"] = 1.0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.opt.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+
+
+def reduce_metrics(per_mb: list[dict] | None, layout, device) -> dict:
+    """Sum each metric over microbatches (last stage) and dp ranks; every rank gets the result."""
+    local = {}
+    for m in per_mb or []:
+        for k, v in m.items():
+            local[k] = local.get(k, 0.0) + float(v)
+    local = broadcast_from_last_stage(local if layout.is_last_stage else None, layout, device=device)
+    if layout.dp_group is None or not local:
+        return dict(local or {})
+    keys = sorted(local)
+    t = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t, group=layout.dp_group)
+    return dict(zip(keys, t.tolist()))
+
+
+@torch.no_grad()
+def infer(stage, microbatches: list[PackedBatch], fn) -> list:
+    """``fn(stage, hidden, mb)`` on every microbatch (last stage), results broadcast to all stages of
+    the pipeline, moved to the CPU."""
+    device = _device_of(stage)
+    mbs = [mb.to(device) for mb in microbatches]
+    out = forward_only(_stage_step(fn), mbs, stage, stage.layout, device=device)
+    if out is not None:
+        out = [_cpu(o) for o in out]
+    return broadcast_from_last_stage(out, stage.layout, device=device)
+
+
+def _cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def sft_loss(num_tokens: float):
+    """Token-mean NLL over the loss mask, normalised by the global ``num_tokens``."""
+    def fn(stage, hidden, mb: PackedBatch):
+        logp = stage.token_logprobs(hidden, mb.tokens["labels"])
+        mask = mb.tokens["loss_mask"]
+        nll = -(logp * mask).sum()
+        return nll / num_tokens, {"loss": nll.detach() / num_tokens, "tokens": mask.sum()}
+    return fn
+
+
+def global_token_count(microbatches: list[PackedBatch], layout, key: str = "loss_mask") -> float:
+    local = sum(float(mb.tokens[key].sum()) for mb in microbatches)
+    return global_sum(local, layout.dp_group)
