@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from meshrl.engine.algorithms.ppo_losses import clipped_surrogate, kl_k3
-from meshrl.engine.algorithms.reductions import Count, acc_dtype, masked_mean, token_mean
+from meshrl.engine.algorithms.reductions import (Count, acc_dtype, masked_mean, token_mean,
+                                                 zero_masked)
 
 
 def group_normalize(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -38,8 +39,8 @@ def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch
     ``logp``. Normalisation is the global token mean (DESIGN's loss contract), not DeepSeekMath's
     per-sequence mean then mean over sequences, which would weight short responses' tokens more.
     """
-    per_token, clipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
-    kl = kl_k3(logp, ref_logp.detach())
+    per_token, clipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps, mask)
+    kl = kl_k3(zero_masked(logp, mask), zero_masked(ref_logp.detach(), mask))
     loss = token_mean(per_token + kl_coef * kl, mask, num_tokens=num_tokens)
     dtype = per_token.dtype
     metrics = {

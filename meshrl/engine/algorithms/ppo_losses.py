@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from meshrl.engine.algorithms.reductions import (Count, acc_dtype, check_nonempty,
-                                                 last_token_index, masked_mean, token_mean)
+                                                 last_token_index, masked_mean, token_mean,
+                                                 zero_masked)
 
 TRUNCATED_MODES = ("score", "bootstrap")
 
@@ -126,15 +127,17 @@ class AdaptiveKLController:
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      clip_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      clip_eps: float, mask: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) -> (loss_t, clipped_t, log ρ_t).
 
     clipped_t marks tokens where the clipped branch is strictly smaller, i.e. the tokens whose
-    gradient the clip removed (ρ beyond 1+ε with A > 0, or below 1−ε with A < 0).
+    gradient the clip removed (ρ beyond 1+ε with A > 0, or below 1−ε with A < 0). Masked-out
+    tokens get ρ = 1, A = 0, so whatever they hold cannot reach the gradient as NaN.
     """
-    log_ratio = _log_ratio(logp, old_logp.detach())
+    log_ratio = zero_masked(_log_ratio(logp, old_logp.detach()), mask)
     ratio = torch.exp(log_ratio)
-    adv = advantages.detach().to(ratio.dtype)
+    adv = zero_masked(advantages.detach().to(ratio.dtype), mask)
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
     return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach(), log_ratio.detach()
@@ -152,7 +155,7 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     ``ratio_out_frac`` (|ρ − 1| > ε, regardless of the advantage's sign), ``approx_kl``
     (k3 estimate of KL(π_old‖π): exp(log ρ) − 1 − log ρ, averaged), ``ratio_mean``.
     """
-    per_token, clipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps)
+    per_token, clipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps, mask)
     loss = token_mean(per_token, mask, num_tokens=num_tokens)
     ratio = log_ratio.exp()
     metrics = {
@@ -176,13 +179,13 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     gradient), ``value_mean``, ``value_error`` (mean (V − R)²).
     """
     dtype = acc_dtype(values.dtype)
-    v = values.to(dtype)
-    target = returns.detach().to(dtype)
+    v = zero_masked(values.to(dtype), mask)
+    target = zero_masked(returns.detach().to(dtype), mask)
     err = (v - target) ** 2
     if value_clip is None:
         per_token, clipped = 0.5 * err, torch.zeros_like(err, dtype=torch.bool)
     else:
-        old = old_values.detach().to(dtype)
+        old = zero_masked(old_values.detach().to(dtype), mask)
         err_clipped = (old + (v - old).clamp(-value_clip, value_clip) - target) ** 2
         per_token, clipped = 0.5 * torch.maximum(err, err_clipped), (err_clipped > err).detach()
     loss = token_mean(per_token, mask, num_tokens=num_tokens)

@@ -82,6 +82,18 @@ def local_count(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return mask.sum().to(acc_dtype(x.dtype)).clamp_min(1)
 
 
+def zero_masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x with masked-out elements set to 0, applied to a loss's *inputs*.
+
+    Masking only the per-token loss is not enough for the backward: torch.where sends a zero
+    gradient to the dropped branch, but 0 times a local derivative of inf (exp of a garbage
+    log-ratio at a prompt position) is NaN.
+    """
+    if mask is None:
+        return x
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the masked elements of this shard only (for metrics, not losses)."""
     return masked_sum(x, mask) / local_count(x, mask)

@@ -108,3 +108,13 @@ def test_ema_update_rejects_mismatches():
         ema_update_([torch.zeros(2)], [torch.zeros(3)], alpha=0.5)
     with pytest.raises(ValueError, match="alpha"):
         ema_update_([torch.zeros(2)], [torch.zeros(2)], alpha=1.5)
+
+
+def test_grpo_masked_positions_give_zero_gradient():
+    logp = torch.tensor([-1.0, -50.0], **f64, requires_grad=True)
+    old = torch.tensor([-1.0, float("-inf")], **f64)
+    ref = torch.tensor([-1.0, 800.0], **f64)  # exp(ref − logp) overflows if it is not masked
+    loss, _ = grpo_policy_loss(logp, old, ref, torch.tensor([1.0, 1.0], **f64),
+                               torch.tensor([True, False]))
+    loss.backward()
+    assert loss.item() == -1.0 and logp.grad.tolist() == [-1.0, 0.0]

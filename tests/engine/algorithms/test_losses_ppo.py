@@ -166,3 +166,21 @@ def test_adaptive_kl_controller(kl, mult):
 def test_fixed_kl_controller_never_moves():
     ctl = FixedKLController(0.05)
     assert ctl.update(100.0, 512) == 0.05 and ctl.value == 0.05
+
+
+def test_masked_garbage_cannot_poison_the_gradient():
+    # A prompt position holding −inf old log-prob and a NaN advantage: masked out, it must give a
+    # zero gradient, not 0·inf = NaN through torch.where's backward.
+    logp = torch.tensor([-1.0, -2.0], **f64, requires_grad=True)
+    old = torch.tensor([-1.0, float("-inf")], **f64)
+    adv = torch.tensor([1.0, float("nan")], **f64)
+    mask = torch.tensor([True, False])
+    loss, m = ppo_policy_loss(logp, old, adv, mask)
+    loss.backward()
+    assert loss.item() == -1.0 and m["clip_frac"].item() == 0.0
+    assert logp.grad.tolist() == [-1.0, 0.0]
+    values = torch.tensor([0.5, float("inf")], **f64, requires_grad=True)
+    vloss, _ = ppo_value_loss(values, torch.tensor([0.4, 0.0], **f64),
+                              torch.tensor([1.0, 0.0], **f64), mask)
+    vloss.backward()
+    assert vloss.item() == 0.125 and values.grad.tolist() == [-0.5, 0.0]
