@@ -156,7 +156,8 @@ def table1(seed: int = 0) -> dict:
         "dpo_loss_pi_0.1_0_0.9": loss_a,
         "dpo_loss_pi_1_0_0": loss_b,
         "dpo_loss_at_reference": table1_dpo_losses_at_reference(),
-        "dpo_loss_vs_eps": [dict(zip(("eps", "pi_0.1_0_0.9", "pi_1_0_0"), (e, *table1_dpo_losses(e))))
+        "dpo_loss_vs_eps": [dict(zip(("eps", "pi_0.1_0_0.9", "pi_1_0_0"),
+                                     (e, *table1_dpo_losses(e))))
                             for e in (1e-4, 1e-8, 1e-16, 1e-64)],
         "ppo": table1_ppo(0.0, seed),
         # A reward model that happens to rate the unseen y3 far above y1: PPO still cannot go there.
