@@ -12,8 +12,8 @@ Process tree, when namespaces are available (root with CAP_SYS_ADMIN):
 
 When init exits or is killed, the kernel kills every process in its pid namespace before init can be
 reaped, so once the launcher has reaped init nothing of the candidate survives, whatever it did with
-setsid() or double forks. Without a pid namespace the launcher is a child subreaper and, as root with a
-per-run uid, kills every process of that uid (kill(-1) as that user) before reporting.
+setsid() or double forks. Without a pid namespace the launcher is a child subreaper, inherits every
+orphan of the tree and kills its descendants until none is left before reporting.
 
 Reports one JSON object on STATUS_FD when done: returncode (128+N for signal N), timed_out, applied
 (the protections in force) and error (set up failed: the candidate never ran).
@@ -133,6 +133,7 @@ def _set_limits(limits):
 def _exec_candidate(libc, spec, box, errpipe):
     """In the forked child: limits, privilege drop, exec. Never returns."""
     try:
+        os.setpgid(0, 0)  # a group of its own, which the launcher can kill in one atomic call
         os.chdir(box)
         _set_limits(spec["limits"])
         if spec["uid"] is not None:
@@ -212,8 +213,23 @@ def _wait(pid, timeout):
     return os.waitpid(pid, 0)[1], True
 
 
+def _children(parent):
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # the command name may hold spaces
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent:
+            out.append(int(name))
+    return out
+
+
 def _sweep(uid, gid):
-    """Kill every process of `uid`: kill(-1) from that uid reaches all of them and is atomic w.r.t. fork."""
+    """Kill every process of `uid`: kill(-1) from that uid reaches all of them, atomically w.r.t. fork."""
     pid = os.fork()
     if pid == 0:
         try:
@@ -227,14 +243,36 @@ def _sweep(uid, gid):
     os.waitpid(pid, 0)
 
 
-def _reap_all(block):
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, 0 if block else os.WNOHANG)
-        except ChildProcessError:
+def _kill_descendants(group, uid, gid, private_uid):
+    """SIGKILL everything below us, for runs without a pid namespace.
+
+    First the candidate's process group (one call, so a fork bomb cannot outrun it), then, with a
+    private uid, every process of that uid (catches setsid() escapes the same way). Last, as a child
+    subreaper we inherit every orphan of the tree, so killing and reaping our children reaches what
+    is left: a process that dies hands its children to us before we reap it. A fork bomb whose
+    processes each leave the group could outrun that loop, hence its bound.
+    """
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if private_uid:
+        _sweep(uid, gid)
+    me = os.getpid()
+    for _ in range(100):
+        kids = _children(me)
+        if not kids:
             return
-        if pid == 0:
-            return
+        for pid in kids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in kids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
 
 
 def main():
@@ -263,10 +301,8 @@ def main():
             setup_error += chunk
         report["error"] = setup_error.decode(errors="replace") or None
         report["returncode"] = None if report["timed_out"] else _exit_code(status)
-        per_run_uid = spec["uid"] is not None and spec["uid_is_private"]
-        if "pidns" not in report["applied"] and per_run_uid:
-            _sweep(spec["uid"], spec["gid"])
-        _reap_all(block="pidns" in report["applied"] or per_run_uid)
+        if "pidns" not in report["applied"]:
+            _kill_descendants(pid, spec["uid"], spec["gid"], spec["uid"] is not None and spec["uid_is_private"])
     except BaseException as e:  # noqa: BLE001 - the parent must hear about any set-up failure
         report["error"] = f"launcher: {type(e).__name__}: {e}"
     os.write(status_fd, json.dumps(report).encode())

@@ -9,11 +9,13 @@ a wall-clock deadline, kills the whole process group at the end and removes the 
 
 The unprivileged user is by default a fresh uid per run (from `PRIVATE_UID_RANGE`, no passwd entry
 needed): RLIMIT_NPROC counts processes per uid over the whole machine, so with a shared user such as
-nobody a fork bomb in one sandbox would make concurrent, innocent sandboxes fail to start. A private uid
-also makes "kill every process of this uid" exactly "kill this sandbox". Pass `uid=65534` for nobody.
+nobody a fork bomb in one sandbox would make concurrent, innocent sandboxes fail to start. Pass
+`uid=65534` for nobody.
 
-Without root (or without the capability to unshare) the run still gets rlimits and a process-group
-kill, and a warning says which protections are missing.
+Without root (or without the capability to unshare, as in a default Docker container) the run still
+gets rlimits and the launcher kills every descendant of the candidate at the end, and a warning says
+which protections are missing; without a mount namespace the working directory is an ordinary
+directory, so only RLIMIT_FSIZE (per file) bounds what the candidate writes.
 """
 
 from __future__ import annotations
@@ -125,14 +127,14 @@ class Sandbox:
             raise SandboxError(f"sandbox: tmp_root {self.tmp_root} is not searchable by other users "
                                f"(some directory on its path lacks o+x); choose another")
 
-    def _pick_user(self) -> tuple[int | None, int | None, bool]:
+    def _pick_user(self) -> tuple[int | None, int | None]:
         if not self.is_root:
-            return None, None, False
+            return None, None
         if self.uid is not None:
-            return self.uid, self.gid if self.gid is not None else self.uid, False
+            return self.uid, self.gid if self.gid is not None else self.uid
         lo, hi = PRIVATE_UID_RANGE
         uid = lo + secrets.randbelow(hi - lo)
-        return uid, uid, True
+        return uid, uid
 
     def run(self, files: Mapping[str, str | bytes], main: str, stdin: bytes | str = b"") -> SandboxResult:
         """Run `python -I -B main` with `files` (name -> content) in its working directory."""
@@ -155,9 +157,9 @@ class Sandbox:
             shutil.rmtree(root, ignore_errors=True)
 
     def _launch(self, root: str, main: str, stdin: bytes) -> SandboxResult:
-        uid, gid, private = self._pick_user()
+        uid, gid = self._pick_user()
         box = os.path.join(root, "box")
-        spec = {"root": root, "uid": uid, "gid": gid, "uid_is_private": private, "python": self.python,
+        spec = {"root": root, "uid": uid, "gid": gid, "uid_is_private": self.uid is None, "python": self.python,
                 "main": main, "namespaces": self.namespaces, "limits": dataclasses.asdict(self.limits),
                 "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": box, "TMPDIR": box,
                         "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}}
