@@ -159,8 +159,9 @@ class Sandbox:
     def _launch(self, root: str, main: str, stdin: bytes) -> SandboxResult:
         uid, gid = self._pick_user()
         box = os.path.join(root, "box")
-        spec = {"root": root, "uid": uid, "gid": gid, "uid_is_private": self.uid is None, "python": self.python,
-                "main": main, "namespaces": self.namespaces, "limits": dataclasses.asdict(self.limits),
+        spec = {"root": root, "uid": uid, "gid": gid, "uid_is_private": self.uid is None,
+                "python": self.python, "main": main, "namespaces": self.namespaces,
+                "limits": dataclasses.asdict(self.limits),
                 "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": box, "TMPDIR": box,
                         "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}}
         status_r, status_w = os.pipe()
@@ -201,7 +202,7 @@ class Sandbox:
         why = "not running as root" if not self.is_root else "the kernel refused them (no CAP_SYS_ADMIN?)"
         # A fixed text per case, so the default warning filter shows it once, not once per candidate.
         warnings.warn(f"meshrl sandbox: running candidates without {', '.join(missing)} ({why}); "
-                      f"only rlimits and the process-group kill apply to what is missing",
+                      f"rlimits still apply, and the candidate's processes are killed at the end",
                       RuntimeWarning, stacklevel=3)
 
 

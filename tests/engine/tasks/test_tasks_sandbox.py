@@ -136,8 +136,8 @@ def test_fork_bomb_as_nobody_leaves_no_process(tmp_root):
     except KeyError:
         nobody = 65534  # setuid needs no passwd entry
     before = set(_processes_of(nobody))
-    result = Sandbox(SHORT_WALL, uid=nobody, tmp_root=tmp_root).run(
-        {"m.py": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"}, "m.py")
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    result = Sandbox(SHORT_WALL, uid=nobody, tmp_root=tmp_root).run({"m.py": bomb}, "m.py")
     assert result.uid == nobody and result.timed_out
     assert set(_processes_of(nobody)) <= before
 
