@@ -1,14 +1,22 @@
 """A 3D parallel layout (tp, pp, dp) over an explicit, ordered list of global ranks.
 
 Position i in ``ranks`` has coordinates with tp fastest, then dp, then pp:
-``i = (pp_rank * dp + dp_rank) * tp + tp_rank``. Several layouts live in one process; each owns its
+``i = (pp_rank * dp + dp_rank) * tp + tp_rank``. Every group is built in coordinate order, so a
+rank's position in its tp (dp, pp) group is its tp_rank (dp_rank, pp_rank). Several layouts live in one process; each owns its
 process groups, and nothing is global.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch.distributed as dist
+
+# torch sorts a new group's ranks unless told not to (``new_group(sort_ranks=False)``, added in
+# 2026). Sorted, a group's rank order would not be the layout's coordinate order, and collectives
+# that order by group rank (all_gather, a chunk's index) would disagree with the shard each rank
+# holds. Where torch cannot keep the order, a layout that needs it is refused.
+_NEW_GROUP_KEEPS_ORDER = "sort_ranks" in inspect.signature(dist.new_group).parameters
 
 
 class LayoutError(ValueError):
@@ -172,25 +180,43 @@ class ParallelLayout:
             return
         me = self.rank
         t, d, p = self.tp_size, self.dp_size, self.pp_size
+        lists = {
+            "tp": [self.tp_ranks_of(dp, pp) for pp in range(p) for dp in range(d)],
+            "dp": [self.dp_ranks_of(tp, pp) for pp in range(p) for tp in range(t)],
+            "pp": [self.pp_ranks_of(tp, dp) for dp in range(d) for tp in range(t)],
+            "mp": [self.mp_ranks_of(dp) for dp in range(d)],
+            "": [list(self.ranks)],
+            # First and last stage of each pipeline: parameters both ends hold (tied embeddings).
+            "ends": ([[self.rank_at(tp=tp, dp=dp, pp=0), self.rank_at(tp=tp, dp=dp, pp=p - 1)]
+                      for dp in range(d) for tp in range(t)] if p > 1 else []),
+        }
+        if not _NEW_GROUP_KEEPS_ORDER:  # refuse before building anything: every rank stops here
+            for axis, rank_lists in lists.items():
+                for ranks in rank_lists:
+                    if ranks != sorted(ranks):
+                        raise LayoutError(
+                            f"{self.name}.ranks orders the {axis or 'layout'} group {ranks} against "
+                            f"ascending global rank, which this torch's new_group cannot keep: "
+                            f"list each group ascending or use a torch whose new_group takes sort_ranks")
 
         def build(rank_lists):
             mine = None
             for ranks in rank_lists:
-                g = dist.new_group(ranks) if len(ranks) > 1 else None
+                if len(ranks) == 1:
+                    continue
+                g = (dist.new_group(ranks, sort_ranks=False) if _NEW_GROUP_KEEPS_ORDER
+                     else dist.new_group(ranks))
                 if me in ranks:
                     mine = g
             return mine
 
-        self.tp_group = build([self.tp_ranks_of(dp, pp) for pp in range(p) for dp in range(d)])
-        self.dp_group = build([self.dp_ranks_of(tp, pp) for pp in range(p) for tp in range(t)])
-        self.pp_group = build([self.pp_ranks_of(tp, dp) for dp in range(d) for tp in range(t)])
-        self.mp_group = build([self.mp_ranks_of(dp) for dp in range(d)])
-        self.group = build([list(self.ranks)])
-        # First and last stage of each pipeline: parameters both ends hold (tied embeddings).
+        self.tp_group = build(lists["tp"])
+        self.dp_group = build(lists["dp"])
+        self.pp_group = build(lists["pp"])
+        self.mp_group = build(lists["mp"])
+        self.group = build(lists[""])
         if p > 1:
-            self.ends_group = build([[self.rank_at(tp=tp, dp=dp, pp=0),
-                                      self.rank_at(tp=tp, dp=dp, pp=p - 1)]
-                                     for dp in range(d) for tp in range(t)])
+            self.ends_group = build(lists["ends"])
 
     def __repr__(self):
         return (f"ParallelLayout({self.name}: tp={self.tp_size}, pp={self.pp_size}, dp={self.dp_size}, "
