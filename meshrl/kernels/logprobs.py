@@ -129,6 +129,7 @@ def _partials_torch(logits, labels, inv_t, offset, n_valid):
         out[0, r0:r0 + step] = m
         out[1, r0:r0 + step] = e.sum(1)
         out[2, r0:r0 + step] = torch.linalg.vecdot(e, z)
+        del z, e  # free this chunk's temporaries before the next chunk allocates its own
     return out
 
 
@@ -150,6 +151,7 @@ def _grad_torch(logits, labels, lse, ent, g_lp, g_ent, inv_t, offset, n_valid):
         hit = own[rows].nonzero().squeeze(1)
         g[hit, local[rows][hit]] += g_lp[rows][hit].float()
         grad[rows, :n_valid] = g.mul_(inv_t)
+        del z, p, g
     return grad
 
 
