@@ -42,7 +42,7 @@ class _Segment:
 
 
 def replica_multiplicity(specs, mp_group) -> list[int]:
-    """How many ranks of the model replica hold each spec's exact (name, range).
+    """How many times the model replica holds each spec's exact (name, range).
 
     Ranges of one name must be identical or disjoint across the replica (replicated norms, KV heads
     replicated when tp exceeds them and tied embeddings are identical; TP shards are disjoint), so a
@@ -54,7 +54,7 @@ def replica_multiplicity(specs, mp_group) -> list[int]:
         dist.all_gather_object(gathered, keys, group=mp_group)
     else:
         gathered = [keys]
-    counts = collections.Counter(k for rank_keys in gathered for k in set(rank_keys))
+    counts = collections.Counter(k for rank_keys in gathered for k in rank_keys)
     by_name = collections.defaultdict(set)
     for k in counts:
         by_name[k[0]].add(k)
@@ -262,7 +262,15 @@ class DistributedOptimizer:
         return ("zero1_" if self.zero1 else "dp_") + key
 
     def state_dict(self) -> dict:
-        """Live tensors (DCP loads into them in place), keyed by this rank's shard."""
+        """Live tensors keyed by this rank's shard, for ``torch.distributed.checkpoint``::
+
+            dcp.save({"optim": opt.state_dict()}, checkpoint_id=path)
+            sd = {"optim": opt.state_dict()}; dcp.load(sd, checkpoint_id=path)
+            opt.load_state_dict(sd["optim"])
+
+        DCP loads into these tensors in place. Parameters are not written: they come from the
+        model's own checkpoint (taken at the same step, they equal the masters in their dtype).
+        """
         return {self._state_key(): {
             "master": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
             "step": torch.tensor(self.step_count, dtype=torch.int64),
@@ -284,6 +292,11 @@ class DistributedOptimizer:
                 dst.copy_(s[name])
         self.step_count = int(s["step"])
         self.lr = float(s["lr"])
+
+    def close(self):
+        """Release the parameters (grad hooks, ``main_grad``), e.g. before building another
+        optimizer over them after a reallocation."""
+        self.grads.close()
 
     def offload(self, grads: bool = True):
         """Move master weights and moments to host memory; optionally free the grad buffer too."""

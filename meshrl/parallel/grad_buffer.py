@@ -97,6 +97,10 @@ class GradBuffer:
         self._n_eager = sum(not b.deferred for b in self.buckets)
         self._hooks = []
         for slot in self.slots:
+            if getattr(slot.param, "_meshrl_grad_buffer", None) is not None:
+                raise ValueError(f"parameter {slot.name} already feeds another grad buffer: call "
+                                 "close() on the optimizer that owns it first")
+            slot.param._meshrl_grad_buffer = self
             slot.param.main_grad = self.data[slot.offset:slot.offset + slot.numel].view(slot.param.shape)
             self._hooks.append(slot.param.register_post_accumulate_grad_hook(
                 functools.partial(self._on_grad, slot.index)))
@@ -214,7 +218,12 @@ class GradBuffer:
             storage.resize_(self.data.numel() * self.data.element_size())
             self.data.zero_()
 
-    def remove_hooks(self):
+    def close(self):
+        """Detach from the parameters (hooks, ``main_grad``) so another buffer may adopt them."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for slot in self.slots:
+            if getattr(slot.param, "_meshrl_grad_buffer", None) is self:
+                del slot.param._meshrl_grad_buffer
+                del slot.param.main_grad

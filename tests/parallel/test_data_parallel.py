@@ -89,14 +89,15 @@ def _dp_case(zero1, overlap, use_reduce_scatter, dtype):
     def dp_grads(master, step):
         # What the dp ranks' autograd produces: per-microbatch grads in the param dtype, summed in fp32.
         cur = [m.detach().to(dtype).requires_grad_() for m in master]
-        per_mb = [torch.autograd.grad(mlp_loss(cur, part, N), cur) for d in range(4) for part in rank_parts(d, 4)]
+        per_mb = [torch.autograd.grad(mlp_loss(cur, part, N), cur)
+                  for d in range(4) for part in rank_parts(d, 4)]
         return [sum(g.float() for g in gs) for gs in zip(*per_mb)]
 
     torch_adamw(ref, dp_grads, 2)
     master_err = max((opt.master[s.shard_lo:s.shard_lo + s.flat_hi - s.flat_lo] - want).abs().max().item()
                      for s, want in per_segment(opt, params, ref))
-    rel = max(((p.detach().float() - q.detach().to(dtype).float()).abs() / q.detach().abs().clamp_min(1e-3)).max().item()
-              for p, q in zip(params, ref))
+    rel = max(((p.detach().float() - q.detach().to(dtype).float()).abs()
+               / q.detach().abs().clamp_min(1e-3)).max().item() for p, q in zip(params, ref))
     return {"grad_err": grad_err, "buckets": len(opt.grads.buckets), "master_err": master_err,
             "rel_err": rel, "params": [p.detach() for p in params]}
 
@@ -190,7 +191,8 @@ def _norm_clip_case(tp, pp, dp, zero1):
     ref = [nn.Parameter(full[n].clone()) for n in names]
     ref_norms = torch_adamw(ref, lambda ps, step: [full_grads(full, step)[n] for n in names], 2, MAX_NORM)
     ref = dict(zip(names, ref))
-    param_err = max((p.detach() - p.shard_spec.slice_full(ref[n].detach())).abs().max().item() for n, p in named)
+    param_err = max((p.detach() - p.shard_spec.slice_full(ref[n].detach())).abs().max().item()
+                    for n, p in named)
     return {"norms": norms, "ref_norms": ref_norms, "param_err": param_err}
 
 
@@ -294,3 +296,16 @@ def test_partly_overlapping_shards_are_refused():
     b.shard_spec = ShardSpec("w", (6, 2), 0, 2, 6)
     with pytest.raises(ValueError, match="partly overlap"):
         DistributedOptimizer([("a", a), ("b", b)], layout, lr=LR)
+
+
+def test_params_feed_one_buffer_at_a_time():
+    layout = ParallelLayout(ranks=[0], tp=1, pp=1, dp=1)
+    named = mlp_params()
+    opt = DistributedOptimizer(named, layout, lr=LR)
+    with pytest.raises(ValueError, match="close"):
+        DistributedOptimizer(named, layout, lr=LR)
+    opt.close()
+    opt2 = DistributedOptimizer(named, layout, lr=LR)
+    mlp_loss([p for _, p in named], X, N).backward()
+    assert all(p.grad is None and p.main_grad.abs().sum() > 0 for _, p in named)
+    assert opt2.grads.data.abs().sum() > 0 and opt.grads.data.abs().sum() == 0
