@@ -2,8 +2,8 @@
 
 Position i in ``ranks`` has coordinates with tp fastest, then dp, then pp:
 ``i = (pp_rank * dp + dp_rank) * tp + tp_rank``. Every group is built in coordinate order, so a
-rank's position in its tp (dp, pp) group is its tp_rank (dp_rank, pp_rank). Several layouts live in one process; each owns its
-process groups, and nothing is global.
+rank's position in its tp (dp, pp) group is its tp_rank (dp_rank, pp_rank). Several layouts live
+in one process; each owns its process groups, and nothing is global.
 """
 from __future__ import annotations
 

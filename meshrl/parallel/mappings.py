@@ -32,6 +32,8 @@ def reduce_scatter_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     n = group_size(group)
     if n == 1:
         return x
+    if x.shape[dim] % n:  # chunk() would silently make unequal (or too few) pieces
+        raise ValueError(f"dimension {dim} of size {x.shape[dim]} does not split into {n} parts")
     if _backend_is_gloo(group):  # gloo has no reduce_scatter: reduce everything, keep our piece
         full = x.contiguous().clone()
         dist.all_reduce(full, group=group)
@@ -129,6 +131,20 @@ class _GatherFromSequence(torch.autograd.Function):
         return reduce_scatter_dim(g, 0, ctx.group), None
 
 
+class _GatherFromSequenceReplicatedGrad(torch.autograd.Function):
+    """All-gather along the token dim forward; keep this rank's piece backward (every rank computes
+    the same thing from the gathered tensor, so its upstream gradient is already the whole one)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_dim(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return split_dim(g, 0, ctx.group), None
+
+
 class _ReduceScatterToSequence(torch.autograd.Function):
     """Reduce-scatter along the token dim forward; all-gather backward."""
 
@@ -166,8 +182,13 @@ def scatter_to_sequence(x, group):
     return _apply(_ScatterToSequence, x, group)
 
 
-def gather_from_sequence(x, group):
-    return _apply(_GatherFromSequence, x, group)
+def gather_from_sequence(x, group, *, grad_is_partial=True):
+    """``grad_is_partial``: the consumer is tensor-parallel (a column-parallel matmul), so each
+    rank's upstream gradient is a partial sum to reduce-scatter. Pass False when every rank computes
+    the same replicated result from the gathered tensor (a scalar value head): backward then keeps
+    this rank's piece, where a reduce-scatter would multiply the gradient by the tp size."""
+    return _apply(_GatherFromSequence if grad_is_partial else _GatherFromSequenceReplicatedGrad,
+                  x, group)
 
 
 def reduce_scatter_to_sequence(x, group):
