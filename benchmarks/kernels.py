@@ -12,18 +12,18 @@ to benchmarks/results/kernels-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import re
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from meshrl.kernels import gae, linear_token_logprobs, token_logprobs
-from meshrl.kernels import logprobs_triton
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-ROOT = pathlib.Path(__file__).parent
+from benchmarks.common import anchor, bench_device, print_table, write_results  # noqa: E402
+from meshrl.kernels import gae, linear_token_logprobs, logprobs_triton, token_logprobs  # noqa: E402
+
 MiB = 2 ** 20
 
 
@@ -84,13 +84,6 @@ class Meter:
         torch.cuda.synchronize()
         del out
         return float(torch.cuda.max_memory_allocated() - before)
-
-
-def anchors() -> dict:
-    path = ROOT / "anchors" / "h100.json"
-    entries = {e["name"]: e for e in json.loads(path.read_text())} if path.exists() else {}
-    return {"TBps": entries.get("copy_bw", {}).get("TBps", 3.0),
-            "TFLOPs": entries.get("bf16_matmul", {}).get("TFLOPs", 769.0)}
 
 
 def row(name, base_s, mesh_s, floor_s, base_mem, mesh_mem, goal_s=None, goal_mem=None) -> dict:
@@ -207,50 +200,37 @@ def check(name, got, want, atol) -> dict:
     return {"name": name, "max_abs_err": err, "atol": atol, "ok": ok}
 
 
+COLUMNS = ["case", "baseline_ms", "meshrl_ms", "speedup", "floor_ms", "fraction_of_floor",
+           "baseline_peak_extra_MiB", "meshrl_peak_extra_MiB", "goal_ms", "meets_goal"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="tiny sizes (the default without a GPU)")
     ap.add_argument("--no-sweep", action="store_true", help="skip the block-size sweep on GPU")
     args = ap.parse_args()
-    accel = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    device = accel if accel is not None else torch.device("cpu")
+    device = bench_device()
     m = Meter(device)
     small = args.small or not m.gpu
-    name = torch.cuda.get_device_name() if m.gpu else "cpu"
-    a = anchors()
+    bw, tflops = anchor("copy_bw", "TBps", 3.0), anchor("bf16_matmul", "TFLOPs", 769.0)
     gae_bt, lp_nv, lin_nhv = ((16, 64), (256, 1000), (256, 128, 1000)) if small else \
         ((512, 1024), (8192, 128256), (8192, 8192, 128256))
-    print(f"device: {name}  torch {torch.__version__}  floors: {a['TBps']:.2f} TB/s, {a['TFLOPs']:.0f} TFLOP/s")
+    print(f"device: {device}  torch {torch.__version__}  floors: {bw:.2f} TB/s, {tflops:.0f} TFLOP/s")
     checks: list = []
-    rows = bench_gae(m, *gae_bt, a["TBps"], checks)
-    rows += bench_logprobs(m, *lp_nv, a["TBps"], checks)
-    rows += bench_linear(m, *lin_nhv, a["TFLOPs"], checks)
+    rows = bench_gae(m, *gae_bt, bw, checks)
+    rows += bench_logprobs(m, *lp_nv, bw, checks)
+    rows += bench_linear(m, *lin_nhv, tflops, checks)
     sweep = sweep_logprob_blocks(m, *lp_nv) if m.gpu and not args.no_sweep else []
     if small:  # the goals are for the real sizes on an H100
         for r in rows:
             r.pop("goal_ms", None), r.pop("meets_goal", None)
-    print_table(rows)
-    result = {"device": name, "torch": torch.__version__, "small": small, "anchors": a, "rows": rows,
-              "checks": checks, "logprob_block_sweep": sweep}
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ("-small" if small else "")
-    out = ROOT / "results" / f"kernels-{slug}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    print()
+    print_table(rows, COLUMNS)
+    path = write_results("kernels", device, rows, {"small": small, "floors": {"TBps": bw, "TFLOPs": tflops},
+                                                   "checks": checks, "logprob_block_sweep": sweep})
+    print(f"wrote {path}")
     if not all(c["ok"] for c in checks):
         raise SystemExit("correctness check failed")
-
-
-def print_table(rows):
-    def fmt(x, spec):
-        return "-" if x is None else format(x, spec)
-    print(f"\n{'case':48s} {'baseline ms':>12s} {'meshrl ms':>10s} {'speedup':>8s} {'floor ms':>9s} "
-          f"{'of floor':>8s} {'base MiB':>9s} {'mesh MiB':>9s}  goal")
-    for r in rows:
-        goal = "" if "goal_ms" not in r else f"<= {r['goal_ms']:.3g} ms {'met' if r['meets_goal'] else 'MISSED'}"
-        print(f"{r['case']:48s} {r['baseline_ms']:12.4f} {r['meshrl_ms']:10.4f} {r['speedup']:8.1f} "
-              f"{r['floor_ms']:9.4f} {r['fraction_of_floor']:8.2f} {fmt(r['baseline_peak_extra_MiB'], '9.1f')} "
-              f"{fmt(r['meshrl_peak_extra_MiB'], '9.1f')}  {goal}")
 
 
 if __name__ == "__main__":
