@@ -48,18 +48,48 @@ def _gae_torch(rewards, values, cu_seqlens, bootstrap, gamma, lam):
     a = torch.full_like(v, gamma * lam)
     a[last] = 0.0
     max_len = int(lens.max()) if lens.numel() else 0
-    # Hillis-Steele doubling: after the step with stride d, (a_t, b_t) compose the window [t, t+2d).
-    # log2(max_len) vector steps instead of a Python step per token, and only multiplies, so
-    # γλ < 1 underflows harmlessly to 0 where a cumprod-and-divide scheme would blow up.
+    adv = _reverse_linear_scan(a, b, max_len)
+    return adv, adv + v
+
+
+_SCAN_BLOCK = 32
+
+
+def _reverse_linear_scan(a: torch.Tensor, b: torch.Tensor, max_len: int) -> torch.Tensor:
+    """x_t = b_t + a_t·x_{t+1} (x past the end = 0) where no chain of nonzero a_t spans max_len.
+
+    Blocked: a back-to-front loop over the 32 positions of every block at once (vector ops across
+    blocks), the recurrence between block starts by doubling, then one fix-up. Work stays O(L)
+    and Python steps stay ~32 + log2(L/32) whatever the lengths.
+    """
+    n, k = b.numel(), _SCAN_BLOCK
+    if n <= 4 * k:
+        return _doubling_scan(a, b, max_len)
+    m = -(-n // k)
+    a_blk = torch.nn.functional.pad(a, (0, m * k - n)).view(m, k).T.contiguous()  # [k, m]
+    b_blk = torch.nn.functional.pad(b, (0, m * k - n)).view(m, k).T.contiguous()
+    for j in range(k - 2, -1, -1):  # in-block suffixes: b_j + a_j·(...), and the product of a
+        b_blk[j].addcmul_(a_blk[j], b_blk[j + 1])
+        a_blk[j].mul_(a_blk[j + 1])
+    starts = _doubling_scan(a_blk[0].clone(), b_blk[0].clone(), -(-max_len // k) + 1)
+    after = torch.zeros_like(starts)
+    after[:-1] = starts[1:]  # x entering each block from the next one
+    return b_blk.addcmul_(a_blk, after).T.reshape(-1)[:n]
+
+
+def _doubling_scan(a: torch.Tensor, b: torch.Tensor, span: int) -> torch.Tensor:
+    # Hillis-Steele: after the step with stride d, (a_t, b_t) compose the window [t, t+2d). Only
+    # multiplies, so γλ < 1 underflows harmlessly to 0 where cumprod-and-divide would blow up.
+    # Ping-pong buffers: fresh multi-MB allocations per step cost more than the arithmetic on CPU.
+    a_out, b_out = torch.empty_like(a), torch.empty_like(b)
     d = 1
-    while d < max_len:
-        b_new = b.clone()
-        b_new[:-d].addcmul_(a[:-d], b[d:])
-        a_new = a.clone()
-        a_new[:-d].mul_(a[d:])
-        a, b = a_new, b_new
+    while d < span:
+        torch.addcmul(b[:-d], a[:-d], b[d:], out=b_out[:-d])
+        torch.mul(a[:-d], a[d:], out=a_out[:-d])
+        b_out[-d:], a_out[-d:] = b[-d:], a[-d:]
+        a, a_out, b, b_out = a_out, a, b_out, b
         d *= 2
-    return b, b + v
+    return b
 
 
 # --- Triton path: kernel, host function -------------------------------------------------------------
