@@ -145,9 +145,11 @@ def split_hh(dialogue: str, where: str, name: str) -> tuple[str, str]:
                         "'\\n\\nHuman: ...\\n\\nAssistant: ...'")
     prompt, response = dialogue[:cut + len(HH_ASSISTANT)], dialogue[cut + len(HH_ASSISTANT):]
     if "\n\nHuman:" in response:
-        raise DataError(f"{where}: field '{name}' ends with a Human turn: the last turn must be the Assistant's")
+        raise DataError(f"{where}: field '{name}' ends with a Human turn: the last turn must be the "
+                        "Assistant's")
     if not response.strip():
-        raise DataError(f"{where}: field '{name}' is empty after the last '\\n\\nAssistant:': give the response")
+        raise DataError(f"{where}: field '{name}' is empty after the last '\\n\\nAssistant:': "
+                        "give the response")
     return prompt, response
 
 
@@ -184,7 +186,11 @@ class Encoder:
         return self.in_range([int(t) for t in ids], where, name, self.vocab_size)
 
     def _chat(self, messages: list[dict]) -> list[int]:
-        return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+        try:
+            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TemplateError as e:  # e.g. a template that insists on alternating user/assistant turns
+            raise ValueError(f"chat template: {e}") from None
 
     def prompt(self, text: str, where: str, name: str, *, hh: bool = False) -> list[int]:
         if not self.chat:
@@ -243,7 +249,8 @@ def load_prompts(path, tokenizer, *, max_prompt_len: int, chat_template: bool = 
                 raise DataError(f"{where}: missing field '{prompt_field}' (or 'input_ids')")
             name = prompt_field
             ids = enc.prompt(text_field(rec, prompt_field, where, "prompt"), where, prompt_field)
-        if check_too_long(len(ids), max_prompt_len, report, too_long, where, name, "prompt", "max_prompt_len"):
+        if check_too_long(len(ids), max_prompt_len, report, too_long, where, name, "prompt",
+                          "max_prompt_len"):
             out.append(PromptExample(lineno, ids, rec, str(path)))
     return out
 

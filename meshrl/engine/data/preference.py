@@ -70,8 +70,8 @@ def _hh_text(rec: dict, where: str) -> _PairText:
     prompt, chosen = split_hh(require(rec, "chosen", where, str), where, "chosen")
     other, rejected = split_hh(require(rec, "rejected", where, str), where, "rejected")
     if prompt != other:
-        raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last '\\n\\nAssistant:': "
-                        "an HH pair must share the dialogue up to the final response")
+        raise DataError(f"{where}: fields 'chosen' and 'rejected' differ before their last "
+                        "'\\n\\nAssistant:': an HH pair must share the dialogue up to the final response")
     return _PairText(prompt, chosen, rejected, ("chosen", "chosen", "rejected"), hh=True)
 
 
@@ -117,7 +117,8 @@ def load_pairs(path, tokenizer, *, max_len: int, format: str = "auto", chat_temp
     records, report = read_records(path)
     fmt = detect_pair_format(records[0][1], f"{path}:{records[0][0]}") if format == "auto" else format
     if safety_filter is not None and fmt != "saferlhf":
-        raise ValueError(f"safety_filter={safety_filter!r} needs SafeRLHF records, but {path} is format {fmt!r}")
+        raise ValueError(f"safety_filter={safety_filter!r} needs SafeRLHF records, but {path} is "
+                         f"format {fmt!r}")
     out = Examples(report=report)
     for lineno, rec in records:
         where = f"{path}:{lineno}"

@@ -77,8 +77,9 @@ def test_prompt_too_long_message_and_skip(tmp_path):
 
 
 def test_prompt_input_ids_checked(tmp_path):
-    for ids, part in (([1, 999], f"id 999 outside the vocabulary of {len(TOK)}"), ([], "non-empty list of ints"),
-                      ([1, True], "non-empty list of ints"), ("12", "non-empty list of ints")):
+    for ids, part in (([1, 999], f"id 999 outside the vocabulary of {len(TOK)}"),
+                      ([], "non-empty list of ints"), ([1, True], "non-empty list of ints"),
+                      ("12", "non-empty list of ints")):
         with raises("ids.jsonl:1", "field 'input_ids'", part):
             load_prompts(write(tmp_path, [{"input_ids": ids}], "ids.jsonl"), TOK, max_prompt_len=8)
     path = write(tmp_path, [{"input_ids": [1, 40]}], "ids.jsonl")
@@ -130,6 +131,10 @@ def test_sft_hh_trains_on_the_chosen_reply(tmp_path):
 
 # ---- pairs ----
 
+def pair(prompt, chosen, rejected):
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
 def test_pairs_format(tmp_path):
     path = write(tmp_path, [{"prompt": "1+1=", "chosen": "2", "rejected": "3", "k": 1}])
     out = load_pairs(path, TOK, max_len=10)
@@ -165,18 +170,16 @@ def test_hh_errors(tmp_path):
 
 def test_pair_errors_and_identical_skip(tmp_path):
     with raises("pr.jsonl:2", "missing field 'rejected'"):
-        load_pairs(write(tmp_path, [{"prompt": "1=", "chosen": "1", "rejected": "2"}, {"prompt": "1=", "chosen": "1"}],
-                         "pr.jsonl"), TOK, max_len=10, format="pairs")
+        load_pairs(write(tmp_path, [pair("1=", "1", "2"), {"prompt": "1=", "chosen": "1"}], "pr.jsonl"), TOK,
+                   max_len=10, format="pairs")
     with raises("pr.jsonl:1", "field 'chosen' is empty"):
-        load_pairs(write(tmp_path, [{"prompt": "1=", "chosen": "", "rejected": "2"}], "pr.jsonl"), TOK, max_len=10)
-    with raises("pr.jsonl:1: field 'rejected': prompt + rejected has 9 tokens, longer than the context limit 8"):
-        load_pairs(write(tmp_path, [{"prompt": "1=", "chosen": "1", "rejected": "22222"}], "pr.jsonl"), TOK,
-                   max_len=8)
+        load_pairs(write(tmp_path, [pair("1=", "", "2")], "pr.jsonl"), TOK, max_len=10)
+    with raises("pr.jsonl:1: field 'rejected': prompt + rejected has 9 tokens, longer than the context "
+                "limit 8"):
+        load_pairs(write(tmp_path, [pair("1=", "1", "22222")], "pr.jsonl"), TOK, max_len=8)
     with raises("pr.jsonl:1", "cannot tell the pair format"):
         load_pairs(write(tmp_path, [{"prompt": "1="}], "pr.jsonl"), TOK, max_len=8)
-    path = write(tmp_path, [{"prompt": "1=", "chosen": "1", "rejected": "1"}, {"prompt": "1=", "chosen": "1",
-                                                                               "rejected": "22222"},
-                            {"prompt": "1=", "chosen": "1", "rejected": "2"}])
+    path = write(tmp_path, [pair("1=", "1", "1"), pair("1=", "1", "22222"), pair("1=", "1", "2")])
     out = load_pairs(path, TOK, max_len=8, too_long="skip")
     assert [p.lineno for p in out] == [3] and out.report.dropped == {"identical": 1, "too_long": 1}
     with raises(exc=ValueError):
@@ -222,8 +225,8 @@ def test_saferlhf_errors(tmp_path):
 
 
 def test_margin_filter(tmp_path):
-    pairs = load_pairs(write(tmp_path, [_safe(f"{i}=", "a", "b", 0, 0, True, True) for i in range(4)], "m.jsonl"),
-                       TOK, max_len=10)
+    path = write(tmp_path, [_safe(f"{i}=", "a", "b", 0, 0, True, True) for i in range(4)], "m.jsonl")
+    pairs = load_pairs(path, TOK, max_len=10)
     kept, dropped = filter_pairs_by_margin(pairs, torch.tensor([0.5, -1.0, 2.0, 0.4999]), 0.5)
     assert [p.lineno for p in kept] == [1, 3] and dropped == 2
     with raises("m.jsonl:3", "reward margin is nan"):
@@ -245,17 +248,19 @@ def test_code_tasks(tmp_path):
 
 
 def test_code_task_errors(tmp_path):
-    cases = [({"input_output": {"inputs": ["1"], "outputs": ["1"]}}, "missing field 'question'"),
+    good = {"question": "ok", "input_output": {"inputs": ["1"], "outputs": ["1"]}}
+    cases = [({"input_output": good["input_output"]}, "missing field 'question'"),
              ({"question": "q"}, "missing field 'input_output'"),
-             ({"question": "q", "input_output": {"inputs": ["1"], "outputs": []}}, "'input_output' has 1 inputs but 0"),
+             ({"question": "q", "input_output": {"inputs": ["1"], "outputs": []}},
+              "'input_output' has 1 inputs but 0 outputs"),
              ({"question": "q", "input_output": "{bad"}, "'input_output' is not valid JSON"),
              ({"question": "q", "input_output": {"inputs": [3], "outputs": ["3"]}},
               "field 'input_output': inputs[0] must be a string or a list of lines"),
-             ({"question": "q", "input_output": {"fn_name": 5, "inputs": [3], "outputs": [3]}}, "'fn_name' must be")]
+             ({"question": "q", "input_output": {"fn_name": 5, "inputs": [3], "outputs": [3]}},
+              "'fn_name' must be a string")]
     for rec, part in cases:
         with raises("code.jsonl:2", part):
-            load_code_tasks(write(tmp_path, [{"question": "ok", "input_output": {"inputs": ["1"], "outputs": ["1"]}},
-                                             rec], "code.jsonl"))
+            load_code_tasks(write(tmp_path, [good, rec], "code.jsonl"))
 
 
 # ---- rewards ----
@@ -324,7 +329,21 @@ def test_hf_hh_pairs_with_chat_template(tmp_path, hf_tok):
     assert hf_tok.decode(p.chosen_ids) == "It is 2.</s>"  # HH's separator space gives way to the template's
     sft = load_sft(write(tmp_path, [{"prompt": "Add 1+1?", "response": "It is 2."}]), hf_tok, max_len=200,
                    chat_template=True)[0]
-    assert hf_tok.decode(sft.prompt_ids + sft.response_ids) == "<s><|user|>Add 1+1?\n<|assistant|>It is 2.</s>"
+    assert hf_tok.decode(sft.prompt_ids + sft.response_ids) == \
+        "<s><|user|>Add 1+1?\n<|assistant|>It is 2.</s>"
+
+
+def test_chat_template_refusal_names_the_field(tmp_path, hf_tok):
+    strict = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+              "{{ raise_exception('roles must alternate') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    dialogue = "\n\nHuman: Hi\n\nHuman: Hi\n\nAssistant: Hello."
+    path = write(tmp_path, [{"chosen": dialogue, "rejected": dialogue + " No."}], "t.jsonl")
+    hf_tok.chat_template, saved = strict, hf_tok.chat_template
+    try:
+        with raises("t.jsonl:1", "field 'chosen'", "roles must alternate"):
+            load_pairs(path, hf_tok, max_len=200, chat_template=True)
+    finally:
+        hf_tok.chat_template = saved
 
 
 def test_hf_ids_beyond_the_model_vocabulary(tmp_path, hf_tok):
