@@ -193,6 +193,31 @@ def sweep_logprob_blocks(m: Meter, n: int, v: int) -> list:
     return out
 
 
+def torch_path_checks(m: Meter, n: int, v: int, n_seq: int = 300, max_len: int = 2048) -> list:
+    """On GPU, the Triton kernels against meshrl's own torch path (MESHRL_KERNELS=torch)."""
+    g = torch.Generator(device=m.device).manual_seed(2)
+    logits = (torch.randn(n, v, device=m.device, generator=g) * 2).to(torch.bfloat16)
+    labels = torch.randint(0, v, (n,), device=m.device, generator=g)
+    lens = torch.randint(1, max_len, (n_seq,), device=m.device, generator=g)
+    cu = torch.zeros(n_seq + 1, dtype=torch.int32, device=m.device)
+    cu[1:] = lens.cumsum(0)
+    r, val = (torch.randn(int(cu[-1]), device=m.device, generator=g) for _ in range(2))
+    boot = torch.randn(n_seq, device=m.device, generator=g)
+    runs = {}
+    for path in ("triton", "torch"):
+        os.environ["MESHRL_KERNELS"] = path
+        try:
+            runs[path] = (token_logprobs(logits, labels, return_entropy=True),
+                          gae(r, val, cu, bootstrap_values=boot, gamma=0.99, lam=0.95))
+        finally:
+            del os.environ["MESHRL_KERNELS"]
+    (lp, ent), (adv, _) = runs["triton"]
+    (lp_t, ent_t), (adv_t, _) = runs["torch"]
+    return [check("logprob vs torch path", lp, lp_t, atol=1e-4),
+            check("entropy vs torch path", ent, ent_t, atol=1e-4),
+            check("gae vs torch path (ragged)", adv, adv_t, atol=1e-4 * float(adv_t.abs().max()))]
+
+
 def check(name, got, want, atol) -> dict:
     err = float((got.detach().float() - want.detach().float()).abs().max())
     ok = err <= atol and bool(torch.isfinite(got).all())
@@ -220,6 +245,8 @@ def main():
     rows = bench_gae(m, *gae_bt, bw, checks)
     rows += bench_logprobs(m, *lp_nv, bw, checks)
     rows += bench_linear(m, *lin_nhv, tflops, checks)
+    if m.gpu:
+        checks += torch_path_checks(m, *lp_nv)
     sweep = sweep_logprob_blocks(m, *lp_nv) if m.gpu and not args.no_sweep else []
     if small:  # the goals are for the real sizes on an H100
         for r in rows:

@@ -27,9 +27,13 @@ def _stats_kernel(x_ptr, lab_ptr, o0_ptr, o1_ptr, o2_ptr, o3_ptr, stride, n_vali
     m = tl.full((), _NEG_BIG, tl.float32)  # running max, base-2 units
     s = tl.zeros((), tl.float32)  # Σ 2^(x - m)
     t = tl.zeros((), tl.float32)  # Σ 2^(x - m)·(x - m), relative to m so entropy avoids cancellation
+    # The next block is loaded before this one is reduced, so its memory latency overlaps the
+    # reductions (the compiler does not pipeline loads that feed no dot).
+    nxt = tl.load(base + cols, mask=cols < n_valid, other=float("-inf"))
     for i in range(0, N_BLOCKS):
-        c = i * BLOCK + cols
-        x = tl.load(base + c, mask=c < n_valid, other=float("-inf")).to(tl.float32) * scale
+        x = nxt.to(tl.float32) * scale
+        c = (i + 1) * BLOCK + cols
+        nxt = tl.load(base + c, mask=c < n_valid, other=float("-inf"))
         m_new = tl.maximum(m, tl.max(x, 0))
         alpha = tl.exp2(m - m_new)
         d = x - m_new
@@ -68,9 +72,11 @@ def _grad_kernel(x_ptr, lab_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, gx_ptr, st
     gent = tl.load(gent_ptr + row).to(tl.float32)
     lab = tl.load(lab_ptr + row) - offset
     cols = tl.arange(0, BLOCK)
+    nxt = tl.load(base + cols, mask=cols < n_valid, other=float("-inf"))  # prefetch, as above
     for i in range(0, N_BLOCKS):
         c = i * BLOCK + cols
-        x = tl.load(base + c, mask=c < n_valid, other=float("-inf")).to(tl.float32) * scale
+        x = nxt.to(tl.float32) * scale
+        nxt = tl.load(base + c + BLOCK, mask=c + BLOCK < n_valid, other=float("-inf"))
         l2 = x - lse2
         p = tl.exp2(l2)
         g = -p * (glp + gent * (tl.where(p > 0, l2 * _LN2, 0.0) + ent))
@@ -78,9 +84,8 @@ def _grad_kernel(x_ptr, lab_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, gx_ptr, st
         tl.store(gbase + c, (g * inv_t).to(gx_ptr.dtype.element_ty), mask=c < n_cols)
 
 
-# The trip count is a constexpr: the interpreter cannot use a runtime scalar as a range bound under
-# numpy 2.4, and a fixed count lets the compiler pipeline the loads. A model's vocabulary gives one or
-# two distinct counts, so this costs one or two compiles.
+# The trip count is a constexpr because the interpreter cannot use a runtime scalar as a range bound
+# under numpy 2.4. A model's vocabulary gives one or two distinct counts: one or two compiles.
 def _launch_config(n_cols: int, device: torch.device, block: int | None, num_warps: int | None):
     if device.type == "cpu":
         # The interpreter pays per block op, not per element: the widest blocks run fastest.
