@@ -80,6 +80,24 @@ def _unpack(buf, chunk, dst_tensors, dtypes, me, alpha):
         _put(dst[slices(t.dst_index)], _view(buf, off, t, dtypes[t.name]), alpha)
 
 
+def _copy_local(transfers, src_tensors, dst_tensors, me, alpha) -> int:
+    groups: dict[tuple, tuple[list, list]] = {}
+    for t in transfers:
+        src = _tensor(src_tensors, t.name, me, "send")[slices(t.src_index)]
+        dst = _tensor(dst_tensors, t.name, me, "receive")[slices(t.dst_index)]
+        if alpha is not None:
+            _put(dst, src, alpha)
+            continue
+        d, s = groups.setdefault((dst.dtype, src.dtype, dst.device, src.device), ([], []))
+        d.append(dst)
+        s.append(src)
+    for d, s in groups.values():
+        # One multi-tensor launch per dtype pair: per-tensor copy_ of a model's many small tensors is
+        # bound by kernel launches, not bandwidth (strided views fall back to per-tensor copies).
+        torch._foreach_copy_(d, s)
+    return sum(t.nbytes for t in transfers)
+
+
 @torch.no_grad()
 def execute(plan: ReallocPlan, src_tensors: dict | None, dst_tensors: dict | None, *, group=None,
             bucket_mb: float = 64.0, blend: float | None = None, rank: int | None = None) -> dict:
@@ -94,12 +112,7 @@ def execute(plan: ReallocPlan, src_tensors: dict | None, dst_tensors: dict | Non
     """
     me = global_rank_or_zero() if rank is None else rank
     counts = {"sent": 0, "received": 0, "local": 0, "rounds": 0}
-    for t in plan.transfers:
-        if t.local and t.dst == me:
-            src = _tensor(src_tensors, t.name, me, "send")
-            dst = _tensor(dst_tensors, t.name, me, "receive")
-            _put(dst[slices(t.dst_index)], src[slices(t.src_index)], blend)
-            counts["local"] += t.nbytes
+    counts["local"] = _copy_local(plan.local_copies(me), src_tensors, dst_tensors, me, blend)
     for rnd in plan.schedule(max(1, int(bucket_mb * 2**20))):
         ops, incoming = [], []
         for s, d, chunk in rnd:

@@ -120,7 +120,7 @@ class ReallocPlan:
     dtypes: dict[str, torch.dtype]        # wire dtype per parameter
     min_recv_bytes: dict[int, int]        # per destination: valid bytes it does not hold already
     node: dict[int, object] | None = None
-    _schedules: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ranks(self) -> list[int]:
@@ -155,9 +155,16 @@ class ReallocPlan:
         """Rounds of (src, dst, transfers packed into one buffer). Per round a rank sends at most
         ``bucket_bytes`` and receives at most that (a single row larger than a bucket goes alone), so
         staging memory stays bounded; every rank derives the same rounds from the same plan."""
-        if bucket_bytes not in self._schedules:
-            self._schedules[bucket_bytes] = _schedule(self.transfers, bucket_bytes)
-        return self._schedules[bucket_bytes]
+        key = ("schedule", bucket_bytes)
+        if key not in self._cache:
+            self._cache[key] = _schedule(self.transfers, bucket_bytes)
+        return self._cache[key]
+
+    def local_copies(self, rank: int) -> list[Transfer]:
+        key = ("local", rank)
+        if key not in self._cache:
+            self._cache[key] = [t for t in self.transfers if t.local and t.dst == rank]
+        return self._cache[key]
 
 
 def _schedule(transfers, cap):

@@ -10,15 +10,19 @@ from meshrl.parallel.realloc import (offload_to_cpu, release_, reload_, remateri
                                      storage_bytes)
 
 # (ranks, tp, pp, dp) source -> destination; the model; whether to compare outputs (needs real
-# layouts, so process groups; the other cases build on virtual views only).
+# layouts, so process groups; the other cases build on virtual views only); planner/executor options.
+# 8 KiB buckets force row splits and many rounds; min_chunk_bytes=0 splits cells across replicas.
+SMALL_BUCKETS = {"bucket_mb": 8 / 1024}
+TWO_NODES = {"nodes": 4}  # node = rank // 4
 CASES4 = [
     ("llama", ([0, 1, 2, 3], 1, 1, 4), ([0, 1, 2, 3], 4, 1, 1), False),
-    ("llama", ([0, 1, 2, 3], 2, 2, 1), ([0, 1, 2, 3], 1, 4, 1), True),
+    ("llama", ([0, 1, 2, 3], 2, 2, 1), ([0, 1, 2, 3], 1, 4, 1), True, SMALL_BUCKETS),
     ("llama", ([0, 1, 2, 3], 4, 1, 1), ([0, 1, 2, 3], 2, 1, 2), False),
     ("qwen2", ([0, 1, 2, 3], 1, 2, 2), ([0, 1, 2, 3], 2, 1, 2), True),
     ("qwen2", ([0, 1, 2, 3], 4, 1, 1), ([0, 1, 2, 3], 1, 4, 1), False),
     ("critic", ([0, 1, 2, 3], 2, 2, 1), ([0, 1, 2, 3], 4, 1, 1), True),
-    ("llama", ([0, 1], 2, 1, 1), ([2, 3], 1, 2, 1), False),
+    ("llama", ([0, 1], 2, 1, 1), ([2, 3], 1, 2, 1), False, SMALL_BUCKETS),
+    ("llama", ([0, 1], 1, 1, 2), ([2, 3], 1, 2, 1), False, dict(SMALL_BUCKETS, min_chunk_bytes=0)),
     ("qwen2", ([0, 1], 1, 2, 1), ([2, 3], 2, 1, 1), True),
     ("heads6", ([0, 1, 2], 3, 1, 1), ([2, 3], 2, 1, 1), True),
 ]
@@ -26,9 +30,10 @@ CASES8 = [
     ("llama", ([0, 1, 2, 3], 2, 2, 1), ([4, 5, 6, 7], 4, 1, 1), True),
     ("qwen2", ([0, 1, 2, 3], 1, 4, 1), ([4, 5, 6, 7], 2, 2, 1), True),
     ("llama", (list(range(8)), 2, 2, 2), (list(range(8)), 1, 4, 2), False),
-    ("critic", (list(range(8)), 2, 1, 4), (list(range(8)), 4, 2, 1), False),
+    ("critic", (list(range(8)), 2, 1, 4), (list(range(8)), 4, 2, 1), False, TWO_NODES),
     ("qwen2", (list(range(8)), 1, 1, 8), (list(range(8)), 4, 2, 1), False),
-    ("heads6", (list(range(6)), 3, 1, 2), ([4, 5, 6, 7], 2, 2, 1), True),
+    ("heads6", (list(range(6)), 3, 1, 2), ([4, 5, 6, 7], 2, 2, 1), True, SMALL_BUCKETS),
+    ("llama", ([0, 1, 4, 5], 1, 1, 4), ([2, 3, 6, 7], 2, 1, 2), False, dict(TWO_NODES, min_chunk_bytes=0)),
 ]
 KINDS = {"llama": ("llama", "lm", {}), "qwen2": ("qwen2", "lm", {}), "critic": ("llama", "value", {}),
          # 6 heads: tp 3 cuts the padded vocabulary (102 rows) against tp 2's halves
@@ -96,7 +101,7 @@ def _mismatches(tensors, specs, full):
     return [n for n, t in tensors.items() if not torch.equal(t, specs[n].slice_full(full[n]))]
 
 
-def _move(path, head, src_spec, dst_spec, check_outputs):
+def _move(path, head, src_spec, dst_spec, check_outputs, opts):
     """On every rank: fill a NaN destination from a loaded source, check it, release the source,
     bring it back by the reverse move, and (optionally) compare outputs."""
     import torch.distributed as dist
@@ -112,8 +117,13 @@ def _move(path, head, src_spec, dst_spec, check_outputs):
     for t in (d_t or {}).values():
         t.fill_(float("nan"))  # a byte nobody sends stays NaN and fails the comparison
     s_specs, d_specs = _specs(cfg, head, src_l), _specs(cfg, head, dst_l)
-    fwd, back = plan(src_l, dst_l, s_specs, d_specs), plan(dst_l, src_l, d_specs, s_specs)
-    res = {"rank": me, "counts": execute(fwd, s_t, d_t), "stats": fwd.stats() if me == 0 else None}
+    kw = {"min_chunk_bytes": opts["min_chunk_bytes"]} if "min_chunk_bytes" in opts else {}
+    if "nodes" in opts:
+        kw["node_of"] = lambda r: r // opts["nodes"]
+    bucket = opts.get("bucket_mb", 64)
+    fwd, back = plan(src_l, dst_l, s_specs, d_specs, **kw), plan(dst_l, src_l, d_specs, s_specs, **kw)
+    res = {"rank": me, "counts": execute(fwd, s_t, d_t, bucket_mb=bucket),
+           "stats": fwd.stats() if me == 0 else None}
     if d_t:
         res["bad"] = _mismatches(d_t, d_specs[me], full)
     if check_outputs:
@@ -129,7 +139,7 @@ def _move(path, head, src_spec, dst_spec, check_outputs):
         rematerialize_(held)
         for t in s_t.values():
             t.fill_(float("nan"))
-    execute(back, d_t, s_t)
+    execute(back, d_t, s_t, bucket_mb=bucket)
     if s_t:
         res["roundtrip_bad"] = [n for n, t in s_t.items() if not torch.equal(t, orig[n])]
     return res
@@ -137,6 +147,7 @@ def _move(path, head, src_spec, dst_spec, check_outputs):
 
 def _check(results, src_spec, dst_spec, check_outputs, label):
     stats = results[0]["stats"]
+    assert stats["recv_bytes"] == stats["min_recv_bytes"], label
     for r in results:
         assert not r.get("bad"), f"{label}: rank {r['rank']} shards differ: {r['bad']}"
         assert not r.get("roundtrip_bad"), f"{label}: rank {r['rank']} round trip: {r['roundtrip_bad']}"
@@ -164,17 +175,30 @@ def _check(results, src_spec, dst_spec, check_outputs, label):
 
 
 def _label(case):
-    kind, (sr, *s), (dr, *d), _ = case
-    return "%s_r%d-%d_tp%dpp%ddp%d_to_r%d-%d_tp%dpp%ddp%d" % (kind, sr[0], sr[-1], *s, dr[0], dr[-1], *d)
+    kind, (sr, *s), (dr, *d), *_ = case
+    return "%s_r%s_tp%dpp%ddp%d_to_r%s_tp%dpp%ddp%d%s" % (
+        kind, _ranks(sr), *s, _ranks(dr), *d, "".join(f"_{k}" for k in (case[4:] or [{}])[0]))
+
+
+def _ranks(ranks):
+    return f"{ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else \
+        ",".join(map(str, ranks))
 
 
 @pytest.mark.parametrize("case", CASES4 + CASES8, ids=[_label(c) for c in CASES4 + CASES8])
 def test_reallocation_is_exact(dist_pool, models, case):
-    kind, src_spec, dst_spec, check_outputs = case
+    kind, src_spec, dst_spec, check_outputs, *opts = case
+    opts = opts[0] if opts else {}
     path, head = models[kind]
     world = 4 if case in CASES4 else 8
-    results = dist_pool(world).run(_move, path, head, src_spec, dst_spec, check_outputs)
+    results = dist_pool(world).run(_move, path, head, src_spec, dst_spec, check_outputs, opts)
     _check(results, src_spec, dst_spec, check_outputs, _label(case))
+    if "nodes" in opts:  # the planner reports what crosses nodes; a same-node replica is preferred
+        st = results[0]["stats"]
+        print(f"cross-node bytes {st['cross_node_bytes']} of {st['remote_bytes']}")
+        assert st["cross_node_bytes"] == 0  # each node holds a full source replica here
+    if "bucket_mb" in opts:
+        assert max(r["counts"]["rounds"] for r in results) > 1
 
 
 def _ema(ref_path, actor_path, ref_spec, actor_spec, alpha, dtype):
