@@ -62,13 +62,13 @@ def test_token_logprobs_forward_and_backward_hold_no_fp32_nxv():
 
 
 def test_linear_token_logprobs_holds_one_chunk_of_logits():
-    n, h, v, chunk = 1024, 64, 32000, 1 << 18
+    n, h, v, chunk = 1024, 64, 16000, 1 << 19
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(n, h, generator=g).requires_grad_()
     weight = torch.randn(v, h, generator=g).requires_grad_()
     labels = torch.randint(0, v, (n,), generator=g)
     chunk_bytes = chunk * 4
-    full_logits = n * v * 4  # 131 MB, 125 chunks
+    full_logits = n * v * 4  # 65 MB: 32 chunks of [128, 4096]
     peak_fwd, (lp, ent) = peak_bytes(lambda: linear_token_logprobs(
         hidden, weight, labels, return_entropy=True, max_chunk_elems=chunk))
     # One logits chunk plus the torch path's copies of it (fp32 z, exp, mask) and [4, N] partials.
@@ -76,4 +76,4 @@ def test_linear_token_logprobs_holds_one_chunk_of_logits():
     peak_bwd, _ = peak_bytes(lambda: (lp + ent).sum().backward())
     grads = (n * h + v * h) * 4 + n * h * 4  # both gradients plus the fp32 hidden accumulator
     assert peak_bwd < grads + 6 * chunk_bytes, (peak_bwd, grads, chunk_bytes)
-    assert peak_bwd < full_logits / 4
+    assert peak_bwd < full_logits / 2

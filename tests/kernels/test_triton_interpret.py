@@ -12,7 +12,7 @@ HERE = pathlib.Path(__file__).parent
 
 
 def test_triton_kernels_match_oracles_under_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", MESHRL_KERNELS="triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", MESHRL_KERNELS="triton", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning",
          str(HERE / "interpret_cases.py")],
