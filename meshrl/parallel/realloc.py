@@ -24,6 +24,7 @@ from .realloc_plan import (Box, PlanError, ReallocPlan, Transfer, plan, slices, 
 # Slices start on 16-byte boundaries in a packed buffer: a dtype view needs its offset aligned,
 # and vectorised copies want more than the element size.
 _ALIGN = 16
+_LARGE_COPY = 1 << 20
 
 
 def tensors_by_spec(module) -> dict[str, torch.Tensor]:
@@ -80,20 +81,29 @@ def _unpack(buf, chunk, dst_tensors, dtypes, me, alpha):
         _put(dst[slices(t.dst_index)], _view(buf, off, t, dtypes[t.name]), alpha)
 
 
+def _region(t: torch.Tensor, index: Box) -> torch.Tensor:
+    if all(a == 0 and b == n for (a, b), n in zip(index, t.shape)):
+        return t  # whole tensor: skips the slicing, a few microseconds a call
+    return t[slices(index)]
+
+
 def _copy_local(transfers, src_tensors, dst_tensors, me, alpha) -> int:
-    groups: dict[tuple, tuple[list, list]] = {}
+    """Large copies launch at once, so the host's per-tensor work overlaps the device copying;
+    small ones go in one multi-tensor launch per dtype pair, where launches, not bytes, are the cost
+    (strided views fall back to per-tensor copies inside it)."""
+    small: dict[tuple, tuple[list, list]] = {}
     for t in transfers:
-        src = _tensor(src_tensors, t.name, me, "send")[slices(t.src_index)]
-        dst = _tensor(dst_tensors, t.name, me, "receive")[slices(t.dst_index)]
+        src = _region(_tensor(src_tensors, t.name, me, "send"), t.src_index)
+        dst = _region(_tensor(dst_tensors, t.name, me, "receive"), t.dst_index)
         if alpha is not None:
             _put(dst, src, alpha)
-            continue
-        d, s = groups.setdefault((dst.dtype, src.dtype, dst.device, src.device), ([], []))
-        d.append(dst)
-        s.append(src)
-    for d, s in groups.values():
-        # One multi-tensor launch per dtype pair: per-tensor copy_ of a model's many small tensors is
-        # bound by kernel launches, not bandwidth (strided views fall back to per-tensor copies).
+        elif t.nbytes >= _LARGE_COPY:
+            dst.copy_(src)
+        else:
+            d, s = small.setdefault((dst.dtype, src.dtype, dst.device, src.device), ([], []))
+            d.append(dst)
+            s.append(src)
+    for d, s in small.values():
         torch._foreach_copy_(d, s)
     return sum(t.nbytes for t in transfers)
 
@@ -231,3 +241,6 @@ def reload_(offloaded: Offloaded) -> None:
         _as_bytes(t).copy_(host, non_blocking=True)
     for t, _ in offloaded.items:
         _sync(t.device)
+
+
+reload = reload_  # the name the runtime's brief uses
