@@ -195,9 +195,10 @@ class ParallelLayout:
                 for ranks in rank_lists:
                     if ranks != sorted(ranks):
                         raise LayoutError(
-                            f"{self.name}.ranks orders the {axis or 'layout'} group {ranks} against "
-                            f"ascending global rank, which this torch's new_group cannot keep: "
-                            f"list each group ascending or use a torch whose new_group takes sort_ranks")
+                            f"{self.name}.ranks orders the {axis or 'layout'} group {ranks} "
+                            "against ascending global rank, which this torch's new_group cannot "
+                            "keep: list each group ascending or use a torch whose new_group "
+                            "takes sort_ranks")
 
         def build(rank_lists):
             mine = None
