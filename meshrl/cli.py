@@ -17,6 +17,13 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="sample completions for JSONL prompts")
     generate_job.add_arguments(g)
     g.set_defaults(func=generate_job.run)
+    from meshrl.engine.runtime import plot, run
+    r = sub.add_parser("run", help="train with a YAML config (sft, rm, dpo, ppo, grpo)")
+    run.add_arguments(r)
+    r.set_defaults(func=run.run)
+    pl = sub.add_parser("plot", help="PNG curves from RUN_DIR/metrics.jsonl")
+    plot.add_arguments(pl)
+    pl.set_defaults(func=plot.run)
     return p
 
 
@@ -24,10 +31,11 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     from meshrl.engine.data.jsonl import DataError
     from meshrl.engine.model.config import ConfigError
+    from meshrl.engine.runtime.config import RunConfigError
     from meshrl.parallel.layout import LayoutError
     try:
         return args.func(args) or 0
-    except (DataError, ConfigError, LayoutError, ValueError, FileNotFoundError) as e:
+    except (DataError, ConfigError, LayoutError, RunConfigError, ValueError, FileNotFoundError) as e:
         if os.environ.get("MESHRL_DEBUG"):
             raise
         print(f"meshrl {args.command}: error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@ through tokenizers, tokenizer.model through sentencepiece)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 
 def load_tokenizer(model_dir: str):
@@ -24,5 +25,6 @@ def encode_prompt(tokenizer, text: str, *, chat_template: bool = False) -> list[
             raise ValueError("--chat-template: this tokenizer has no chat template")
         ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                             add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        # transformers 5 returns a BatchEncoding (a Mapping, not a dict) when tokenize=True
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
     return list(tokenizer.encode(text, add_special_tokens=True))

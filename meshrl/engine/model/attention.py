@@ -91,7 +91,9 @@ def _expand_kv(k, n_heads):
 
 def varlen_causal_attention(q, k, v, meta: PackedMeta, *, window: int | None = None):
     """q [N, Hq, D], k/v [N, Hkv, D] -> [N, Hq, D], causal within each sequence."""
-    style = _varlen_kwargs_style() if q.is_cuda else None
+    # the flash varlen kernel takes half precision only; fp32 (parity checks) goes through SDPA
+    flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    style = _varlen_kwargs_style() if flash else None
     if style is not None and (window is None or style["window"]):
         kw = {}
         if style["window"]:
@@ -104,7 +106,28 @@ def varlen_causal_attention(q, k, v, meta: PackedMeta, *, window: int | None = N
             k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         cu = meta.cu_seqlens.to(q.device, torch.int32)
         return style["fn"](q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
-    return _per_sequence_sdpa(q, k, v, meta.lengths, window)
+    lengths = meta.lengths
+    if len(lengths) > 1 and q.shape[0] <= _DENSE_MASK_MAX_TOKENS:
+        return _block_diagonal_sdpa(q, k, v, lengths, window)
+    return _per_sequence_sdpa(q, k, v, lengths, window)
+
+
+# Many short sequences (RL responses) make a per-sequence loop slow on CPU; up to this many tokens
+# one SDPA call with a block-diagonal causal mask is cheaper (the N² mask stays a few MB).
+_DENSE_MASK_MAX_TOKENS = 2048
+
+
+def _block_diagonal_sdpa(q, k, v, lengths, window):
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
+                                  torch.tensor(lengths, device=q.device))
+    i = torch.arange(q.shape[0], device=q.device)
+    mask = (seq[:, None] == seq[None, :]) & (i[None, :] <= i[:, None])
+    if window is not None:
+        mask &= i[:, None] - i[None, :] < window
+    qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.squeeze(0).transpose(0, 1)
 
 
 def _per_sequence_sdpa(q, k, v, lengths, window):

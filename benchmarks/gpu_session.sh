@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One prepared GPU session: correctness first, then the benchmarks. Run from the repo root on the
+# lent machine (PYTHONPATH-based: no installs). Logs and result JSON go to $OUT (or ./gpu_out).
+set -u
+OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+step() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name"; local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  grep -v -e "Warning" -e "warn(" "$OUT/$name.log" | tail -n 25
+  echo "=== $name rc=$rc in $((SECONDS - t0)) s"
+}
+step gpu_check 90 python benchmarks/gpu_check.py
+step kernel_tests 150 python -m pytest -q -x tests/kernels -k cuda -p no:cacheprovider
+step kernels_bench 150 python benchmarks/kernels.py ${KERNEL_FLAGS:-}
+step train_bench 200 python benchmarks/train_throughput.py ${TRAIN_FLAGS:-}
+step realloc_bench 60 python benchmarks/realloc.py
+cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+ls "$OUT"

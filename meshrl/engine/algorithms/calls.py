@@ -1,0 +1,131 @@
+"""Per-call interfaces: what each model function call computes on the last pipeline stage.
+
+Training calls return ``fn(stage, hidden, mb) -> (loss, metrics)`` for ``engine.train.Trainer``;
+inference calls return ``fn(stage, hidden, mb) -> tensor``. Losses take the *global* count of
+tokens (or pairs) of the optimizer step, and every metric is returned as this microbatch's share of
+a global mean (local mean × local count / global count), so summing over microbatches and
+data-parallel ranks gives the global mean.
+
+Token fields live at *label positions*: position t scores token t+1, so a response token's
+log-prob, value, advantage and mask sit at the position before it (see ``engine.batch``).
+"""
+from __future__ import annotations
+
+import torch
+
+from meshrl.engine.algorithms import losses as L
+
+
+def _share(metrics: dict, local: torch.Tensor | float, total: float) -> dict:
+    w = float(local) / max(total, 1e-12)
+    return {k: v.detach().float() * w for k, v in metrics.items()}
+
+
+# ---- inference --------------------------------------------------------------------------------
+def logprobs_call(temperature: float = 1.0, entropy: bool = False):
+    """Log-probs [N] of each position's label (and entropies) under ``log_softmax(logits / T)``."""
+    def fn(stage, hidden, mb):
+        out = stage.token_logprobs(hidden, mb.tokens["labels"], temperature=temperature,
+                                   return_entropy=entropy)
+        return torch.stack(out) if entropy else out
+    return fn
+
+
+def values_call():
+    """Critic values [N]: position t holds V(state before the token at t+1)."""
+    return lambda stage, hidden, mb: stage.values(hidden)
+
+
+def scores_call():
+    """Reward-model scores [B]: the value head at each sequence's last token."""
+    return lambda stage, hidden, mb: stage.values(hidden)[mb.last_index()]
+
+
+# ---- SFT and reward model ---------------------------------------------------------------------
+def sft_call(num_tokens: float):
+    def fn(stage, hidden, mb):
+        mask = mb.tokens["loss_mask"]
+        logp = stage.token_logprobs(hidden, mb.tokens["labels"])
+        loss, m = L.sft_loss(logp, mask.bool(), num_tokens=num_tokens)
+        return loss, {"loss": loss.detach(), "tokens": mask.sum()}
+    return fn
+
+
+def _pair_scores(values, mb):
+    """Pairs are packed chosen, rejected, chosen, rejected, …"""
+    s = values[mb.last_index()][mb.seqs["real"].bool()]
+    return s[0::2], s[1::2]
+
+
+def reward_model_call(num_pairs: float):
+    """Bradley–Terry on the last-token scores of (chosen, rejected) pairs."""
+    def fn(stage, hidden, mb):
+        chosen, rejected = _pair_scores(stage.values(hidden), mb)
+        loss, _ = L.bradley_terry_loss(chosen, rejected, num_pairs=num_pairs)
+        n = chosen.numel()
+        m = {"accuracy": L.reward_accuracy(chosen, rejected), "margin": (chosen - rejected).mean(),
+             "chosen_score": chosen.mean(), "rejected_score": rejected.mean()}
+        return loss, {"loss": loss.detach(), **_share(m, n, num_pairs)}
+    return fn
+
+
+# ---- DPO ----------------------------------------------------------------------------------------
+def _pair_logps(token_logps, mb):
+    seq = L.sequence_logps(token_logps, mb.meta.cu_seqlens, mb.tokens["loss_mask"].bool())
+    seq = seq[mb.seqs["real"].bool()]
+    return seq[0::2], seq[1::2]
+
+
+def dpo_call(num_pairs: float, num_chosen_tokens: float, *, beta: float, loss_type: str,
+             label_smoothing: float, sft_coef: float):
+    """DPO family on (chosen, rejected) pairs; reference log-probs ride in ``mb.tokens['ref_logp']``."""
+    def fn(stage, hidden, mb):
+        logp = stage.token_logprobs(hidden, mb.tokens["labels"])
+        pc, pr = _pair_logps(logp, mb)
+        rc, rr = _pair_logps(mb.tokens["ref_logp"], mb)
+        nll = None
+        if sft_coef:
+            chosen_mask = mb.tokens["loss_mask"] * mb.tokens["is_chosen"]
+            nll, _ = L.sft_loss(logp, chosen_mask.bool(), num_tokens=num_chosen_tokens)
+        loss, m = L.dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=loss_type,
+                             label_smoothing=label_smoothing, sft_coef=sft_coef, chosen_nll=nll,
+                             num_pairs=num_pairs)
+        return loss, {"loss": loss.detach(), **_share(m, pc.numel(), num_pairs)}
+    return fn
+
+
+# ---- PPO and GRPO -----------------------------------------------------------------------------
+def ppo_actor_call(num_tokens: float, *, clip_eps: float, entropy_coef: float = 0.0):
+    def fn(stage, hidden, mb):
+        mask = mb.tokens["action_mask"].bool()
+        out = stage.token_logprobs(hidden, mb.tokens["labels"], return_entropy=entropy_coef > 0)
+        logp, ent = out if entropy_coef > 0 else (out, None)
+        loss, m = L.ppo_policy_loss(logp, mb.tokens["old_logp"], mb.tokens["advantages"], mask,
+                                    clip_eps=clip_eps, num_tokens=num_tokens)
+        if ent is not None:
+            loss = loss + L.entropy_bonus(ent, mask, coef=entropy_coef, num_tokens=num_tokens)
+            m["entropy"] = L.masked_mean(ent.detach(), mask)
+        n = mask.sum()
+        return loss, {"actor_loss": loss.detach(), **_share(m, n, num_tokens)}
+    return fn
+
+
+def ppo_critic_call(num_tokens: float, *, value_clip: float | None):
+    def fn(stage, hidden, mb):
+        mask = mb.tokens["action_mask"].bool()
+        loss, m = L.ppo_value_loss(stage.values(hidden), mb.tokens["old_values"],
+                                   mb.tokens["returns"], mask, value_clip=value_clip,
+                                   num_tokens=num_tokens)
+        return loss, {"critic_loss": loss.detach(), **_share(m, mask.sum(), num_tokens)}
+    return fn
+
+
+def grpo_actor_call(num_tokens: float, *, clip_eps: float, kl_coef: float):
+    def fn(stage, hidden, mb):
+        mask = mb.tokens["action_mask"].bool()
+        logp = stage.token_logprobs(hidden, mb.tokens["labels"])
+        loss, m = L.grpo_policy_loss(logp, mb.tokens["old_logp"], mb.tokens["ref_logp"],
+                                     mb.tokens["advantages"], mask, clip_eps=clip_eps,
+                                     kl_coef=kl_coef, num_tokens=num_tokens)
+        return loss, {"actor_loss": loss.detach(), **_share(m, mask.sum(), num_tokens)}
+    return fn

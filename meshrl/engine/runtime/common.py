@@ -1,0 +1,91 @@
+"""Pieces every algorithm loop shares: data order, global means, evaluation, the loop driver."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from meshrl.engine.data.datasets import load_prompts
+
+from .rollout import sample, sampling_params, score_with_verifier
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 10_007 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def global_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of step ``step``'s global batch: consecutive slices of per-epoch shuffles, so a
+    resumed run sees exactly the data the uninterrupted one would have."""
+    if batch_size > n:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n} examples in the training data")
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    return epoch_order(n, seed, epoch)[k * batch_size:(k + 1) * batch_size]
+
+
+def global_means(sums: dict[str, tuple[float, float]], group, device=None) -> dict[str, float]:
+    """{name: (local sum, local count)} -> {name: global sum / global count} over ``group``."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    t = torch.tensor([[sums[k][0], sums[k][1]] for k in keys], dtype=torch.float64, device=device)
+    if group is not None:
+        dist.all_reduce(t, group=group)
+    return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(keys)}
+
+
+def evaluate_pass_rate(ctx, call: str, step: int) -> dict:
+    """Greedy decoding on held-out prompts scored by the verifier: the held-out pass rate."""
+    cfg = ctx.cfg
+    if not (cfg.data.eval and ctx.verifier):
+        return {}
+    prompts = ctx.eval_prompts if hasattr(ctx, "eval_prompts") else None
+    if prompts is None:
+        prompts = load_prompts(cfg.data.eval, ctx.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
+                               chat_template=cfg.data.chat_template)[:cfg.data.eval_samples]
+        ctx.eval_prompts = prompts
+    model, layout = ctx.model(call), ctx.layout(call)
+    local, first = ctx.dp_share(prompts, call)
+    params = sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, 0, greedy=True)
+    roll = sample(model.stage, [p.prompt_ids for p in local], [p.record for p in local], first, params,
+                  batch_size=cfg.generation.batch_size, device=ctx.device)
+    scores = score_with_verifier(roll, ctx.verifier, ctx.tokenizer, layout)
+    out = global_means({"pass_rate": (float(scores.sum()), float(len(scores)))}, layout.dp_group,
+                       ctx.device)
+    ctx.log(step, out, phase="eval")
+    return out
+
+
+def run_loop(ctx, total: int, step_fn, *, desc: str, eval_fn=None, show=("loss",),
+             updates_per_step: int = 1):
+    """Steps ``ctx.start_step .. total-1``: log, evaluate and checkpoint on schedule; a progress
+    bar on the main rank. ``step_fn(step) -> metrics``. Learning-rate schedules without an explicit
+    length span the whole run (``total × updates_per_step`` optimizer steps)."""
+    cfg = ctx.cfg.logging
+    for m in ctx.trained_models().values():
+        if m.trainer.cfg.total_steps is None:
+            m.trainer.cfg.total_steps = total * updates_per_step
+    bar = ctx.progress(total, desc, initial=ctx.start_step)
+    last = {}
+    for step in range(ctx.start_step, total):
+        t0 = time.perf_counter()
+        metrics = step_fn(step)
+        metrics["step_seconds"] = time.perf_counter() - t0
+        ctx.log(step, metrics)
+        done = step + 1
+        if eval_fn and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+            last.update(eval_fn(done))
+        if cfg.save_every and done % cfg.save_every == 0 and done < total:
+            ctx.save(done)
+        bar.update(1)
+        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics})
+    bar.close()
+    if eval_fn:
+        last.update(eval_fn(total))
+    ctx.save(total)
+    if ctx.cfg.save_hf:
+        ctx.save_hf_models()
+    return last

@@ -1,0 +1,231 @@
+"""Run configuration: typed dataclasses merged by omegaconf from YAML and ``key=value`` overrides.
+
+One config type per concern; each model function call names its model and its layout::
+
+    algorithm: ppo
+    models:   {actor: {path: ...}, critic: {init_from: actor}, ref: {init_from: actor}}
+    calls:    {actor_gen: {model: actor, tp: 1, pp: 1}, actor_train: {model: actor, tp: 2}}
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+ALGORITHMS = ("sft", "rm", "dpo", "ppo", "grpo")
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+class RunConfigError(ValueError):
+    """A config meshrl cannot run; one line naming the key and the fix."""
+
+
+@dataclass(kw_only=True)
+class OptimSpec:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+    zero1: bool = True
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    path: Optional[str] = None  # a Hugging Face directory
+    init_from: Optional[str] = None  # start from another model's weights (critic from actor)
+    scratch: Optional[dict] = None  # a HF-style config dict: initialise from the run's seed
+    dtype: str = "fp32"
+    sequence_parallel: bool = False
+    activation_checkpointing: bool = False
+    offload_when_idle: bool = False  # park optimizer state on the CPU while other calls run
+    optim: OptimSpec = field(default_factory=OptimSpec)
+
+
+@dataclass(kw_only=True)
+class CallSpec:
+    model: str = MISSING
+    ranks: Optional[str] = None  # "0-7" or "0,2,4"; default: every rank
+    tp: int = 1
+    pp: int = 1
+    dp: Optional[int] = None  # default: len(ranks) / (tp·pp)
+    microbatch_tokens: int = 4096  # upper bound on tokens per microbatch
+
+
+@dataclass(kw_only=True)
+class DataSpec:
+    train: Optional[str] = None
+    eval: Optional[str] = None
+    format: str = "auto"  # prompts: auto; pairs: auto | pairs | hh | saferlhf; sft: auto | hh
+    max_prompt_len: int = 256
+    max_len: int = 512
+    chat_template: bool = False
+    preference: str = "better"  # saferlhf: better | safer
+    safety_filter: Optional[str] = None  # saferlhf: dual_safe | dual_unsafe
+    eval_samples: int = 256
+
+
+@dataclass(kw_only=True)
+class RewardSpec:
+    model: Optional[str] = None  # a reward model among `models`
+    verifier: Optional[str] = None  # arithmetic | code
+    verifier_args: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class GenSpec:
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 200
+    top_p: float = 1.0
+    batch_size: int = 256  # prompts per decoding batch per replica
+
+
+@dataclass(kw_only=True)
+class SFTSpec:
+    batch_size: int = 64
+    epochs: int = 1
+    steps: Optional[int] = None  # stop after this many steps (default: the epochs)
+
+
+@dataclass(kw_only=True)
+class RMSpec:
+    batch_size: int = 64
+    epochs: int = 1
+
+
+@dataclass(kw_only=True)
+class DPOSpec:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    sft_coef: float = 0.0
+    batch_size: int = 64  # pairs per step
+    epochs: int = 1
+    # iterative online DPO: 0 = offline on the data's pairs
+    rounds: int = 0
+    samples_per_prompt: int = 4
+    prompts_per_round: int = 256
+    min_margin: Optional[float] = None  # drop pairs whose reward-model margin is smaller
+
+
+@dataclass(kw_only=True)
+class PPOSpec:
+    iterations: int = 100
+    batch_size: int = 512  # prompts per iteration
+    minibatches: int = 4
+    epochs: int = 1
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    kl_coef: float = 0.1
+    kl_estimator: str = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    reward_clip: float = 20.0
+    gamma: float = 1.0
+    lam: float = 1.0
+    adv_norm: bool = True
+    value_norm: bool = True
+    entropy_coef: float = 0.0
+    ema_ref: bool = False
+    ema_alpha: float = 0.999
+    truncated: str = "score"  # score | bootstrap
+    truncation_penalty: float = 0.0
+
+
+@dataclass(kw_only=True)
+class GRPOSpec:
+    iterations: int = 100
+    batch_size: int = 64  # prompts per iteration
+    group_size: int = 8
+    minibatches: int = 4
+    epochs: int = 1
+    clip_eps: float = 0.2
+    kl_coef: float = 0.04
+
+
+@dataclass(kw_only=True)
+class LogSpec:
+    eval_every: int = 0  # iterations/steps; 0: only at the end
+    save_every: int = 0  # 0: only at the end
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    algorithm: str = MISSING
+    seed: int = 1
+    run_dir: str = "runs/run"
+    resume: bool = True  # continue from run_dir's latest checkpoint when there is one
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    calls: dict[str, CallSpec] = field(default_factory=dict)
+    data: DataSpec = field(default_factory=DataSpec)
+    reward: RewardSpec = field(default_factory=RewardSpec)
+    generation: GenSpec = field(default_factory=GenSpec)
+    sft: SFTSpec = field(default_factory=SFTSpec)
+    rm: RMSpec = field(default_factory=RMSpec)
+    dpo: DPOSpec = field(default_factory=DPOSpec)
+    ppo: PPOSpec = field(default_factory=PPOSpec)
+    grpo: GRPOSpec = field(default_factory=GRPOSpec)
+    logging: LogSpec = field(default_factory=LogSpec)
+    save_hf: bool = True  # write the trained models as HF directories under run_dir/hf/
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_run_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    """YAML file (optional), then ``key=value`` overrides, over the schema's defaults."""
+    try:
+        cfg = OmegaConf.structured(RunConfig)
+        if base:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
+        if path:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        run = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise RunConfigError(f"config{(' key ' + key) if key else ''}: {msg}") from None
+    except FileNotFoundError:
+        raise RunConfigError(f"config file {path} not found: check the path") from None
+    validate(run)
+    return run
+
+
+def validate(cfg: RunConfig) -> None:
+    if cfg.algorithm not in ALGORITHMS:
+        raise RunConfigError(f"algorithm={cfg.algorithm}: use one of {', '.join(ALGORITHMS)}")
+    for name, m in cfg.models.items():
+        if sum(x is not None for x in (m.path, m.init_from, m.scratch)) != 1:
+            raise RunConfigError(f"models.{name}: give exactly one of path, init_from, scratch")
+        if m.init_from is not None and m.init_from not in cfg.models:
+            raise RunConfigError(f"models.{name}.init_from={m.init_from}: no such model in models")
+        if m.dtype not in DTYPES:
+            raise RunConfigError(f"models.{name}.dtype={m.dtype}: use one of {', '.join(DTYPES)}")
+    for name, c in cfg.calls.items():
+        if c.model not in cfg.models:
+            raise RunConfigError(f"calls.{name}.model={c.model}: no such model in models")
+    if cfg.reward.model is not None and cfg.reward.model not in cfg.models:
+        raise RunConfigError(f"reward.model={cfg.reward.model}: no such model in models")
+    if cfg.algorithm in ("ppo", "grpo") and not (cfg.reward.model or cfg.reward.verifier):
+        raise RunConfigError(f"{cfg.algorithm} needs reward.model or reward.verifier")
+    if cfg.ppo.truncated not in ("score", "bootstrap"):
+        raise RunConfigError(f"ppo.truncated={cfg.ppo.truncated}: use score or bootstrap")
+    if cfg.algorithm == "ppo" and cfg.ppo.batch_size % cfg.ppo.minibatches:
+        raise RunConfigError(f"ppo.batch_size={cfg.ppo.batch_size} is not divisible by "
+                             f"ppo.minibatches={cfg.ppo.minibatches}")
+    if cfg.data.train is None:
+        raise RunConfigError("data.train is not set: give the training JSONL (data.train=PATH)")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

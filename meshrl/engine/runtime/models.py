@@ -1,0 +1,141 @@
+"""Models of a run and the layouts of their function calls.
+
+Every call names a model and a layout (ranks, tp, pp, dp). Layouts are built collectively, once per
+distinct (ranks, tp, pp, dp), in the order of the call names, on every rank. A model lives in the
+layout of its training call (or of its first call); calls of the same model in that layout use it
+directly.
+"""
+from __future__ import annotations
+
+import torch
+
+from meshrl.engine.model import build_stage, config_from_hf_dict, load_config
+from meshrl.engine.train import OptimConfig, Trainer
+from meshrl.parallel.layout import LayoutError, ParallelLayout, parse_ranks
+
+from .config import CallSpec, ModelSpec, RunConfig, RunConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VALUE_CALLS = ("critic_inf", "critic_train", "rew_inf", "rm_train")
+DEFAULT_CALLS = {
+    "sft": {"actor_train": "actor"},
+    "rm": {"rm_train": "reward"},
+    "dpo": {"actor_train": "actor", "actor_gen": "actor", "ref_inf": "ref"},
+    "ppo": {"actor_gen": "actor", "actor_train": "actor", "ref_inf": "ref", "critic_inf": "critic",
+            "critic_train": "critic"},
+    "grpo": {"actor_gen": "actor", "actor_train": "actor", "ref_inf": "ref"},
+}
+
+
+def complete_calls(cfg: RunConfig, world: int) -> dict[str, CallSpec]:
+    """The run's calls: the algorithm's defaults (every rank, tp=pp=1) overlaid by the config's."""
+    calls = {name: CallSpec(model=model) for name, model in DEFAULT_CALLS[cfg.algorithm].items()
+             if model in cfg.models}
+    if cfg.algorithm in ("ppo", "grpo", "dpo") and cfg.reward.model:
+        calls["rew_inf"] = CallSpec(model=cfg.reward.model)
+    calls.update(cfg.calls)
+    for name, c in calls.items():
+        ranks = parse_ranks(c.ranks) if c.ranks is not None else list(range(world))
+        dp = c.dp if c.dp is not None else len(ranks) // (c.tp * c.pp)
+        if dp * c.tp * c.pp != len(ranks):
+            raise RunConfigError(f"calls.{name}: {len(ranks)} ranks do not split into tp={c.tp} × "
+                                 f"pp={c.pp} × dp: choose sizes whose product is {len(ranks)}")
+        c.ranks, c.dp = ",".join(map(str, ranks)), dp
+    return calls
+
+
+def model_heads(calls: dict[str, CallSpec]) -> dict[str, str]:
+    heads = {}
+    for name, c in calls.items():
+        heads.setdefault(c.model, "lm")
+        if name in VALUE_CALLS:
+            heads[c.model] = "value"
+    return heads
+
+
+def build_layouts(calls: dict[str, CallSpec], world: int) -> dict[str, ParallelLayout]:
+    """One ParallelLayout per call; calls with equal layouts share the object (and its groups)."""
+    built, out = {}, {}
+    for name in sorted(calls):
+        c = calls[name]
+        key = (c.ranks, c.tp, c.pp, c.dp)
+        if key not in built:
+            try:
+                built[key] = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp,
+                                            world_size=world, name=f"calls.{name}")
+            except LayoutError as e:
+                raise RunConfigError(str(e)) from None
+        out[name] = built[key]
+    return out
+
+
+class ModelRuntime:
+    """One model: its stage in its home layout, and its optimizer when a call trains it."""
+
+    def __init__(self, name: str, spec: ModelSpec, head: str, layout: ParallelLayout, *,
+                 device, seed: int, trains: bool, optim_steps: int | None):
+        self.name, self.spec, self.head, self.layout = name, spec, head, layout
+        self.device, self.seed, self.trains = device, seed, trains
+        self.optim_steps = optim_steps
+        self.stage = None
+        self.trainer = None
+        self.source_dir = None  # the HF directory the weights came from (tokenizer, save)
+
+    def build(self, models: dict[str, "ModelRuntime"]):
+        spec, kw = self.spec, dict(head=self.head, dtype=DTYPES[self.spec.dtype], device=self.device,
+                                   seed=self.seed, sequence_parallel=self.spec.sequence_parallel,
+                                   activation_checkpointing=self.spec.activation_checkpointing)
+        if spec.path is not None:
+            self.stage = build_stage(self.layout, model_dir=spec.path, **kw)
+            self.source_dir = spec.path
+        elif spec.scratch is not None:
+            cfg = config_from_hf_dict({"architectures": ["LlamaForCausalLM"], **spec.scratch})
+            self.stage = build_stage(self.layout, config=cfg, **kw)
+        else:
+            src = models[spec.init_from]
+            if src.stage is None:
+                raise RunConfigError(f"models.{self.name}.init_from={spec.init_from}: list "
+                                     f"{spec.init_from} before {self.name}")
+            self.source_dir = src.source_dir
+            if src.source_dir is not None:
+                self.stage = build_stage(self.layout, model_dir=src.source_dir, **kw)
+            else:
+                self.stage = build_stage(self.layout, config=src.stage.cfg, **kw)
+                copy_weights_(self.stage, src.stage)
+        if self.trains:
+            o = spec.optim
+            self.trainer = Trainer(self.stage, OptimConfig(
+                lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                max_grad_norm=o.max_grad_norm, zero1=o.zero1, warmup_steps=o.warmup_steps,
+                schedule=o.schedule, total_steps=self.optim_steps, min_lr_ratio=o.min_lr_ratio))
+        else:
+            self.stage.requires_grad_(False)
+        return self
+
+    def offload(self):
+        if self.trainer is not None and self.spec.offload_when_idle:
+            self.trainer.opt.offload()
+
+    def reload(self):
+        if self.trainer is not None and self.spec.offload_when_idle:
+            self.trainer.opt.reload()
+
+
+@torch.no_grad()
+def copy_weights_(dst_stage, src_stage):
+    """Copy every parameter the two stages share by name (same layout): a critic or reference
+    made from an in-memory actor. Parameters only ``dst`` has (a new value head) keep their init."""
+    src = {p.shard_spec.name: p for p in src_stage.parameters()}
+    for p in dst_stage.parameters():
+        q = src.get(p.shard_spec.name)
+        if q is not None and q.shape == p.shape:
+            p.copy_(q)
+
+
+def load_model_config(spec: ModelSpec, models: dict[str, ModelSpec]):
+    """The model config a spec resolves to (following init_from), without building anything."""
+    while spec.init_from is not None:
+        spec = models[spec.init_from]
+    if spec.path is not None:
+        return load_config(spec.path)
+    return config_from_hf_dict({"architectures": ["LlamaForCausalLM"], **spec.scratch})
