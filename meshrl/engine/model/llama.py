@@ -223,7 +223,8 @@ class LlamaStage(nn.Module):
         """Scalar value per token [N] (full sequence even under SP)."""
         v = self.score(hidden).squeeze(-1).float()
         if self.sequence_parallel:
-            v = mappings.gather_from_sequence(v, self.layout.tp_group)
+            # every rank computes the same loss from the gathered values: keep own piece of the grad
+            v = mappings.gather_from_sequence(v, self.layout.tp_group, grad_is_partial=False)
         return v
 
     # ---- gradients ------------------------------------------------------------------------------
