@@ -24,6 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG curves from RUN_DIR/metrics.jsonl")
     plot.add_arguments(pl)
     pl.set_defaults(func=plot.run)
+    from meshrl.study import demo, study
+    dm = sub.add_parser("demo", help="the study in miniature on CPU: SFT, then PPO and DPO")
+    demo.add_arguments(dm)
+    dm.set_defaults(func=demo.run)
+    st = sub.add_parser("study", help="SFT/DPO/DPO+SFT/DPO-Iter/PPO and the PPO ablation, over seeds")
+    study.add_arguments(st)
+    st.set_defaults(func=study.run)
     return p
 
 

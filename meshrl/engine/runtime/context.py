@@ -2,6 +2,7 @@
 metrics, checkpoints. The algorithm loops (sft, rm, dpo, ppo, grpo) run on top of it."""
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import sys
@@ -20,6 +21,21 @@ from .metrics import MetricsLogger, progress
 from .models import ModelRuntime, build_layouts, complete_calls, model_heads
 
 TRAIN_CALLS = ("actor_train", "critic_train", "rm_train")
+
+
+def make_verifier(name: str | None, args: dict):
+    """A built-in verifier by name, or any importable one as "package.module:attr" (a callable
+    ``(records, completions) -> scores``, or a class to construct with ``args``)."""
+    if not name:
+        return None
+    if ":" not in name:
+        return get_verifier(name, **args)
+    module, attr = name.split(":", 1)
+    try:
+        obj = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise RunConfigError(f"reward.verifier={name}: cannot import it ({e})") from None
+    return obj(**args) if isinstance(obj, type) else obj
 
 
 class RunContext:
@@ -45,8 +61,7 @@ class RunContext:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = sorted(eos)
-        self.verifier = get_verifier(cfg.reward.verifier, **cfg.reward.verifier_args) \
-            if cfg.reward.verifier else None
+        self.verifier = make_verifier(cfg.reward.verifier, cfg.reward.verifier_args)
         if self.main:
             os.makedirs(cfg.run_dir, exist_ok=True)
         self.barrier()

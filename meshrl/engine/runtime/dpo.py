@@ -57,7 +57,7 @@ class DPO:
 
         total = max(1, D.epochs * (len(data) // D.batch_size))
         return run_loop(ctx, total, step, desc="dpo", eval_fn=self.evaluate,
-                        show=("loss", "accuracy", "margin"))
+                        show=("loss", "rewards_accuracy", "rewards_margin"))
 
     def evaluate(self, step: int) -> dict:
         out = evaluate_pass_rate(self.ctx, "actor_train", step)
