@@ -18,7 +18,7 @@ demo: .installed
 	$(PYTHON) -m meshrl.cli demo
 
 test: .installed
-	$(PYTHON) -m pytest -q -x tests
+	$(PYTHON) -m pytest -q tests
 
 study: .installed
 	$(PYTHON) -m meshrl.cli study

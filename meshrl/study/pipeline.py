@@ -81,9 +81,10 @@ def dpo_cell(data, sft_model, *, seed: int, rounds: int, sft_coef=0.0, lr=2e-5,
 def format_table(rows: list[tuple[str, list[float], list[float]]]) -> str:
     """rows: (name, pass rates over seeds, seconds) -> a markdown table with mean ± std."""
     import statistics as st
-    lines = ["| method | held-out pass rate | seeds | minutes |", "|---|---|---|---|"]
+    many = any(len(v) > 1 for _, v, _ in rows)
+    lines = ["| method | held-out pass rate | seeds | minutes |" if many else
+             "| method | held-out pass rate | minutes |", "|---|---|---|---|" if many else "|---|---|---|"]
     for name, vals, secs in rows:
-        sd = st.pstdev(vals) if len(vals) > 1 else 0.0
-        lines.append(f"| {name} | {st.mean(vals):.3f} ± {sd:.3f} | {len(vals)} | "
-                     f"{sum(secs) / 60:.1f} |")
+        rate = f"{st.mean(vals):.3f} ± {st.pstdev(vals):.3f} | {len(vals)}" if many else f"{vals[0]:.3f}"
+        lines.append(f"| {name} | {rate} | {sum(secs) / 60:.1f} |")
     return "\n".join(lines)

@@ -81,7 +81,7 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, eval_fn=None, show=("loss",
         if cfg.save_every and done % cfg.save_every == 0 and done < total:
             ctx.save(done)
         bar.update(1)
-        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics})
+        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics}, refresh=False)
     bar.close()
     if eval_fn:
         last.update(eval_fn(total))
