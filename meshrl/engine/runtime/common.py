@@ -74,6 +74,7 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, eval_fn=None, show=("loss",
         t0 = time.perf_counter()
         metrics = step_fn(step)
         metrics["step_seconds"] = time.perf_counter() - t0
+        metrics.update(ctx.pop_timings())
         ctx.log(step, metrics)
         done = step + 1
         if eval_fn and cfg.eval_every and done % cfg.eval_every == 0 and done < total:

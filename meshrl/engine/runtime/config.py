@@ -152,6 +152,17 @@ class GRPOSpec:
 
 
 @dataclass(kw_only=True)
+class ClusterSpec:
+    """The machines a run targets: `meshrl plan` sizes layouts against it; the runtime reads
+    ``gpus_per_node`` to tell intra- from inter-node transfers."""
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0
+    intra_node_gbps: float = 3600.0  # NVLink (H100 SXM: 900 GB/s = 7200 Gb/s bidirectional)
+    inter_node_gbps: float = 400.0  # one 400 Gb/s InfiniBand NIC per GPU
+
+
+@dataclass(kw_only=True)
 class LogSpec:
     eval_every: int = 0  # iterations/steps; 0: only at the end
     save_every: int = 0  # 0: only at the end
@@ -176,6 +187,7 @@ class RunConfig:
     ppo: PPOSpec = field(default_factory=PPOSpec)
     grpo: GRPOSpec = field(default_factory=GRPOSpec)
     logging: LogSpec = field(default_factory=LogSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
     save_hf: bool = True  # write the trained models as HF directories under run_dir/hf/
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -2,10 +2,12 @@
 metrics, checkpoints. The algorithm loops (sft, rm, dpo, ppo, grpo) run on top of it."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import random
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -66,6 +68,7 @@ class RunContext:
             os.makedirs(cfg.run_dir, exist_ok=True)
         self.barrier()
         self.host_state: dict = {}
+        self.timings: dict[str, float] = {}
         self.start_step = self._maybe_resume()
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.main, tensorboard=cfg.logging.tensorboard,
                                     resume_step=self.start_step if self.start_step else None)
@@ -148,6 +151,23 @@ class RunContext:
                              "extra.tokenizer=DIR")
 
     # ---- run services ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def timed(self, call: str):
+        """Accumulate this block's wall time (device work included) under ``time/<call>``; the
+        loop logs the sums every step, which is what `meshrl bench` and `meshrl plan` compare."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type != "cpu":
+                torch.accelerator.synchronize()
+            self.timings[call] = self.timings.get(call, 0.0) + time.perf_counter() - t0
+
+    def pop_timings(self) -> dict:
+        out = {f"time/{k}": v for k, v in self.timings.items()}
+        self.timings = {}
+        return out
+
     def barrier(self):
         if dist.is_initialized():
             dist.barrier()

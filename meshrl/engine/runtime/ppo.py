@@ -39,23 +39,30 @@ class PPO:
         batch = global_batch(len(self.prompts), self.P.batch_size, it, cfg.seed)
         local, first = ctx.dp_share([self.prompts[i] for i in batch], "actor_gen")
         params = sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, it)
-        roll = sample(self.actor.stage, [p.prompt_ids for p in local], [p.record for p in local],
-                      first, params, batch_size=cfg.generation.batch_size, device=ctx.device)
-        if ctx.verifier is not None:
-            roll.scores = score_with_verifier(roll, ctx.verifier, ctx.tokenizer, ctx.layout("actor_gen"))
-        else:
-            roll.scores = reward_model_scores(ctx.model("rew_inf").stage, roll,
-                                              ctx.max_tokens("rew_inf"), ctx.sp_pad("rew_inf"))
+        with ctx.timed("actor_gen"):
+            roll = sample(self.actor.stage, [p.prompt_ids for p in local], [p.record for p in local],
+                          first, params, batch_size=cfg.generation.batch_size, device=ctx.device)
+        with ctx.timed("rew_inf"):
+            if ctx.verifier is not None:
+                roll.scores = score_with_verifier(roll, ctx.verifier, ctx.tokenizer,
+                                                  ctx.layout("actor_gen"))
+            else:
+                roll.scores = reward_model_scores(ctx.model("rew_inf").stage, roll,
+                                                  ctx.max_tokens("rew_inf"), ctx.sp_pad("rew_inf"))
         return roll
 
     def advantages(self, roll):
         """Old log-probs (actor), reference log-probs, values; shaped rewards, GAE, normalisation."""
         ctx, P, T = self.ctx, self.P, self.cfg.generation.temperature
         dp_group = ctx.layout("actor_train").dp_group
-        old = logprobs_of(self.actor.stage, roll, T, ctx.max_tokens("actor_train"), ctx.sp_pad("actor_train"))
-        ref = logprobs_of(self.ref.stage, roll, T, ctx.max_tokens("ref_inf"), ctx.sp_pad("ref_inf"))
-        values, last_values = values_of(self.critic.stage, roll, ctx.max_tokens("critic_inf"),
-                                        ctx.sp_pad("critic_inf"))
+        with ctx.timed("actor_inf"):
+            old = logprobs_of(self.actor.stage, roll, T, ctx.max_tokens("actor_train"),
+                              ctx.sp_pad("actor_train"))
+        with ctx.timed("ref_inf"):
+            ref = logprobs_of(self.ref.stage, roll, T, ctx.max_tokens("ref_inf"), ctx.sp_pad("ref_inf"))
+        with ctx.timed("critic_inf"):
+            values, last_values = values_of(self.critic.stage, roll, ctx.max_tokens("critic_inf"),
+                                            ctx.sp_pad("critic_inf"))
         lp, cu = flatten(old)
         rlp, _ = flatten(ref)
         v, _ = flatten(values)
@@ -103,16 +110,19 @@ class PPO:
                 mbs = microbatches(roll, mb_idx, ctx.max_tokens("actor_train"), fields,
                                    ctx.sp_pad("actor_train"))
                 n_tok = global_token_count(mbs, layout, "action_mask")
-                am = self.actor.trainer.step(mbs, ppo_actor_call(n_tok, clip_eps=P.clip_eps,
-                                                                 entropy_coef=P.entropy_coef))
+                with ctx.timed("actor_train"):
+                    am = self.actor.trainer.step(mbs, ppo_actor_call(n_tok, clip_eps=P.clip_eps,
+                                                                     entropy_coef=P.entropy_coef))
                 if P.ema_ref:
-                    L.ema_update_(list(self.ref.stage.parameters()),
-                                  list(self.actor.stage.parameters()), P.ema_alpha)
+                    with ctx.timed("ema_ref"):
+                        L.ema_update_(list(self.ref.stage.parameters()),
+                                      list(self.actor.stage.parameters()), P.ema_alpha)
                 cmbs = microbatches(roll, mb_idx, ctx.max_tokens("critic_train"), fields,
                                     ctx.sp_pad("critic_train"))
-                cm = self.critic.trainer.step(cmbs, ppo_critic_call(
-                    global_token_count(cmbs, ctx.layout("critic_train"), "action_mask"),
-                    value_clip=P.value_clip))
+                with ctx.timed("critic_train"):
+                    cm = self.critic.trainer.step(cmbs, ppo_critic_call(
+                        global_token_count(cmbs, ctx.layout("critic_train"), "action_mask"),
+                        value_clip=P.value_clip))
                 for k, v in {**{f"actor/{k}": v for k, v in am.items()},
                              **{f"critic/{k}": v for k, v in cm.items()}}.items():
                     totals[k] = totals.get(k, 0.0) + v
