@@ -54,7 +54,12 @@ def save(run_dir: str, step: int, models: dict, trainers: dict, host_state: dict
         os.makedirs(tmp, exist_ok=True)
     _barrier()
     dcp.save(_state(models, trainers), checkpoint_id=tmp)
-    host = dict(host_state, step=step, trainer_steps={n: t.steps for n, t in trainers.items()})
+    steps = {n: t.steps for n, t in trainers.items()}
+    if dist.is_initialized():  # rank 0 writes the host state but may hold none of the trainers
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, steps)
+        steps = {k: v for part in parts for k, v in part.items()}
+    host = dict(host_state, step=step, trainer_steps=steps)
     if _rank0():
         with open(os.path.join(tmp, "host_state.json"), "w") as f:
             json.dump(host, f)

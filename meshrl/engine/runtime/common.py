@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from meshrl.engine.data.datasets import load_prompts
 
-from .rollout import sample, sampling_params, score_with_verifier
+from .rollout import sample, sampling_params, score
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -42,19 +42,14 @@ def evaluate_pass_rate(ctx, call: str, step: int) -> dict:
     cfg = ctx.cfg
     if not (cfg.data.eval and ctx.verifier):
         return {}
-    prompts = ctx.eval_prompts if hasattr(ctx, "eval_prompts") else None
-    if prompts is None:
-        prompts = load_prompts(cfg.data.eval, ctx.tokenizer, max_prompt_len=cfg.data.max_prompt_len,
-                               chat_template=cfg.data.chat_template)[:cfg.data.eval_samples]
-        ctx.eval_prompts = prompts
-    model, layout = ctx.model(call), ctx.layout(call)
-    local, first = ctx.dp_share(prompts, call)
+    if getattr(ctx, "eval_prompts", None) is None:
+        ctx.eval_prompts = load_prompts(cfg.data.eval, ctx.tokenizer,
+                                        max_prompt_len=cfg.data.max_prompt_len,
+                                        chat_template=cfg.data.chat_template)[:cfg.data.eval_samples]
     params = sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, 0, greedy=True)
-    roll = sample(model.stage, [p.prompt_ids for p in local], [p.record for p in local], first, params,
-                  batch_size=cfg.generation.batch_size, device=ctx.device)
-    scores = score_with_verifier(roll, ctx.verifier, ctx.tokenizer, layout)
-    out = global_means({"pass_rate": (float(scores.sum()), float(len(scores)))}, layout.dp_group,
-                       ctx.device)
+    roll = sample(ctx, call, ctx.eval_prompts, params)
+    out = {"pass_rate": score(ctx, call, roll).mean().item()}
+    ctx.pop_timings()  # evaluation is not part of the step being timed
     ctx.log(step, out, phase="eval")
     return out
 
@@ -66,7 +61,7 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, eval_fn=None, show=("loss",
     length span the whole run (``total × updates_per_step`` optimizer steps)."""
     cfg = ctx.cfg.logging
     for m in ctx.trained_models().values():
-        if m.trainer.cfg.total_steps is None:
+        if m.trainer is not None and m.trainer.cfg.total_steps is None:
             m.trainer.cfg.total_steps = total * updates_per_step
     bar = ctx.progress(total, desc, initial=ctx.start_step)
     last = {}

@@ -165,6 +165,7 @@ class ClusterSpec:
 @dataclass(kw_only=True)
 class LogSpec:
     eval_every: int = 0  # iterations/steps; 0: only at the end
+    dump_rollouts: int = 0  # write this many sampled sequences per step to run_dir/rollouts/
     save_every: int = 0  # 0: only at the end
     tensorboard: bool = True
     progress: bool = True

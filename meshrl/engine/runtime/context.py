@@ -20,7 +20,8 @@ from meshrl.engine.tasks import get_verifier
 
 from .config import RunConfig, RunConfigError, to_yaml
 from .metrics import MetricsLogger, progress
-from .models import ModelRuntime, build_layouts, complete_calls, model_heads
+from .models import ModelRuntime, build_layouts, complete_calls, load_model_config, model_heads
+from .placement import View, all_gather_objects, blend_into, broadcast_from, is_reporter, share
 
 TRAIN_CALLS = ("actor_train", "critic_train", "rm_train")
 
@@ -49,15 +50,18 @@ class RunContext:
         random.seed(cfg.seed)
         self.calls = complete_calls(cfg, self.world)
         self.layouts = build_layouts(self.calls, self.world)
-        self._check_colocated()
         heads = model_heads(self.calls)
         trained = {self.calls[c].model for c in TRAIN_CALLS if c in self.calls}
         self.models: dict[str, ModelRuntime] = {}
         for name in self._build_order(heads):
-            layout = self.layout_of_model(name)
             self.models[name] = ModelRuntime(
-                name, cfg.models[name], heads[name], layout, device=self.device, seed=cfg.seed,
-                trains=name in trained, optim_steps=(optim_steps or {}).get(name)).build(self.models)
+                name, cfg.models[name], heads[name], self.layout_of_model(name), device=self.device,
+                seed=cfg.seed, trains=name in trained, optim_steps=(optim_steps or {}).get(name),
+                stage_config=load_model_config(cfg.models[name], cfg.models)).build(self.models)
+        self._blend_plans: dict = {}
+        self.views = {call: View(self.model(call), self.layouts[call], node_of=self.node_of)
+                      for call in sorted(self.calls)
+                      if self.layouts[call] is not self.model(call).layout}
         self.tokenizer = self._tokenizer()
         eos = set(self.actor_config().eos_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -69,6 +73,7 @@ class RunContext:
         self.barrier()
         self.host_state: dict = {}
         self.timings: dict[str, float] = {}
+        self.realloc_bytes: dict[str, int] = {}
         self.start_step = self._maybe_resume()
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.main, tensorboard=cfg.logging.tensorboard,
                                     resume_step=self.start_step if self.start_step else None)
@@ -77,20 +82,11 @@ class RunContext:
                 f.write(to_yaml(cfg))
 
     # ---- layout plumbing ------------------------------------------------------------------------
-    def _check_colocated(self):
-        """Calls of one model must share its layout until weights are reallocated between them."""
-        by_model = {}
-        for name, c in self.calls.items():
-            by_model.setdefault(c.model, []).append(name)
-        for model, names in by_model.items():
-            layouts = {id(self.layouts[n]) for n in names}
-            if len(layouts) > 1:
-                raise RunConfigError(f"model {model}: calls {sorted(names)} use different layouts; "
-                                     "give them the same ranks/tp/pp/dp")
-        for name, layout in self.layouts.items():
-            if sorted(layout.ranks) != list(range(self.world)):
-                raise RunConfigError(f"calls.{name}: covers ranks {layout.ranks}, but every call "
-                                     f"must span all {self.world} ranks (colocated models)")
+    def node_of(self, rank: int) -> int:
+        """The node a global rank sits on: torchrun's local world size when launched by it (so a
+        simulated multi-node launch is seen as such), else the cluster's GPUs per node."""
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or self.cfg.cluster.gpus_per_node
+        return rank // per_node
 
     def _build_order(self, heads):
         names = [n for n in self.cfg.models if n in heads]
@@ -113,6 +109,61 @@ class RunContext:
     def model(self, call: str) -> ModelRuntime:
         return self.models[self.calls[call].model]
 
+    def stage(self, call: str):
+        """The stage a call computes with on this rank (home or view); None outside its layout."""
+        view = self.views.get(call)
+        return view.stage if view is not None else self.model(call).stage
+
+    def prepare(self, call: str):
+        """Bring a view call's weights up to date (collective over the world: every rank calls
+        this for the same calls in the same order)."""
+        view = self.views.get(call)
+        if view is None:
+            return
+        with self.timed(f"realloc/{call}"):
+            counts = view.refresh()
+        if counts is not None:
+            self.realloc_bytes[call] = self.realloc_bytes.get(call, 0) + counts["sent"] + counts["local"]
+
+    def run_sharded(self, call: str, items: list, fn, *, reporter_only: bool = False) -> list:
+        """``fn(stage, local_items, first_index) -> list aligned with local_items`` on every member of
+        the call's layout, over its replica's share of ``items``; the replicas' results gathered to
+        every rank in the order of ``items``. ``reporter_only`` runs fn on one rank per replica (host
+        work such as a verifier, which must not run tp·pp times over)."""
+        layout = self.layouts[call]
+        mine = None
+        if layout.is_member:
+            local, first = share(items, layout)
+            if not reporter_only or is_reporter(layout):
+                res = fn(self.stage(call), local, first)
+                if is_reporter(layout):
+                    mine = (first, list(res))
+        out = [None] * len(items)
+        for part in all_gather_objects(mine):
+            if part is not None:
+                first, res = part
+                out[first:first + len(res)] = res
+        return out
+
+    def train_call(self, call: str, items: list, make_batches, loss_fn_of) -> dict:
+        """One optimizer step of the call's model on its replica's share of ``items``:
+        ``make_batches(local) -> microbatches``, ``loss_fn_of(microbatches) -> loss fn``. The global
+        metrics reach every rank."""
+        model, layout = self.model(call), self.layouts[call]
+        metrics = None
+        if layout.is_member:
+            mbs = make_batches(share(items, layout)[0])
+            metrics = model.step(mbs, loss_fn_of(mbs))
+        else:
+            model.version += 1
+        return broadcast_from(metrics, layout.ranks[0])
+
+    def blend(self, dst: str, src: str, alpha: float | None):
+        """dst model ← α·dst + (1−α)·src (EMA), or a copy when alpha is None."""
+        blend_into(self.models[dst], self.models[src], self._blend_plans, alpha=alpha,
+                   node_of=self.node_of)
+        self.models[dst].version += 1
+
     def has(self, call: str) -> bool:
         return call in self.calls
 
@@ -123,19 +174,12 @@ class RunContext:
         return self.calls[call].microbatch_tokens
 
     def sp_pad(self, call: str) -> int:
-        m = self.model(call)
-        return m.layout.tp_size if m.stage.sequence_parallel else 1
-
-    def dp_share(self, items: list, call: str) -> tuple[list, int]:
-        """This replica's contiguous share of a global list and the global index of its first item."""
-        layout = self.layouts[call]
-        n, d, r = len(items), layout.dp_size, layout.dp_rank
-        lo, hi = r * n // d, (r + 1) * n // d
-        return items[lo:hi], lo
+        m, layout = self.model(call), self.layouts[call]
+        return layout.tp_size if m.spec.sequence_parallel and layout.tp_size > 1 else 1
 
     def actor_config(self):
         name = "actor" if "actor" in self.models else next(iter(self.models))
-        return self.models[name].stage.cfg
+        return self.models[name].stage_config
 
     def _tokenizer(self):
         for m in self.models.values():
@@ -184,12 +228,16 @@ class RunContext:
         self.logger.log(step, metrics, phase=phase)
 
     def trained_models(self) -> dict:
-        return {n: m for n, m in self.models.items() if m.trainer is not None}
+        """Models with an optimizer (on every rank, whether or not it holds them)."""
+        return {n: m for n, m in self.models.items() if m.trains}
+
+    def _held(self):
+        models = {n: m.stage for n, m in self.models.items() if m.stage is not None}
+        trainers = {n: m.trainer for n, m in self.models.items() if m.trainer is not None}
+        return models, trainers
 
     def save(self, step: int):
-        models = {n: m.stage for n, m in self.models.items()}
-        trainers = {n: m.trainer for n, m in self.trained_models().items()}
-        checkpoint.save(self.cfg.run_dir, step, models, trainers, self.host_state)
+        checkpoint.save(self.cfg.run_dir, step, *self._held(), self.host_state)
 
     def _maybe_resume(self) -> int:
         if not self.cfg.resume:
@@ -197,9 +245,9 @@ class RunContext:
         ckpt = checkpoint.latest(self.cfg.run_dir)
         if ckpt is None:
             return 0
-        models = {n: m.stage for n, m in self.models.items()}
-        trainers = {n: m.trainer for n, m in self.trained_models().items()}
-        self.host_state = checkpoint.load(ckpt, models, trainers)
+        self.host_state = checkpoint.load(ckpt, *self._held())
+        for m in self.models.values():
+            m.version += 1  # views refill from the restored weights
         if self.main:
             print(f"resumed from {ckpt}")
         return int(self.host_state["step"])
@@ -209,7 +257,9 @@ class RunContext:
         tok_dir = next((m.source_dir for m in self.models.values() if m.source_dir), None)
         tok_dir = tok_dir or self.cfg.extra.get("tokenizer")
         for name, m in self.trained_models().items():
-            save_hf(m.stage, os.path.join(self.cfg.run_dir, "hf", name), tokenizer_dir=tok_dir)
+            if m.stage is not None:
+                save_hf(m.stage, os.path.join(self.cfg.run_dir, "hf", name), tokenizer_dir=tok_dir)
+        self.barrier()
 
     def close(self):
         self.logger.close()

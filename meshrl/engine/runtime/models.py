@@ -70,36 +70,43 @@ def build_layouts(calls: dict[str, CallSpec], world: int) -> dict[str, ParallelL
 
 
 class ModelRuntime:
-    """One model: its stage in its home layout, and its optimizer when a call trains it."""
+    """One model: its stage in its home layout (None on ranks outside it), its optimizer when a
+    call trains it, and a version that counts weight updates (views refill when it moves)."""
 
     def __init__(self, name: str, spec: ModelSpec, head: str, layout: ParallelLayout, *,
-                 device, seed: int, trains: bool, optim_steps: int | None):
+                 device, seed: int, trains: bool, optim_steps: int | None, stage_config):
         self.name, self.spec, self.head, self.layout = name, spec, head, layout
         self.device, self.seed, self.trains = device, seed, trains
         self.optim_steps = optim_steps
+        self.stage_config = stage_config
+        self.dtype = DTYPES[spec.dtype]
         self.stage = None
         self.trainer = None
-        self.source_dir = None  # the HF directory the weights came from (tokenizer, save)
+        self.version = 0
+        self.source_dir = _source_dir(spec)  # the HF directory the weights came from
 
     def build(self, models: dict[str, "ModelRuntime"]):
+        if self.spec.init_from is not None:
+            self.source_dir = models[self.spec.init_from].source_dir
+        if not self.layout.is_member:
+            return self
         spec, kw = self.spec, dict(head=self.head, dtype=DTYPES[self.spec.dtype], device=self.device,
                                    seed=self.seed, sequence_parallel=self.spec.sequence_parallel,
                                    activation_checkpointing=self.spec.activation_checkpointing)
         if spec.path is not None:
             self.stage = build_stage(self.layout, model_dir=spec.path, **kw)
-            self.source_dir = spec.path
         elif spec.scratch is not None:
             cfg = config_from_hf_dict({"architectures": ["LlamaForCausalLM"], **spec.scratch})
             self.stage = build_stage(self.layout, config=cfg, **kw)
         else:
             src = models[spec.init_from]
-            if src.stage is None:
-                raise RunConfigError(f"models.{self.name}.init_from={spec.init_from}: list "
-                                     f"{spec.init_from} before {self.name}")
-            self.source_dir = src.source_dir
             if src.source_dir is not None:
                 self.stage = build_stage(self.layout, model_dir=src.source_dir, **kw)
             else:
+                if src.layout is not self.layout:
+                    raise RunConfigError(f"models.{self.name}.init_from={spec.init_from}: a model "
+                                         "initialised from scratch can seed another only in the "
+                                         "same layout; save it first or give it the same layout")
                 self.stage = build_stage(self.layout, config=src.stage.cfg, **kw)
                 copy_weights_(self.stage, src.stage)
         if self.trains:
@@ -112,6 +119,11 @@ class ModelRuntime:
             self.stage.requires_grad_(False)
         return self
 
+    def step(self, microbatches, loss_fn) -> dict:
+        """One optimizer step (members of the home layout); bumps the weight version."""
+        self.version += 1
+        return self.trainer.step(microbatches, loss_fn)
+
     def offload(self):
         if self.trainer is not None and self.spec.offload_when_idle:
             self.trainer.opt.offload()
@@ -119,6 +131,10 @@ class ModelRuntime:
     def reload(self):
         if self.trainer is not None and self.spec.offload_when_idle:
             self.trainer.opt.reload()
+
+
+def _source_dir(spec: ModelSpec) -> str | None:
+    return spec.path
 
 
 @torch.no_grad()

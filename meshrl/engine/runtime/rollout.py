@@ -1,11 +1,12 @@
-"""Rollouts: sample responses for this data-parallel replica's prompts, score them, and pack
-prompt+response sequences with per-position fields for the inference and training calls."""
+"""Rollouts: sample responses, score them, and run inference calls over them — each call on its own
+layout's data-parallel shares (``RunContext.run_sharded``), the results gathered to every rank in
+the global order, so any call can consume any other call's output."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from meshrl.engine.algorithms.calls import logprobs_call, scores_call, values_call
 from meshrl.engine.batch import PackedBatch, pack, split_by_tokens
@@ -17,13 +18,12 @@ from meshrl.engine.train import infer
 
 @dataclass
 class Rollout:
-    """B sampled sequences of one replica; ``prompt_index`` is each one's global prompt index."""
+    """The global batch of sampled sequences, identical on every rank."""
 
     prompts: list[list[int]]
     responses: list[list[int]]
     gen_logprobs: list[list[float]]
     finish: list[str]
-    prompt_index: list[int]
     records: list[dict]
     scores: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
@@ -35,52 +35,73 @@ class Rollout:
     def ended(self) -> torch.Tensor:
         return torch.tensor([f != "length" for f in self.finish])
 
-    def sequences(self) -> list[list[int]]:
-        return [p + r for p, r in zip(self.prompts, self.responses)]
 
-    def subset(self, idx: list[int]) -> "Rollout":
-        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
-        out = Rollout(pick(self.prompts), pick(self.responses), pick(self.gen_logprobs),
-                      pick(self.finish), pick(self.prompt_index), pick(self.records))
-        if self.scores is not None:
-            out.scores = self.scores[idx]
-        out.extra = {k: [v[i] for i in idx] for k, v in self.extra.items()}
-        return out
+def sampling_params(gen_cfg, eos_ids, seed: int, iteration: int, *, greedy=False) -> SamplingParams:
+    """Each iteration draws fresh noise: the seed mixes the run seed and the iteration."""
+    return SamplingParams(max_new_tokens=gen_cfg.max_new_tokens,
+                          min_new_tokens=gen_cfg.min_new_tokens, greedy=greedy,
+                          temperature=gen_cfg.temperature, top_k=gen_cfg.top_k,
+                          top_p=gen_cfg.top_p, eos_ids=list(eos_ids),
+                          seed=(seed * 1_000_003 + iteration * 7919) % (2**31 - 1))
 
 
-def sample(stage, prompts: list[list[int]], records: list[dict], first_index: int,
-           params: SamplingParams, *, samples_per_prompt: int = 1, batch_size: int = 256,
-           device=None) -> Rollout:
-    """Generate ``samples_per_prompt`` responses per prompt (copies adjacent). Sequence ids for the
-    sampling noise are global (prompt index × samples + copy), so the draw is layout-independent."""
-    k = samples_per_prompt
-    flat = [p for p in prompts for _ in range(k)]
-    out_ids, out_logp, finish = [], [], []
-    for b in range(0, len(flat), batch_size):
-        r = generate(stage, flat[b:b + batch_size], params, seq_offset=first_index * k + b,
-                     device=device)
-        out_ids += r.output_ids
-        out_logp += r.logprobs
-        finish += r.finish_reason
-    idx = [first_index + i for i in range(len(prompts)) for _ in range(k)]
-    recs = [records[i] for i in range(len(prompts)) for _ in range(k)]
-    return Rollout(flat, out_ids, out_logp, finish, idx, recs)
+def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1) -> Rollout:
+    """``k`` responses per prompt (copies adjacent) from the call's model. Sequence ids for the
+    sampling noise are global (prompt index × k + copy), so the draw does not depend on layouts."""
+    ctx.prepare(call)
+    batch = ctx.cfg.generation.batch_size
+
+    def fn(stage, local, first):
+        flat = [p.prompt_ids for p in local for _ in range(k)]
+        out = []
+        for b in range(0, len(flat), batch):
+            r = generate(stage, flat[b:b + batch], params, seq_offset=first * k + b,
+                         device=ctx.device)
+            out += list(zip(r.output_ids, r.logprobs, r.finish_reason))
+        return [out[i * k:(i + 1) * k] for i in range(len(local))]
+
+    with ctx.timed(call):
+        per_prompt = ctx.run_sharded(call, prompts, fn)
+    samples = [s for group in per_prompt for s in group]
+    return Rollout([p.prompt_ids for p in prompts for _ in range(k)], [s[0] for s in samples],
+                   [s[1] for s in samples], [s[2] for s in samples],
+                   [p.record for p in prompts for _ in range(k)])
 
 
-def score_with_verifier(rollout: Rollout, verifier, tokenizer, layout) -> torch.Tensor:
-    """Scores [B] from a verifier, computed once per model replica (its first rank) and shared:
-    a code verifier runs sandboxes, which must not run tp·pp times over."""
-    scores = None
-    if layout.tp_rank == 0 and layout.pp_rank == 0:
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in rollout.responses]
-        scores = [float(s) for s in verifier(rollout.records, texts)]
-    if layout.mp_group is not None:
-        box = [scores]
-        dist.broadcast_object_list(box, src=layout.rank_at(tp=0, dp=layout.dp_rank, pp=0),
-                                   group=layout.mp_group)
-        scores = box[0]
+def dump(ctx, step: int, roll: Rollout):
+    """Rank 0 writes the first ``logging.dump_rollouts`` samples of a step (ids, text, score)."""
+    n = ctx.cfg.logging.dump_rollouts
+    if not n or not ctx.main:
+        return
+    from meshrl.engine.data.jsonl import write_jsonl
+    rows = [{"prompt_ids": roll.prompts[i], "output_ids": roll.responses[i],
+             "completion": ctx.tokenizer.decode(roll.responses[i], skip_special_tokens=True),
+             "finish_reason": roll.finish[i],
+             "score": None if roll.scores is None else float(roll.scores[i])}
+            for i in range(min(n, len(roll)))]
+    write_jsonl(os.path.join(ctx.cfg.run_dir, "rollouts", f"step_{step}.jsonl"), rows)
+
+
+def score(ctx, call: str, roll: Rollout) -> torch.Tensor:
+    """Scores [B] from the verifier (host work, on the call's replicas) or the reward model."""
+    idx = list(range(len(roll)))
+    with ctx.timed("rew_inf"):
+        if ctx.verifier is not None:
+            def fn(stage, local, first):
+                texts = [ctx.tokenizer.decode(roll.responses[i], skip_special_tokens=True) for i in local]
+                return [float(s) for s in ctx.verifier([roll.records[i] for i in local], texts)]
+            scores = ctx.run_sharded(call, idx, fn, reporter_only=True)
+        else:
+            ctx.prepare("rew_inf")
+            mt, pad = ctx.max_tokens("rew_inf"), ctx.sp_pad("rew_inf")
+
+            def fn(stage, local, first):
+                mbs = microbatches(roll, local, mt, pad_to_multiple=pad)
+                outs = infer(stage, mbs, scores_call())
+                return torch.cat([o[mb.seqs["real"].bool()] for o, mb in zip(outs, mbs)]).tolist()
+            scores = ctx.run_sharded("rew_inf", idx, fn)
     out = torch.tensor(scores, dtype=torch.float32)
-    check_scores(out, "verifier")
+    check_scores(out, "verifier" if ctx.verifier is not None else "reward model")
     return out
 
 
@@ -91,71 +112,61 @@ def check_scores(scores: torch.Tensor, where: str):
                         "source produced a non-finite value")
 
 
-def pack_rollout(rollout: Rollout, idx: list[int], token_fields: dict | None = None,
+def pack_rollout(roll: Rollout, idx: list[int], token_fields: dict | None = None,
                  pad_to_multiple: int = 1) -> PackedBatch:
     """Pack the chosen sequences; ``action_mask`` marks the positions that score response tokens.
-    ``token_fields`` are per-sequence lists of per-action values (length = response length)."""
-    seqs = [rollout.prompts[i] + rollout.responses[i] for i in idx]
-    loss_from = [len(rollout.prompts[i]) - 1 for i in idx]
-    fields = {}
-    for name, per_seq in (token_fields or {}).items():
-        fields[name] = [[0.0] * (len(rollout.prompts[i]) - 1) + list(per_seq[i]) + [0.0] for i in idx]
+    ``token_fields`` map to per-sequence lists (indexed like ``roll``) of per-action values."""
+    seqs = [roll.prompts[i] + roll.responses[i] for i in idx]
+    loss_from = [len(roll.prompts[i]) - 1 for i in idx]
+    fields = {name: [[0.0] * (len(roll.prompts[i]) - 1) + list(per_seq[i]) + [0.0] for i in idx]
+              for name, per_seq in (token_fields or {}).items()}
     mb = pack(seqs, loss_from=loss_from, token_fields=fields, pad_to_multiple=pad_to_multiple)
     mb.tokens["action_mask"] = mb.tokens["loss_mask"]
     return mb
 
 
-def microbatches(rollout: Rollout, idx: list[int], max_tokens: int, token_fields=None,
+def microbatches(roll: Rollout, idx: list[int], max_tokens: int, token_fields=None,
                  pad_to_multiple: int = 1) -> list[PackedBatch]:
-    lengths = [len(rollout.prompts[i]) + len(rollout.responses[i]) for i in idx]
-    return [pack_rollout(rollout, [idx[j] for j in group], token_fields, pad_to_multiple)
+    lengths = [len(roll.prompts[i]) + len(roll.responses[i]) for i in idx]
+    return [pack_rollout(roll, [idx[j] for j in group], token_fields, pad_to_multiple)
             for group in split_by_tokens(lengths, max_tokens)]
 
 
-def per_action(rollout: Rollout, idx: list[int], flat_outputs: list[torch.Tensor],
-               mbs: list[PackedBatch]) -> list[list[float]]:
-    """Cut per-position outputs of ``microbatches`` back into each sequence's action values."""
-    out = []
-    j = 0
-    for mb, vals in zip(mbs, flat_outputs):
-        starts = mb.meta.cu_seqlens[:-1].tolist()
-        for s in starts[:int(mb.seqs["real"].sum())]:
-            i = idx[j]
-            p, r = len(rollout.prompts[i]), len(rollout.responses[i])
-            out.append(vals[s + p - 1:s + p - 1 + r].tolist())
-            j += 1
-    return out
-
-
-def action_values(stage, rollout: Rollout, fn, max_tokens: int, pad: int = 1):
-    """Run an inference call on every sequence; return per-action lists (and raw outputs)."""
-    idx = list(range(len(rollout)))
-    mbs = microbatches(rollout, idx, max_tokens, pad_to_multiple=pad)
-    outs = infer(stage, mbs, fn)
-    return per_action(rollout, idx, outs, mbs), outs, mbs
-
-
-def logprobs_of(stage, rollout, temperature, max_tokens, pad=1):
-    return action_values(stage, rollout, logprobs_call(temperature), max_tokens, pad)[0]
-
-
-def values_of(stage, rollout, max_tokens, pad=1):
-    """Per-action values and each sequence's value after its last token (for bootstrapping)."""
-    per, outs, mbs = action_values(stage, rollout, values_call(), max_tokens, pad)
-    last = []
+def _cut_actions(roll, idx, mbs, outs, *, with_last=False):
+    """Per-position outputs back into each sequence's action values (and its last-token value)."""
+    res, j = [], 0
     for mb, vals in zip(mbs, outs):
-        ends = (mb.meta.cu_seqlens[1:] - 1).tolist()[:int(mb.seqs["real"].sum())]
-        last += [float(vals[e]) for e in ends]
-    return per, torch.tensor(last)
+        cu = mb.meta.cu_seqlens.tolist()
+        for b in range(int(mb.seqs["real"].sum())):
+            i = idx[j]
+            p, r = len(roll.prompts[i]), len(roll.responses[i])
+            acts = vals[cu[b] + p - 1:cu[b] + p - 1 + r].tolist()
+            res.append((acts, float(vals[cu[b + 1] - 1])) if with_last else acts)
+            j += 1
+    return res
 
 
-def reward_model_scores(stage, rollout, max_tokens, pad=1) -> torch.Tensor:
-    idx = list(range(len(rollout)))
-    mbs = microbatches(rollout, idx, max_tokens, pad_to_multiple=pad)
-    outs = infer(stage, mbs, scores_call())
-    scores = torch.cat([o[:int(mb.seqs["real"].sum())] for o, mb in zip(outs, mbs)]).float()
-    check_scores(scores, "reward model")
-    return scores
+def per_action(ctx, call: str, roll: Rollout, fn_call, *, with_last=False, timer=None) -> list:
+    """An inference call over every sequence: per-sequence lists of per-action outputs."""
+    ctx.prepare(call)
+    mt, pad = ctx.max_tokens(call), ctx.sp_pad(call)
+
+    def fn(stage, local, first):
+        mbs = microbatches(roll, local, mt, pad_to_multiple=pad)
+        return _cut_actions(roll, local, mbs, infer(stage, mbs, fn_call), with_last=with_last)
+
+    with ctx.timed(timer or call):
+        return ctx.run_sharded(call, list(range(len(roll))), fn)
+
+
+def logprobs_of(ctx, call: str, roll: Rollout, temperature: float, timer=None) -> list[list[float]]:
+    return per_action(ctx, call, roll, logprobs_call(temperature), timer=timer)
+
+
+def values_of(ctx, call: str, roll: Rollout) -> tuple[list[list[float]], torch.Tensor]:
+    """Per-action values and each sequence's value after its last token (for bootstrapping)."""
+    out = per_action(ctx, call, roll, values_call(), with_last=True)
+    return [o[0] for o in out], torch.tensor([o[1] for o in out])
 
 
 def flatten(per_seq: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,13 +180,3 @@ def flatten(per_seq: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
 def unflatten(flat: torch.Tensor, cu: torch.Tensor) -> list[list[float]]:
     c = cu.tolist()
     return [flat[c[i]:c[i + 1]].tolist() for i in range(len(c) - 1)]
-
-
-def sampling_params(gen_cfg, eos_ids, seed: int, iteration: int, *, greedy=False) -> SamplingParams:
-    """Each iteration draws fresh noise: the seed mixes the run seed and the iteration."""
-    return SamplingParams(max_new_tokens=gen_cfg.max_new_tokens,
-                          min_new_tokens=gen_cfg.min_new_tokens, greedy=greedy,
-                          temperature=gen_cfg.temperature, top_k=gen_cfg.top_k,
-                          top_p=gen_cfg.top_p, eos_ids=list(eos_ids),
-                          seed=(seed * 1_000_003 + iteration * 7919) % (2**31 - 1))
-

@@ -1,15 +1,15 @@
 """SFT and reward-model training: fixed datasets, one optimizer step per global batch."""
 from __future__ import annotations
 
-import torch
-
 from meshrl.engine.algorithms.calls import reward_model_call, scores_call, sft_call
+from meshrl.engine.algorithms.losses import sequence_logps
 from meshrl.engine.batch import pack, split_by_tokens
 from meshrl.engine.data.datasets import load_sft
 from meshrl.engine.data.preference import load_pairs
-from meshrl.engine.train import global_sum, global_token_count, infer
+from meshrl.engine.train import global_token_count, infer
+from meshrl.engine.algorithms.calls import logprobs_call
 
-from .common import evaluate_pass_rate, global_batch, global_means, run_loop
+from .common import evaluate_pass_rate, global_batch, run_loop
 
 
 def sft_microbatches(examples, max_tokens: int, pad: int = 1):
@@ -19,21 +19,48 @@ def sft_microbatches(examples, max_tokens: int, pad: int = 1):
                  pad_to_multiple=pad) for g in groups]
 
 
-def pair_microbatches(pairs, max_tokens: int, pad: int = 1, chosen_field: bool = False):
-    """Pairs packed chosen, rejected, chosen, … never split across microbatches."""
+def pair_microbatches(pairs, max_tokens: int, pad: int = 1, *, ref_logps=None):
+    """Pairs packed chosen, rejected, chosen, … never split across microbatches. ``ref_logps``
+    (per pair: per-position log-probs of its chosen and rejected sequences) rides along as a token
+    field, with an ``is_chosen`` field for the DPO+SFT term."""
     lengths = [2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     out = []
     for g in split_by_tokens(lengths, max_tokens):
-        seqs, loss_from, is_chosen = [], [], []
+        seqs, loss_from, is_chosen, ref = [], [], [], []
         for i in g:
             p = pairs[i]
-            for resp, flag in ((p.chosen_ids, 1.0), (p.rejected_ids, 0.0)):
+            for k, (resp, flag) in enumerate(((p.chosen_ids, 1.0), (p.rejected_ids, 0.0))):
                 seqs.append(p.prompt_ids + resp)
                 loss_from.append(len(p.prompt_ids) - 1)
                 is_chosen.append([flag] * len(seqs[-1]))
-        fields = {"is_chosen": is_chosen} if chosen_field else None
+                if ref_logps is not None:
+                    ref.append(ref_logps[i][k])
+        fields = {"is_chosen": is_chosen, **({"ref_logp": ref} if ref_logps is not None else {})}
         out.append(pack(seqs, loss_from=loss_from, token_fields=fields, pad_to_multiple=pad))
     return out
+
+
+def _real_seqs(mbs, outs):
+    """Per-sequence slices of per-position outputs, real sequences only, in packing order."""
+    res = []
+    for mb, vals in zip(mbs, outs):
+        cu = mb.meta.cu_seqlens.tolist()
+        res += [vals[cu[b]:cu[b + 1]] for b in range(int(mb.seqs["real"].sum()))]
+    return res
+
+
+def pair_position_logps(ctx, call: str, pairs) -> list:
+    """Per pair: (chosen, rejected) per-position log-probs under the call's model."""
+    ctx.prepare(call)
+    mt, pad = ctx.max_tokens(call), ctx.sp_pad(call)
+
+    def fn(stage, local, first):
+        mbs = pair_microbatches(local, mt, pad)
+        seqs = [s.tolist() for s in _real_seqs(mbs, infer(stage, mbs, logprobs_call()))]
+        return [(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(local))]
+
+    with ctx.timed(call):
+        return ctx.run_sharded(call, pairs, fn)
 
 
 def _steps(n: int, batch_size: int, epochs: int, steps: int | None) -> int:
@@ -41,28 +68,33 @@ def _steps(n: int, batch_size: int, epochs: int, steps: int | None) -> int:
 
 
 def run_sft(ctx) -> dict:
-    cfg, S = ctx.cfg, ctx.cfg.sft
-    d = cfg.data
+    cfg, S, d = ctx.cfg, ctx.cfg.sft, ctx.cfg.data
     data = load_sft(d.train, ctx.tokenizer, max_len=d.max_len, chat_template=d.chat_template,
                     format=d.format)
-    actor, layout = ctx.model("actor_train"), ctx.layout("actor_train")
+    mt, pad = ctx.max_tokens("actor_train"), ctx.sp_pad("actor_train")
+    layout = ctx.layout("actor_train")
 
     def step(s):
-        local, _ = ctx.dp_share([data[i] for i in global_batch(len(data), S.batch_size, s, cfg.seed)],
-                                "actor_train")
-        mbs = sft_microbatches(local, ctx.max_tokens("actor_train"), ctx.sp_pad("actor_train"))
-        return actor.trainer.step(mbs, sft_call(global_token_count(mbs, layout)))
+        batch = [data[i] for i in global_batch(len(data), S.batch_size, s, cfg.seed)]
+        with ctx.timed("actor_train"):
+            return ctx.train_call("actor_train", batch, lambda local: sft_microbatches(local, mt, pad),
+                                  lambda mbs: sft_call(global_token_count(mbs, layout)))
 
     def evaluate(s):
         out = evaluate_pass_rate(ctx, "actor_train", s)
         if d.eval and not ctx.verifier:
             ev = load_sft(d.eval, ctx.tokenizer, max_len=d.max_len, chat_template=d.chat_template,
                           format=d.format)[:d.eval_samples]
-            local, _ = ctx.dp_share(ev, "actor_train")
-            mbs = sft_microbatches(local, ctx.max_tokens("actor_train"), ctx.sp_pad("actor_train"))
-            n = global_token_count(mbs, layout)
-            res = infer(actor.stage, mbs, lambda st, h, mb: sft_call(n)(st, h, mb)[0].detach())
-            out = {"loss": global_sum(float(sum(res)), layout.dp_group)}
+
+            def fn(stage, local, first):
+                mbs = sft_microbatches(local, mt, pad)
+                outs = infer(stage, mbs, logprobs_call())
+                return [(-float(sequence_logps(lp, mb.meta.cu_seqlens, mb.tokens["loss_mask"].bool())
+                                [b]), float(mb.tokens["loss_mask"][mb.meta.cu_seqlens[b]:
+                                                                  mb.meta.cu_seqlens[b + 1]].sum()))
+                        for lp, mb in zip(outs, mbs) for b in range(int(mb.seqs["real"].sum()))]
+            res = ctx.run_sharded("actor_train", ev, fn)
+            out = {"loss": sum(r[0] for r in res) / max(1.0, sum(r[1] for r in res))}
             ctx.log(s, out, phase="eval")
         return out
 
@@ -77,33 +109,36 @@ def _load_pairs(ctx, path):
                       safety_filter=d.safety_filter)
 
 
-def pair_scores(ctx, call: str, pairs) -> torch.Tensor:
-    """Reward-model scores [P, 2] (chosen, rejected) of this replica's pairs."""
-    mbs = pair_microbatches(pairs, ctx.max_tokens(call), ctx.sp_pad(call))
-    outs = infer(ctx.model(call).stage, mbs, scores_call())
-    s = torch.cat([o[mb.seqs["real"].bool()] for o, mb in zip(outs, mbs)]).float()
-    return s.view(-1, 2)
+def pair_scores(ctx, call: str, pairs) -> list:
+    """Reward-model (chosen, rejected) scores per pair."""
+    mt, pad = ctx.max_tokens(call), ctx.sp_pad(call)
+
+    def fn(stage, local, first):
+        mbs = pair_microbatches(local, mt, pad)
+        outs = infer(stage, mbs, scores_call())
+        s = [v for o, mb in zip(outs, mbs) for v in o[mb.seqs["real"].bool()].tolist()]
+        return [(s[2 * i], s[2 * i + 1]) for i in range(len(local))]
+
+    return ctx.run_sharded(call, pairs, fn)
 
 
 def run_rm(ctx) -> dict:
     cfg, R = ctx.cfg, ctx.cfg.rm
     data = _load_pairs(ctx, cfg.data.train)
-    rm, layout = ctx.model("rm_train"), ctx.layout("rm_train")
+    mt, pad = ctx.max_tokens("rm_train"), ctx.sp_pad("rm_train")
 
     def step(s):
         batch = [data[i] for i in global_batch(len(data), R.batch_size, s, cfg.seed)]
-        local, _ = ctx.dp_share(batch, "rm_train")
-        mbs = pair_microbatches(local, ctx.max_tokens("rm_train"), ctx.sp_pad("rm_train"))
-        return rm.trainer.step(mbs, reward_model_call(float(len(batch))))
+        with ctx.timed("rm_train"):
+            return ctx.train_call("rm_train", batch, lambda local: pair_microbatches(local, mt, pad),
+                                  lambda mbs: reward_model_call(float(len(batch))))
 
     def evaluate(s):
         if not cfg.data.eval:
             return {}
-        local, _ = ctx.dp_share(_load_pairs(ctx, cfg.data.eval)[:cfg.data.eval_samples], "rm_train")
-        sc = pair_scores(ctx, "rm_train", local)
-        out = global_means({"accuracy": (float((sc[:, 0] > sc[:, 1]).sum()), float(len(sc))),
-                            "margin": (float((sc[:, 0] - sc[:, 1]).sum()), float(len(sc)))},
-                           layout.dp_group, ctx.device)
+        sc = pair_scores(ctx, "rm_train", _load_pairs(ctx, cfg.data.eval)[:cfg.data.eval_samples])
+        out = {"accuracy": sum(c > r for c, r in sc) / len(sc),
+               "margin": sum(c - r for c, r in sc) / len(sc)}
         ctx.log(s, out, phase="eval")
         return out
 
