@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import os
 import random
 import sys
@@ -80,6 +81,24 @@ class RunContext:
         if self.main:
             with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
+            self._report_placement()
+
+    def _report_placement(self):
+        """Where each call runs and what reallocating each view moves (also in placement.json)."""
+        report = {"calls": {n: {"model": c.model, "ranks": self.layouts[n].ranks, "tp": c.tp,
+                                "pp": c.pp, "dp": c.dp} for n, c in self.calls.items()},
+                  "reallocation": {}}
+        for call, view in self.views.items():
+            st = view.plan.stats()
+            keep = ("remote_bytes", "local_bytes", "cross_node_bytes", "senders", "sender_max_bytes",
+                    "sender_min_bytes", "recv_over_min_max")
+            report["reallocation"][call] = {k: st[k] for k in keep}
+            print(f"realloc {self.model(call).name} home -> {call}: "
+                  f"{st['remote_bytes'] / 2**20:.2f} MiB remote ({st['cross_node_bytes'] / 2**20:.2f} "
+                  f"MiB across nodes), {st['local_bytes'] / 2**20:.2f} MiB local copies, "
+                  f"{st['senders']} senders, max/min {st['sender_max_over_min']:.2f}")
+        with open(os.path.join(self.cfg.run_dir, "placement.json"), "w") as f:
+            json.dump(report, f, indent=1)
 
     # ---- layout plumbing ------------------------------------------------------------------------
     def node_of(self, rank: int) -> int:
