@@ -165,7 +165,7 @@ def bench_linear(m: Meter, n: int, h: int, v: int, tflops: float, checks: list) 
     mesh_out = linear_token_logprobs(hx, wx, labels, return_entropy=True)
     base_bwd = m.time(lambda: torch.autograd.grad(base_out, (hx, wx), up, retain_graph=True))
     mesh_bwd = m.time(lambda: torch.autograd.grad(mesh_out, (hx, wx), up, retain_graph=True))
-    rows.append(row(f"  backward of hidden->logprob+entropy", base_bwd, mesh_bwd, 3 * floor, None,
+    rows.append(row("  backward of hidden->logprob+entropy", base_bwd, mesh_bwd, 3 * floor, None,
                     m.peak_extra(lambda: torch.autograd.grad(mesh_out, (hx, wx), up, retain_graph=True))))
     for i, what in enumerate(("logprob", "entropy")):
         checks.append(check(f"linear {what}", mesh_out[i], base_out[i], atol=5e-2))

@@ -5,7 +5,6 @@ import zlib
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from meshrl.parallel import mappings
 from meshrl.parallel.layout import ParallelLayout

@@ -1,7 +1,6 @@
 """Pipeline schedules on gloo: 1F1B and forward-only against one process running the whole model."""
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from meshrl.parallel.data_parallel import DistributedOptimizer

@@ -25,7 +25,6 @@ import zlib
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from meshrl.parallel import layers as L
