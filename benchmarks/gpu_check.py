@@ -19,7 +19,8 @@ from meshrl.engine.batch import pack  # noqa: E402
 from meshrl.engine.generate import generate, stage_pass  # noqa: E402
 from meshrl.engine.model import PackedMeta, build_stage  # noqa: E402
 from meshrl.engine.sampling import SamplingParams  # noqa: E402
-from meshrl.engine.train import OptimConfig, Trainer, global_token_count, sft_loss  # noqa: E402
+from meshrl.engine.algorithms.calls import sft_call
+from meshrl.engine.train import OptimConfig, Trainer, global_token_count  # noqa: E402
 from meshrl.parallel.layout import ParallelLayout  # noqa: E402
 from meshrl.testing.tiny_models import make_tiny_hf  # noqa: E402
 
@@ -68,7 +69,7 @@ def train_step_vs_cpu(path, device):
         g = torch.Generator().manual_seed(1)
         mbs = [pack([torch.randint(3, 101, (n,), generator=g).tolist() for n in (7, 12, 30)]),
                pack([torch.randint(3, 101, (n,), generator=g).tolist() for n in (5, 9)])]
-        m = trainer.step(mbs, sft_loss(global_token_count(mbs, stage.layout)))
+        m = trainer.step(mbs, sft_call(global_token_count(mbs, stage.layout)))
         results.append((m["loss"], {n: p.detach().cpu() for n, p in stage.named_parameters()}))
     (l0, p0), (l1, p1) = results
     err = max((p0[n] - p1[n]).abs().max().item() for n in p0)

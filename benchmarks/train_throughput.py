@@ -76,10 +76,11 @@ def meshrl_step(stage, mb):
 
 
 def meshrl_train_step(stage, mb):
-    from meshrl.engine.train import OptimConfig, Trainer, sft_loss
+    from meshrl.engine.algorithms.calls import sft_call
+    from meshrl.engine.train import OptimConfig, Trainer
     trainer = Trainer(stage, OptimConfig(lr=1e-5, zero1=False))
     count = float(mb.tokens["loss_mask"].sum())
-    return lambda: trainer.step([mb], sft_loss(count))
+    return lambda: trainer.step([mb], sft_call(count))
 
 
 def run_case(name, make, device, tokens, params, iters, warmup):

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from meshrl.parallel import mappings
 from meshrl.parallel.data_parallel import DistributedOptimizer
-from meshrl.parallel.pipeline import broadcast_from_last_stage, forward_only, train_1f1b
+from meshrl.parallel.pipeline import broadcast_from_last_stage, forward_only, to_host, train_1f1b
 
 from .batch import PackedBatch
 
@@ -126,28 +126,8 @@ def infer(stage, microbatches: list[PackedBatch], fn) -> list:
     mbs = [mb.to(device) for mb in microbatches]
     out = forward_only(_stage_step(fn), mbs, stage, stage.layout, device=device)
     if out is not None:
-        out = [_cpu(o) for o in out]
+        out = [to_host(o) for o in out]
     return broadcast_from_last_stage(out, stage.layout, device=device)
-
-
-def _cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
-
-
-def sft_loss(num_tokens: float):
-    """Token-mean NLL over the loss mask, normalised by the global ``num_tokens``."""
-    def fn(stage, hidden, mb: PackedBatch):
-        logp = stage.token_logprobs(hidden, mb.tokens["labels"])
-        mask = mb.tokens["loss_mask"]
-        nll = -(logp * mask).sum()
-        return nll / num_tokens, {"loss": nll.detach() / num_tokens, "tokens": mask.sum()}
-    return fn
 
 
 def global_token_count(microbatches: list[PackedBatch], layout, key: str = "loss_mask") -> float:

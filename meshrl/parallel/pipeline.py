@@ -129,14 +129,14 @@ def forward_only(forward_step, microbatches: list, model, layout: ParallelLayout
     return results if layout.is_last_stage else None
 
 
-def _to_host(obj):
+def to_host(obj):
     """Tensors inside a picklable object moved to CPU, so no rank unpickles another's device."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: _to_host(v) for k, v in obj.items()}
+        return {k: to_host(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_host(v) for v in obj)
+        return type(obj)(to_host(v) for v in obj)
     return obj
 
 
@@ -154,7 +154,7 @@ def broadcast_from_last_stage(obj, layout: ParallelLayout, *, device=None):
     last = layout.is_last_stage
     if last:
         is_tensor = isinstance(obj, torch.Tensor)
-        meta = ("tensor", tuple(obj.shape), obj.dtype) if is_tensor else ("obj", _to_host(obj))
+        meta = ("tensor", tuple(obj.shape), obj.dtype) if is_tensor else ("obj", to_host(obj))
     box = [meta if last else None]
     dist.broadcast_object_list(box, src=src, group=group)
     kind, *rest = box[0]

@@ -4,7 +4,8 @@ import torch
 from meshrl.engine import checkpoint
 from meshrl.engine.batch import pack, split_even
 from meshrl.engine.model import build_stage
-from meshrl.engine.train import OptimConfig, Trainer, global_token_count, sft_loss
+from meshrl.engine.algorithms.calls import sft_call
+from meshrl.engine.train import OptimConfig, Trainer, global_token_count
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
 
@@ -29,7 +30,7 @@ def _run(path, run_dir, tp, pp, dp, steps, resume):
     losses = []
     for step in range(start, steps):
         mbs = _batches(step, layout.dp_rank, dp)
-        losses.append(trainer.step(mbs, sft_loss(global_token_count(mbs, layout)))["loss"])
+        losses.append(trainer.step(mbs, sft_call(global_token_count(mbs, layout)))["loss"])
         if step == 1 and not resume:
             checkpoint.save(run_dir, step + 1, {"actor": stage}, {"actor": trainer}, {"note": "x"})
     return losses, {p.shard_spec.name: p.detach().clone() for p in stage.parameters()}

@@ -5,7 +5,8 @@ import torch
 
 from meshrl.engine.batch import pack, split_even
 from meshrl.engine.model import build_stage
-from meshrl.engine.train import OptimConfig, Trainer, global_token_count, sft_loss
+from meshrl.engine.algorithms.calls import sft_call
+from meshrl.engine.train import OptimConfig, Trainer, global_token_count
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
 
@@ -34,7 +35,7 @@ def _step(path, tp, pp, dp, zero1, sp=False, ckpt=False):
     mbs = [pack([seqs[i] for i in part], loss_from=[prompt[i] - 1 for i in part],
                 pad_to_multiple=tp if sp else 1)
            for part in split_even(mine, 2)]
-    metrics = trainer.step(mbs, sft_loss(global_token_count(mbs, layout)))
+    metrics = trainer.step(mbs, sft_call(global_token_count(mbs, layout)))
     params = {p.shard_spec.name: (p.shard_spec, p.detach().clone()) for p in stage.parameters()}
     return metrics, params
 

@@ -6,8 +6,6 @@ Records are `{"prompt": "12+345=", "answer": "357"}`. Generation is a pure funct
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections.abc import Iterable, Sequence
 
@@ -83,25 +81,6 @@ def split_records(records: Sequence[dict], n_test: int, seed: int) -> tuple[list
     train = [r for r in records if r["prompt"] not in held_out]
     test = [r for r in records if r["prompt"] in held_out]
     return train, test
-
-
-def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec) + "\n")
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-    return out
 
 
 def extract_answer(completion: str) -> str:

@@ -4,7 +4,8 @@ import re
 import pytest
 
 from meshrl.engine.tasks import (CharTokenizer, get_verifier, make_dataset, make_splits, make_tokenizer,
-                                 read_jsonl, score, split_records, write_jsonl)
+                                 score, split_records)
+from meshrl.engine.data.jsonl import DataError, read_jsonl, write_jsonl
 from meshrl.engine.tasks.arithmetic import extract_answer
 
 _PROBLEM = re.compile(r"^(\d+)([+-])(\d+)=$")
@@ -98,11 +99,11 @@ def test_verifier_registry_and_batch():
 def test_jsonl_round_trip(tmp_path):
     recs = make_dataset(20, seed=4)
     path = tmp_path / "train.jsonl"
-    write_jsonl(recs, path)
-    assert read_jsonl(path) == recs
+    write_jsonl(path, recs)
+    assert [r for _, r in read_jsonl(path)] == recs
     assert all(json.loads(line) for line in path.read_text().splitlines())
     path.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n')
-    with pytest.raises(ValueError, match=r"train.jsonl:2: invalid JSON"):
+    with pytest.raises(DataError, match=r"train.jsonl:2: not valid JSON"):
         read_jsonl(path)
 
 

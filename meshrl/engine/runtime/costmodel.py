@@ -1,0 +1,364 @@
+"""The cost model behind `meshrl plan`: bytes per GPU and seconds per model function call.
+
+Everything here is arithmetic on a ModelConfig, a layout's (tp, pp, dp) and per-device rates; the
+rates are read from benchmark results committed under ``benchmarks/`` (``benchmarks/rates.json``
+says which file and row each comes from), never written into this code.
+
+Memory per GPU (bytes; ``dt`` = parameter dtype bytes, P = this rank's parameter count):
+  params      P·dt
+  grads       P·4                      fp32 main-grad buffer (grad_buffer.py), even for bf16 params
+  optimizer   P·12 / (dp if ZeRO-1)    fp32 master + Adam m and v (data_parallel.py)
+  activations (training, per token per layer, measured with saved-tensor hooks, see the tests)
+              norms 2·(4h + 2·dt·h), attention dt·(3q + 2kv) + 4·heads (flash keeps q, k, v, out
+              and an fp32 logsumexp), MLP dt·4f, q/kv/f per tp rank; sequence parallel shards
+              the norms by tp but the column-parallel inputs are gathered (+2·dt·h). With
+              activation checkpointing only each layer's input (dt·h) is kept, plus one layer's
+              full set during recompute. 1F1B keeps min(microbatches, pp − stage) in flight.
+              Inference keeps one layer's transients: dt·(2h + 3f) per token.
+  KV cache    batch per replica × (prompt + new) × layers per stage × 2 × kv heads per tp rank
+              × head_dim × dt
+
+Time (a FLOP is counted as in the committed throughput benchmark: 2·P per token forward, 6·P
+training, 8·P with checkpointing; attention FLOPs are inside the measured rate):
+  train/forward microbatch = fixed + layers·per-layer + FLOPs/rate + TP collectives
+  pipeline: (microbatches + pp − 1) × the slowest stage's microbatch (the 1F1B/GPipe bubble)
+  decode step = max(weights + KV bytes / copy bandwidth, FLOPs/rate) + layers·per-layer-step,
+                summed over pipeline stages (the engine steps one batch through the stages)
+  TP: 2 ring all-reduces of tokens·h per layer forward, 4 training (6 with recompute), each
+      latency + 2(tp−1)/tp·bytes/bandwidth; PP: one latency + tokens·h bytes per boundary;
+  DP: reduce-scatter of fp32 grads + all-gather of params under ZeRO-1 (an all-reduce without),
+      not overlapped with backward; optimizer: seconds per parameter from the benchmark.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from meshrl.engine.model.config import ModelConfig
+
+GB = 1e9
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+RATES_ENV = "MESHRL_RATES"
+
+
+class RatesError(ValueError):
+    """A rates file that cannot be read; the message names the file, the key and the fix."""
+
+
+# ---- rates ------------------------------------------------------------------------------------
+
+@dataclass(kw_only=True)
+class Rates:
+    """Per-GPU rates of one device. Overhead terms are 0 where the benchmark folds them into a rate."""
+    device: str
+    train_tflops: float
+    fwd_tflops: float
+    copy_tbps: float
+    opt_s_per_param: float
+    local_copy_gbps: float
+    latency_s: float
+    decode_layer_s: float = 0.0   # per layer per decoding step (launches, sampling glue)
+    decode_step_s: float = 0.0    # per decoding step
+    train_layer_s: float = 0.0    # per layer per microbatch
+    train_mb_s: float = 0.0       # per microbatch
+    fwd_layer_s: float = 0.0
+    fwd_mb_s: float = 0.0
+    opt_fixed_s: float = 0.0
+    link_gbps: float | None = None  # replaces the cluster's link rates (CPU: gloo, measured)
+    sources: dict = field(default_factory=dict)
+
+
+def default_rates_path() -> str:
+    env = os.environ.get(RATES_ENV)
+    if env:
+        return env
+    here = os.path.dirname(os.path.abspath(__file__))
+    return os.path.normpath(os.path.join(here, "..", "..", "..", "benchmarks", "rates.json"))
+
+
+def _rows(doc):
+    return doc["rows"] if isinstance(doc, dict) and "rows" in doc else doc
+
+
+def _resolve(ref, base: str, path: str, key: str):
+    """A number, {"value": v, "source": s}, {"file", "case"|"case_startswith"|"name", "field"}, or a
+    list of those: the first that resolves wins (a result not committed yet, or with other fields,
+    falls through). Returns (value, provenance)."""
+    if isinstance(ref, (int, float)):
+        return float(ref), os.path.basename(path)
+    if isinstance(ref, list):
+        why = []
+        for r in ref:
+            try:
+                return _resolve(r, base, path, key)
+            except RatesError as e:
+                why.append(str(e))
+        raise RatesError(f"{path}: {key}: no entry resolves ({'; '.join(why)})")
+    if "value" in ref:
+        return float(ref["value"]), ref.get("source", os.path.basename(path))
+    fpath = os.path.join(base, ref["file"])
+    try:
+        with open(fpath) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise RatesError(f"{path}: {key}: {fpath} does not exist: commit the benchmark result "
+                         "or point the rate elsewhere") from None
+    try:
+        if "with" in ref:  # optimizer: the difference of two rows, per parameter
+            secs = {r.get("case"): r["seconds"] for r in _rows(doc)}
+            v = (secs[ref["with"]] - secs[ref["without"]]) / doc["params"]
+            return v, f"{ref['file']}: ('{ref['with']}' - '{ref['without']}') / params"
+        for r in _rows(doc):
+            if ("case" in ref and r.get("case") == ref["case"]
+                    or "case_startswith" in ref and str(r.get("case", "")).startswith(ref["case_startswith"])
+                    or "name" in ref and r.get("name") == ref["name"]):
+                return float(r[ref["field"]]), f"{ref['file']}: {r.get('case', r.get('name'))}"
+    except (KeyError, TypeError) as e:
+        raise RatesError(f"{path}: {key}: {fpath} lacks {e}") from None
+    raise RatesError(f"{path}: {key}: no matching row in {fpath}")
+
+
+def load_rates(device: str, path: str | None = None) -> Rates:
+    """The rates of ``device`` (a name in the file or one of its aliases)."""
+    path = path or default_rates_path()
+    try:
+        with open(path) as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        raise RatesError(f"rates file {path} not found: pass --rates or set {RATES_ENV}") from None
+    devices = doc["devices"]
+    name = next((n for n, d in devices.items()
+                 if device.lower() in [n.lower()] + [a.lower() for a in d.get("aliases", [])]), None)
+    if name is None:
+        raise RatesError(f"{path}: no rates for device '{device}': use one of {', '.join(devices)}")
+    entry, base = devices[name], os.path.dirname(path)
+    vals, src = {}, {}
+    for key, ref in entry.items():
+        if key in ("aliases", "doc", "decode"):
+            continue
+        vals[key], src[key] = _resolve(ref, base, path, f"devices.{name}.{key}")
+    if "decode" in entry:  # per-layer step overhead = measured step − its weight-read floor
+        d = entry["decode"]
+        tps, src["decode_layer_s"] = _resolve(d["tokens_per_s"], base, path, f"devices.{name}.decode")
+        floor = d["params"] * d["bytes_per_param"] / (vals["copy_tbps"] * 1e12)
+        vals["decode_layer_s"] = max(0.0, d["batch"] / tps - floor) / d["layers"]
+    try:
+        return Rates(device=name, sources=src, **vals)
+    except TypeError as e:
+        raise RatesError(f"{path}: devices.{name}: {e}") from None
+
+
+# ---- parameters per GPU ------------------------------------------------------------------------
+
+def kv_heads_local(cfg: ModelConfig, tp: int) -> int:
+    """KV heads one tp rank holds: replicated (one each) when tp exceeds them."""
+    kv = cfg.num_key_value_heads
+    return kv // tp if kv % tp == 0 else 1
+
+
+def layer_params(cfg: ModelConfig, tp: int) -> int:
+    h, hd = cfg.hidden_size, cfg.head_dim
+    q = cfg.num_attention_heads * hd // tp
+    kv = kv_heads_local(cfg, tp) * hd
+    f = cfg.intermediate_size // tp
+    n = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h
+    return n + (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias + (2 * f + h) * cfg.mlp_bias
+
+
+def stage_layer_count(cfg: ModelConfig, pp: int, stage: int) -> int:
+    L = cfg.num_hidden_layers
+    return (stage + 1) * L // pp - stage * L // pp
+
+
+def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int, head: str = "lm") -> int:
+    """Parameters one rank of pipeline stage ``stage`` holds (padded vocabulary included)."""
+    h = cfg.hidden_size
+    vocab_local = -(-cfg.vocab_size // tp) * h
+    n = stage_layer_count(cfg, pp, stage) * layer_params(cfg, tp)
+    if stage == 0:
+        n += vocab_local
+    if stage == pp - 1:
+        n += h
+        if head == "value":
+            n += h
+        elif not (cfg.tie_word_embeddings and pp == 1):
+            n += vocab_local
+    return n
+
+
+# ---- memory per GPU ----------------------------------------------------------------------------
+
+@dataclass
+class Memory:
+    params: float = 0.0
+    grads: float = 0.0
+    optim: float = 0.0
+    activations: float = 0.0
+    kv: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optim + self.activations + self.kv
+
+
+def act_bytes_per_token_layer(cfg: ModelConfig, tp: int, dt: int, sp: bool) -> float:
+    h = cfg.hidden_size
+    q = cfg.num_attention_heads * cfg.head_dim // tp
+    kv = kv_heads_local(cfg, tp) * cfg.head_dim
+    f = cfg.intermediate_size // tp
+    norms = 2 * (4 * h + 2 * dt * h)
+    if sp and tp > 1:
+        norms = norms / tp + 2 * dt * h
+    return norms + dt * (3 * q + 2 * kv) + 4 * cfg.num_attention_heads // tp + dt * 4 * f
+
+
+def train_activations(cfg, tp, pp, stage, dt, *, sp, ckpt, mb_tokens, microbatches) -> float:
+    layers = stage_layer_count(cfg, pp, stage)
+    full = act_bytes_per_token_layer(cfg, tp, dt, sp)
+    if ckpt:
+        per_mb = mb_tokens * layers * dt * cfg.hidden_size / (tp if sp and tp > 1 else 1)
+        one_layer = mb_tokens * full
+    else:
+        per_mb, one_layer = mb_tokens * layers * full, 0.0
+    return min(microbatches, pp - stage) * per_mb + one_layer
+
+
+def forward_activations(cfg, tp, dt, tokens) -> float:
+    return tokens * dt * (2 * cfg.hidden_size + 3 * cfg.intermediate_size // tp)
+
+
+def kv_cache_bytes(cfg, tp, pp, stage, dt, *, batch, context) -> float:
+    return (batch * context * stage_layer_count(cfg, pp, stage) * 2 * kv_heads_local(cfg, tp)
+            * cfg.head_dim * dt)
+
+
+# ---- time ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Link:
+    """One process group's ring: its size, bandwidth (bytes/s) and per-message latency."""
+    size: int
+    bw: float
+    latency: float
+
+    def all_reduce(self, nbytes: float) -> float:
+        if self.size == 1:
+            return 0.0
+        return self.latency + 2 * (self.size - 1) / self.size * nbytes / self.bw
+
+    def half(self, nbytes: float) -> float:
+        """A reduce-scatter or an all-gather of ``nbytes`` (the full buffer size)."""
+        if self.size == 1:
+            return 0.0
+        return self.latency + (self.size - 1) / self.size * nbytes / self.bw
+
+    def p2p(self, nbytes: float) -> float:
+        return 0.0 if self.size == 1 else self.latency + nbytes / self.bw
+
+
+@dataclass(frozen=True)
+class Links:
+    tp: Link
+    pp: Link
+    dp: Link
+
+
+@dataclass
+class CallTime:
+    seconds: float
+    tokens: float          # tokens processed (generated tokens for generation)
+    flops: float           # model FLOPs by the benchmark's convention
+    gpus: int
+    parts: dict = field(default_factory=dict)  # seconds by cause: compute, comm, bubble, overhead
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        return self.flops / self.seconds / self.gpus / 1e12 if self.seconds > 0 else math.nan
+
+
+def _stages(cfg, tp, pp, head):
+    return [(s, stage_params(cfg, tp, pp, s, head), stage_layer_count(cfg, pp, s)) for s in range(pp)]
+
+
+def _forward_pass(cfg, head, dt, tp, pp, dp, tokens_rep, mb_tokens, r: Rates, links: Links,
+                  *, train: bool, ckpt: bool = False) -> tuple[float, dict]:
+    """One pass over ``tokens_rep`` tokens per replica in microbatches through the pipeline."""
+    m = max(1, math.ceil(tokens_rep / mb_tokens))
+    mbt = tokens_rep / m
+    k, colls = (8 if ckpt else 6, 6 if ckpt else 4) if train else (2, 2)
+    rate = (r.train_tflops if train else r.fwd_tflops) * 1e12
+    fixed, per_layer = (r.train_mb_s, r.train_layer_s) if train else (r.fwd_mb_s, r.fwd_layer_s)
+    worst, parts = 0.0, {}
+    for _, P, layers in _stages(cfg, tp, pp, head):
+        comp = k * P * mbt / rate
+        comm = colls * layers * links.tp.all_reduce(mbt * cfg.hidden_size * dt)
+        over = fixed + layers * per_layer
+        if comp + comm + over > worst:
+            worst, parts = comp + comm + over, {"compute": comp, "tp_comm": comm, "overhead": over}
+    p2p = (2 if train else 1) * links.pp.p2p(mbt * cfg.hidden_size * dt) if pp > 1 else 0.0
+    slots = m + pp - 1
+    out = {k2: v * m for k2, v in parts.items()}
+    out["pp_comm"] = p2p * slots
+    out["bubble"] = worst * (pp - 1)
+    return worst * slots + p2p * slots, out
+
+
+def forward_time(cfg, head, dt, tp, pp, dp, *, tokens, mb_tokens, r: Rates, links: Links) -> CallTime:
+    secs, parts = _forward_pass(cfg, head, dt, tp, pp, dp, tokens / dp, mb_tokens, r, links, train=False)
+    return CallTime(secs, tokens, 2 * cfg.num_params(value_head=head == "value") * tokens,
+                    tp * pp * dp, parts)
+
+
+def train_time(cfg, head, dt, tp, pp, dp, *, tokens, mb_tokens, updates, zero1, ckpt,
+               r: Rates, links: Links) -> CallTime:
+    """``updates`` optimizer steps (minibatches × epochs) over ``tokens`` per epoch in all."""
+    per_update = tokens / updates
+    secs, parts = _forward_pass(cfg, head, dt, tp, pp, dp, per_update / dp, mb_tokens, r, links,
+                                train=True, ckpt=ckpt)
+    P = max(p for _, p, _ in _stages(cfg, tp, pp, head))
+    if zero1:
+        sync = links.dp.half(4 * P) + links.dp.half(dt * P)
+    else:
+        sync = links.dp.all_reduce(4 * P)
+    opt = r.opt_fixed_s + r.opt_s_per_param * P / (dp if zero1 else 1)
+    parts = {k: v * updates for k, v in parts.items()}
+    parts.update(dp_comm=sync * updates, optimizer=opt * updates)
+    k = 8 if ckpt else 6
+    P_all = cfg.num_params(value_head=head == "value")
+    return CallTime((secs + sync + opt) * updates, tokens, 6 * P_all * tokens, tp * pp * dp,
+                    {**parts, "flop_factor": k})
+
+
+def generate_time(cfg, dt, tp, pp, dp, *, prompts, prompt_len, new_tokens, decode_steps,
+                  batch_size, r: Rates, links: Links) -> CallTime:
+    """``prompts`` sequences in all; each replica decodes its share in batches of ``batch_size``."""
+    per_rep = math.ceil(prompts / dp)
+    n_batches = max(1, math.ceil(per_rep / batch_size))
+    b = per_rep / n_batches
+    ctx = prompt_len + decode_steps / 2  # mean context over the decoding steps
+    h = cfg.hidden_size
+    step = compute = over = comm = 0.0
+    for s, P, layers in _stages(cfg, tp, pp, "lm"):
+        nbytes = P * dt + kv_cache_bytes(cfg, tp, pp, s, dt, batch=b, context=ctx)
+        c = max(nbytes / (r.copy_tbps * 1e12), 2 * P * b / (r.fwd_tflops * 1e12))
+        o = layers * r.decode_layer_s
+        t = 2 * layers * links.tp.all_reduce(b * h * dt)
+        compute, over, comm = compute + c, over + o, comm + t
+    p2p = (pp - 1) * links.pp.p2p(b * h * dt)
+    step = compute + over + comm + p2p + r.decode_step_s
+    prefill, pparts = _forward_pass(cfg, "lm", dt, tp, pp, dp, b * prompt_len, b * prompt_len, r,
+                                    links, train=False)
+    secs = n_batches * (prefill + decode_steps * step)
+    parts = {"decode_memory": n_batches * decode_steps * compute,
+             "overhead": n_batches * decode_steps * (over + r.decode_step_s),
+             "tp_comm": n_batches * decode_steps * comm, "pp_comm": n_batches * decode_steps * p2p,
+             "prefill": n_batches * prefill}
+    P_all = cfg.num_params()
+    flops = 2 * P_all * prompts * (prompt_len + new_tokens)
+    return CallTime(secs, prompts * new_tokens, flops, tp * pp * dp, parts)

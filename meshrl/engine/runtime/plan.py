@@ -1,0 +1,496 @@
+"""`meshrl plan CONFIG.yaml [key=value ...]`: a dry run on the CPU. Memory per GPU of every model
+function call against ``cluster.gpu_mem_gb``, the reallocations between a model's layouts (priced by
+the real planner on meta-built ShardSpecs) and an estimated PPO step, from rates that committed
+benchmark results give (`costmodel`). Nothing is allocated and no process group is made.
+
+The step is the runtime's sequence of calls, one after another (ppo.py: generate, score, old
+log-probs, reference, values, then actor and critic updates per minibatch), plus one reallocation
+per view whose home weights changed (each step: the actor's generation layout, a critic inference
+layout) and the EMA blend when on. Calls on disjoint meshes are not overlapped in the estimate.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass, field
+
+from meshrl.engine.model.config import ConfigError, ModelConfig
+from meshrl.engine.model.llama import LlamaStage, check_layout_fits
+from meshrl.parallel.layout import LayoutError, ParallelLayout
+from meshrl.parallel.realloc_plan import plan
+
+from . import costmodel as cm
+from .config import CallSpec, RunConfig, RunConfigError, load_run_config
+from .models import DTYPES, complete_calls, load_model_config, model_heads
+
+TRAIN_CALLS = ("actor_train", "critic_train", "rm_train")  # the runtime's home-layout order
+KIND = {"actor_gen": "gen", "actor_train": "train", "critic_train": "train", "rm_train": "train"}
+DATAFLOW = {  # (row, config call whose layout it runs in), in the runtime's order
+    "ppo": [("actor_gen", "actor_gen"), ("rew_inf", "rew_inf"), ("actor_inf", "actor_train"),
+            ("ref_inf", "ref_inf"), ("critic_inf", "critic_inf"), ("actor_train", "actor_train"),
+            ("critic_train", "critic_train")],
+    "grpo": [("actor_gen", "actor_gen"), ("rew_inf", "rew_inf"), ("actor_inf", "actor_train"),
+             ("ref_inf", "ref_inf"), ("actor_train", "actor_train")],
+}
+
+
+class PlanError(RunConfigError):
+    """A layout that does not divide or does not fit; one line naming the call and why."""
+
+
+@dataclass
+class Workload:
+    sequences: int        # sampled sequences per step
+    prompt_len: float     # tokens per prompt (mean)
+    response_len: float   # tokens per response (mean)
+    decode_steps: int     # decoding steps per batch
+    updates: int          # optimizer steps per model per step (minibatches × epochs)
+    epochs: int = 1
+
+    @property
+    def tokens(self) -> float:
+        return self.sequences * (self.prompt_len + self.response_len)
+
+
+@dataclass
+class CallPlan:
+    name: str
+    source: str            # the config call whose layout this row uses
+    spec: CallSpec
+    model: str
+    head: str
+    kind: str              # gen | inf | train
+    mcfg: ModelConfig
+    layout: ParallelLayout
+    dt: int
+    home: bool             # runs in its model's home layout (else on a view)
+    memory: cm.Memory = field(default_factory=cm.Memory)  # this call's own bytes, worst rank
+    resident: float = 0.0  # everything else on that GPU
+    time: cm.CallTime | None = None
+
+    @property
+    def peak(self) -> float:
+        return self.memory.total + self.resident
+
+    @property
+    def key(self) -> tuple:
+        return (self.model, self.spec.ranks, self.spec.tp, self.spec.pp, self.spec.dp)
+
+    @property
+    def tag(self) -> str:
+        return f"tp{self.spec.tp}·pp{self.spec.pp}·dp{self.spec.dp}"
+
+
+@dataclass
+class PlanReport:
+    cfg: RunConfig
+    world: int
+    rates: cm.Rates
+    workload: Workload
+    calls: list[CallPlan]
+    placements: list[CallPlan]   # one per (model, layout): its home, then its views
+    reallocs: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fit_error: str | None = None
+
+    @property
+    def step_seconds(self) -> float:
+        return (sum(c.time.seconds for c in self.calls if c.time is not None)
+                + sum(r["seconds"] * r["per_step"] for r in self.reallocs))
+
+
+def workload_of(cfg: RunConfig, prompt_len=None, response_len=None, decode_steps=None) -> Workload:
+    n = cfg.ppo.batch_size
+    updates = cfg.ppo.minibatches * cfg.ppo.epochs
+    if cfg.algorithm == "grpo":
+        n, updates = cfg.grpo.batch_size * cfg.grpo.group_size, cfg.grpo.minibatches * cfg.grpo.epochs
+    new = cfg.generation.max_new_tokens
+    epochs = cfg.grpo.epochs if cfg.algorithm == "grpo" else cfg.ppo.epochs
+    return Workload(n, float(prompt_len or cfg.data.max_prompt_len), float(response_len or new),
+                    int(decode_steps or new), updates, epochs)
+
+
+def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPlan]]:
+    """The dataflow's rows, and one placement per (model, layout): home first, then views."""
+    calls = complete_calls(cfg, world)
+    heads = model_heads(calls)
+    configs, layouts = {}, {}
+    for name, c in calls.items():
+        try:
+            layouts[name] = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp, virtual=True,
+                                           world_size=world, name=f"calls.{name}")
+        except LayoutError as e:
+            raise PlanError(f"{e} (cluster: {cfg.cluster.nodes} nodes × "
+                            f"{cfg.cluster.gpus_per_node} GPUs = {world})") from None
+        if c.model not in configs:
+            configs[c.model] = load_model_config(cfg.models[c.model], cfg.models)
+        try:
+            check_layout_fits(configs[c.model], layouts[name], name=f"calls.{name}")
+        except ConfigError as e:
+            raise PlanError(str(e)) from None
+
+    def make(row, src, home):
+        c = calls[src]
+        return CallPlan(name=row, source=src, spec=c, model=c.model, head=heads[c.model],
+                        kind=KIND.get(row, "inf"), mcfg=configs[c.model], layout=layouts[src],
+                        dt=cm.DTYPE_BYTES[cfg.models[c.model].dtype], home=home)
+
+    home_call = {}
+    for name in TRAIN_CALLS + tuple(sorted(calls)):
+        if name in calls:
+            home_call.setdefault(calls[name].model, name)
+    homes = {m: make(n, n, True).key for m, n in home_call.items()}
+    placements, seen = [], set()
+    for name in [home_call[m] for m in home_call] + sorted(calls):
+        p = make(name, name, False)
+        p.home = p.key == homes[p.model]
+        if p.key not in seen:
+            seen.add(p.key)
+            placements.append(p)
+    rows = DATAFLOW.get(cfg.algorithm, [(n, n) for n in sorted(calls)])
+    out = []
+    for row, src in rows:
+        if src in calls:
+            p = make(row, src, False)
+            p.home = p.key == homes[p.model]
+            out.append(p)
+    return out, placements
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+def _microbatches(p: CallPlan, wl: Workload) -> int:
+    per_update = wl.tokens / (wl.updates / wl.epochs if p.kind == "train" else 1) / p.spec.dp
+    return max(1, math.ceil(per_update / p.spec.microbatch_tokens))
+
+
+def _own_memory(p: CallPlan, cfg: RunConfig, wl: Workload, stage: int) -> cm.Memory:
+    """This call's parameters (home or view), its training state, activations and KV cache on a
+    rank of pipeline stage ``stage``."""
+    c, m, spec = p.mcfg, cfg.models[p.model], p.spec
+    P = cm.stage_params(c, spec.tp, spec.pp, stage, p.head)
+    mem = cm.Memory(params=P * p.dt)
+    if p.kind == "train":
+        per_rep = wl.tokens * wl.epochs / wl.updates / spec.dp
+        mem.grads = 4 * P
+        mem.optim = 12 * P / (spec.dp if m.optim.zero1 else 1)
+        mem.activations = cm.train_activations(
+            c, spec.tp, spec.pp, stage, p.dt, sp=m.sequence_parallel, ckpt=m.activation_checkpointing,
+            mb_tokens=min(spec.microbatch_tokens, per_rep), microbatches=_microbatches(p, wl))
+    elif p.kind == "gen":
+        b = min(cfg.generation.batch_size, math.ceil(wl.sequences / spec.dp))
+        mem.kv = cm.kv_cache_bytes(c, spec.tp, spec.pp, stage, p.dt, batch=b,
+                                   context=wl.prompt_len + wl.decode_steps)
+        mem.activations = cm.forward_activations(c, spec.tp, p.dt, b * wl.prompt_len)
+    else:
+        mem.activations = cm.forward_activations(
+            c, spec.tp, p.dt, min(spec.microbatch_tokens, wl.tokens / spec.dp))
+    return mem
+
+
+def _static_bytes(placements: list[CallPlan], cfg: RunConfig, kind: str, rank: int) -> float:
+    """Parameters and training state on ``rank`` while a call of ``kind`` runs: every model's home
+    state (a trained model's fp32 grads and optimizer; the optimizer on the host during rollouts
+    when offload_when_idle) and every view's parameters, which the runtime keeps allocated."""
+    trained = {p.model for p in placements if p.source in TRAIN_CALLS}
+    total = 0.0
+    for p in placements:
+        coord = p.layout.coord_of(rank)
+        if coord is None:
+            continue
+        P = cm.stage_params(p.mcfg, p.spec.tp, p.spec.pp, coord.pp, p.head)
+        total += P * p.dt
+        if p.home and p.model in trained:
+            m = cfg.models[p.model]
+            total += 4 * P
+            if not (m.offload_when_idle and kind != "train"):
+                total += 12 * P / (p.spec.dp if m.optim.zero1 else 1)
+    return total
+
+
+def _memory(report: PlanReport):
+    """Fill every row's own memory and what else is resident, at its worst rank."""
+    cfg, mem_gb = report.cfg, report.cfg.cluster.gpu_mem_gb
+    for p in report.calls:
+        best = None
+        for r in p.layout.ranks:
+            own = _own_memory(p, cfg, report.workload, p.layout.coord_of(r).pp)
+            static = _static_bytes(report.placements, cfg, p.kind, r)
+            resident = static - own.params - own.grads - own.optim
+            if best is None or own.total + resident > best[0].total + best[1]:
+                best = (own, resident)
+        p.memory, p.resident = best
+        if report.fit_error is None and p.peak > mem_gb * cm.GB:
+            report.fit_error = _fit_message(p, cfg, mem_gb)
+
+
+def _fit_message(p: CallPlan, cfg: RunConfig, mem_gb: float) -> str:
+    m, spec = p.memory, cfg.models[p.model]
+    parts = [("params", m.params), ("grads", m.grads), ("optimizer", m.optim),
+             ("activations", m.activations), ("KV cache", m.kv), ("other resident", p.resident)]
+    detail = " + ".join(f"{k} {v / cm.GB:.1f}" for k, v in parts if v)
+    if p.resident > m.total:
+        fix = "other models hold most of it: raise their tp or pp, or set offload_when_idle"
+    elif p.kind == "gen" and m.kv > m.params:
+        fix = "lower generation.batch_size, or raise tp or pp"
+    elif p.kind == "train" and not spec.activation_checkpointing:
+        fix = "raise tp or pp, or enable activation checkpointing"
+    elif p.kind == "train":
+        fix = "raise tp or pp, or lower microbatch_tokens"
+    else:
+        fix = "raise tp or pp"
+    return (f"calls.{p.name}: {p.peak / cm.GB:.1f} GB per GPU > {mem_gb:g} GB ({detail}): {fix}")
+
+
+def check_fit(report: PlanReport):
+    if report.fit_error:
+        raise PlanError(report.fit_error)
+
+
+# ---- reallocation ------------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _stage_of(layer: int, num_layers: int, pp: int) -> int:
+    return next(s for s in range(pp) if layer < (s + 1) * num_layers // pp)
+
+
+def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int]) -> dict:
+    """{rank: specs} from meta-device stages, built once per (tp, pp) coordinate (dp replicas hold
+    the same shards), restricted to the representative layers in ``keep``."""
+    built, out = {}, {}
+    for r in layout.ranks:
+        c = layout.coord_of(r)
+        if (c.tp, c.pp) not in built:
+            specs = LlamaStage(mcfg, layout.as_seen_by(r), head=head, device="meta").specs
+            built[(c.tp, c.pp)] = {n: s for n, s in specs.items()
+                                   if (m := _LAYER.match(n)) is None or int(m.group(1)) in keep}
+        out[r] = built[(c.tp, c.pp)]
+    return out
+
+
+def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: ParallelLayout, *,
+                 gpus_per_node: int, intra_bw: float, inter_bw: float, local_bw: float) -> dict:
+    """Bytes and seconds of moving a model from ``src`` to ``dst`` by the real planner.
+
+    Layers whose (source stage, destination stage) agree move alike, so one representative per
+    such class is planned and its bytes counted once per layer of the class; the tests check this
+    against planning every layer. Time: each rank sends and receives at once over NVLink and its
+    NIC (full duplex, the two link types concurrently), so the move takes the slowest rank's
+    max(intra bytes / intra bandwidth, cross-node bytes / inter bandwidth), then local copies at the
+    measured local-copy bandwidth.
+    """
+    L = mcfg.num_hidden_layers
+    classes: dict[tuple, list[int]] = {}
+    for i in range(L):
+        classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size)), []).append(i)
+    weight = {v[0]: len(v) for v in classes.values()}
+    p = plan(src, dst, _meta_specs(mcfg, head, src, set(weight)),
+             _meta_specs(mcfg, head, dst, set(weight)), node_of=lambda r: r // gpus_per_node,
+             dtype=dtype)
+    ranks = sorted(set(src.ranks) | set(dst.ranks))
+    acc = {k: dict.fromkeys(ranks, 0.0) for k in ("intra_out", "intra_in", "inter_out", "inter_in",
+                                                    "local", "sent")}
+    for t in p.transfers:
+        m = _LAYER.match(t.name)
+        b = t.nbytes * (weight[int(m.group(1))] if m else 1)
+        if t.local:
+            acc["local"][t.dst] += b
+            continue
+        link = "inter" if t.src // gpus_per_node != t.dst // gpus_per_node else "intra"
+        acc[link + "_out"][t.src] += b
+        acc[link + "_in"][t.dst] += b
+        acc["sent"][t.src] += b
+    link_s = max(max(max(acc["intra_out"][r], acc["intra_in"][r]) / intra_bw,
+                     max(acc["inter_out"][r], acc["inter_in"][r]) / inter_bw) for r in ranks)
+    local_s = max(acc["local"].values()) / local_bw
+    senders = [b for b in acc["sent"].values() if b]
+    return {"remote_bytes": sum(acc["intra_in"].values()) + sum(acc["inter_in"].values()),
+            "cross_node_bytes": sum(acc["inter_in"].values()), "local_bytes": sum(acc["local"].values()),
+            "sender_max_bytes": max(senders, default=0.0), "sender_min_bytes": min(senders, default=0.0),
+            "intra_max_bytes": max(max(acc["intra_out"][r], acc["intra_in"][r]) for r in ranks),
+            "inter_max_bytes": max(max(acc["inter_out"][r], acc["inter_in"][r]) for r in ranks),
+            "local_max_bytes": max(acc["local"].values()), "link_seconds": link_s,
+            "local_seconds": local_s, "seconds": link_s + local_s, "layers_planned": len(weight)}
+
+
+def _reallocs(report: PlanReport) -> list[dict]:
+    """One move per view per refresh (home weights change every step for trained models; a frozen
+    model's view is filled once), and the EMA blend per actor update."""
+    cfg, r = report.cfg, report.rates
+    intra, inter = _link_bandwidths(cfg, r)
+    kw = dict(gpus_per_node=cfg.cluster.gpus_per_node, intra_bw=intra, inter_bw=inter,
+              local_bw=r.local_copy_gbps * 1e9)
+    homes = {p.model: p for p in report.placements if p.home}
+    trained = {p.model for p in report.placements if p.source in TRAIN_CALLS}
+    ema = cfg.algorithm == "ppo" and cfg.ppo.ema_ref
+    out = []
+    for v in report.placements:
+        if v.home:
+            continue
+        h = homes[v.model]
+        cost = realloc_cost(h.mcfg, h.head, DTYPES[cfg.models[v.model].dtype], h.layout, v.layout, **kw)
+        fresh = v.model in trained or (ema and v.model == _model_of(report, "ref_inf"))
+        out.append({"model": v.model, "src": h.source, "dst": v.source, "per_step": 1 if fresh else 0,
+                    **cost})
+    actor, ref = _model_of(report, "actor_train"), _model_of(report, "ref_inf")
+    if ema and actor and ref:
+        a, b = homes[actor], homes[ref]
+        cost = realloc_cost(a.mcfg, a.head, DTYPES[cfg.models[actor].dtype], a.layout, b.layout, **kw)
+        out.append({"model": f"{ref}←{actor} (EMA)", "src": a.source, "dst": b.source,
+                    "per_step": report.workload.updates, **cost})
+    return out
+
+
+def _model_of(report: PlanReport, call: str) -> str | None:
+    return next((p.model for p in report.placements if p.source == call), None)
+
+
+def _link_bandwidths(cfg: RunConfig, r: cm.Rates) -> tuple[float, float]:
+    if r.link_gbps is not None:
+        return r.link_gbps * 1e9, r.link_gbps * 1e9
+    return cfg.cluster.intra_node_gbps * 1e9 / 8, cfg.cluster.inter_node_gbps * 1e9 / 8
+
+
+# ---- time --------------------------------------------------------------------------------------
+
+def _links(layout: ParallelLayout, cfg: RunConfig, r: cm.Rates) -> cm.Links:
+    """A group is as fast as its slowest hop: cross-node if any group of the axis spans nodes."""
+    intra, inter = _link_bandwidths(cfg, r)
+    gpn, L = cfg.cluster.gpus_per_node, layout
+    coords = [(t, d, p) for p in range(L.pp_size) for d in range(L.dp_size) for t in range(L.tp_size)]
+
+    def link(groups):
+        cross = any(len({x // gpn for x in g}) > 1 for g in groups)
+        return cm.Link(len(groups[0]), inter if cross else intra, r.latency_s)
+    return cm.Links(
+        tp=link([L.tp_ranks_of(d, p) for t, d, p in coords if t == 0]),
+        pp=link([L.pp_ranks_of(t, d) for t, d, p in coords if p == 0]),
+        dp=link([L.dp_ranks_of(t, p) for t, d, p in coords if d == 0]))
+
+
+def _times(report: PlanReport):
+    cfg, r, wl = report.cfg, report.rates, report.workload
+    for p in report.calls:
+        s, links, m = p.spec, _links(p.layout, cfg, r), cfg.models[p.model]
+        dims = (p.spec.tp, p.spec.pp, p.spec.dp)
+        if p.kind == "gen":
+            p.time = cm.generate_time(p.mcfg, p.dt, *dims, prompts=wl.sequences,
+                                      prompt_len=wl.prompt_len, new_tokens=wl.response_len,
+                                      decode_steps=wl.decode_steps, batch_size=cfg.generation.batch_size,
+                                      r=r, links=links)
+        elif p.kind == "train":
+            p.time = cm.train_time(p.mcfg, p.head, p.dt, *dims, tokens=wl.tokens * wl.epochs,
+                                   mb_tokens=s.microbatch_tokens, updates=wl.updates,
+                                   zero1=m.optim.zero1, ckpt=m.activation_checkpointing, r=r,
+                                   links=links)
+        else:
+            p.time = cm.forward_time(p.mcfg, p.head, p.dt, *dims, tokens=wl.tokens,
+                                     mb_tokens=s.microbatch_tokens, r=r, links=links)
+
+
+def plan_config(cfg: RunConfig, *, world: int | None = None, device: str | None = None,
+                rates_path: str | None = None, rates: cm.Rates | None = None,
+                prompt_len=None, response_len=None, decode_steps=None,
+                realloc: bool = True) -> PlanReport:
+    """The whole dry run. Layouts that do not divide raise PlanError; one that does not fit sets
+    ``fit_error`` (see `check_fit`) and skips the timing."""
+    cfg = copy.deepcopy(cfg)  # complete_calls fills ranks and dp in place
+    cl = cfg.cluster
+    expected = cl.nodes * cl.gpus_per_node
+    if world is not None and world != expected:
+        raise PlanError(f"cluster: nodes × gpus_per_node = {cl.nodes} × {cl.gpus_per_node} = "
+                        f"{expected}, but the run has {world} ranks: set cluster.nodes and "
+                        "cluster.gpus_per_node to match")
+    rates = rates or cm.load_rates(device or cfg.extra.get("device", "h100"), rates_path)
+    calls, placements = _call_plans(cfg, expected)
+    report = PlanReport(cfg, expected, rates, workload_of(cfg, prompt_len, response_len, decode_steps),
+                        calls, placements)
+    _memory(report)
+    if report.fit_error is None:
+        if cfg.algorithm in DATAFLOW:
+            _times(report)
+        else:
+            report.notes.append(f"no step estimate for {cfg.algorithm}: ppo and grpo only")
+        if realloc:
+            report.reallocs = _reallocs(report)
+    return report
+
+
+# ---- output ------------------------------------------------------------------------------------
+
+def _gb(x: float) -> str:
+    return f"{x / cm.GB:.1f}" if x else "-"
+
+
+def _fmt(x: float, digits=3) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:,.{digits}g}" if x < 1e4 else f"{x:,.0f}"
+
+
+def format_report(report: PlanReport) -> str:
+    cfg, cl, wl, r = report.cfg, report.cfg.cluster, report.workload, report.rates
+    out = [f"{cfg.algorithm} on {cl.nodes} nodes × {cl.gpus_per_node} GPUs ({report.world}), "
+           f"{cl.gpu_mem_gb:g} GB each; rates: {r.device}",
+           f"workload: {wl.sequences} sequences × ({wl.prompt_len:g} prompt + {wl.response_len:g} "
+           f"response) = {wl.tokens:,.0f} tokens per step, {wl.decode_steps} decoding steps, "
+           f"{wl.updates} optimizer steps per trained model", "",
+           "memory per GPU, GB (worst rank of each call; 'other' = other models and this model's "
+           "state kept while the call runs; v = a view filled by reallocation)",
+           f"{'call':<13}{'model':<8}{'layout':<17}{'params':>7}{'grads':>7}{'optim':>7}{'activ':>7}"
+           f"{'KV':>7}{'other':>7}{'peak':>7}"]
+    for p in report.calls:
+        m = p.memory
+        lay = p.tag + ("" if p.home else " v")
+        out.append(f"{p.name:<13}{p.model:<8}{lay:<17}{_gb(m.params):>7}{_gb(m.grads):>7}"
+                   f"{_gb(m.optim):>7}{_gb(m.activations):>7}{_gb(m.kv):>7}{_gb(p.resident):>7}"
+                   f"{_gb(p.peak):>7}" + ("  > budget" if p.peak > cl.gpu_mem_gb * cm.GB else ""))
+    if report.reallocs:
+        out += ["", "reallocation (real planner on meta-built specs; per GPU: the busiest rank's "
+                "bytes each way)",
+                f"{'model':<20}{'from → to':<28}{'remote GB':>10}{'x-node GB':>10}{'local GB':>9}"
+                f"{'NVLink/GPU':>11}{'IB/GPU':>8}{'seconds':>9}{'per step':>9}"]
+        for x in report.reallocs:
+            out.append(f"{x['model']:<20}{x['src'] + ' → ' + x['dst']:<28}{_gb(x['remote_bytes']):>10}"
+                       f"{_gb(x['cross_node_bytes']):>10}{_gb(x['local_bytes']):>9}"
+                       f"{_gb(x['intra_max_bytes']):>11}{_gb(x['inter_max_bytes']):>8}"
+                       f"{x['seconds']:>9.3f}{x['per_step']:>9}")
+    if any(p.time for p in report.calls):
+        out += ["", "estimated time per step (calls one after another)",
+                f"{'call':<13}{'seconds':>9}{'tokens/s':>11}{'TFLOP/s/GPU':>12}  where the time goes"]
+        for p in report.calls:
+            t = p.time
+            parts = ", ".join(f"{k} {v:.3g}" for k, v in t.parts.items() if v > 0.005 * t.seconds)
+            out.append(f"{p.name:<13}{t.seconds:>9.3f}{_fmt(t.tokens_per_s):>11}"
+                       f"{_fmt(t.tflops_per_gpu):>12}  {parts}")
+        for x in report.reallocs:
+            if x["per_step"]:
+                out.append(f"{'realloc/' + x['dst']:<13}{x['seconds'] * x['per_step']:>9.3f}")
+        out.append(f"{'step':<13}{report.step_seconds:>9.3f}")
+    out += ["", "rates: " + "; ".join(f"{k} = {_fmt(getattr(r, k))} ({v})"
+                                     for k, v in r.sources.items())]
+    out += report.notes
+    if report.fit_error:
+        out += ["", "does not fit: " + report.fit_error]
+    return "\n".join(out)
+
+
+def add_arguments(p):
+    p.add_argument("config", help="YAML run config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+    p.add_argument("--device", help="whose rates: a device or alias in the rates file (h100, cpu); "
+                   "default: the config's extra.device, else h100")
+    p.add_argument("--rates", help=f"rates file (default benchmarks/rates.json or ${cm.RATES_ENV})")
+    p.add_argument("--prompt-len", type=float, help="mean prompt tokens (default data.max_prompt_len)")
+    p.add_argument("--response-len", type=float,
+                   help="mean response tokens (default generation.max_new_tokens)")
+
+
+def run(args) -> int:
+    cfg = load_run_config(args.config, args.overrides)
+    report = plan_config(cfg, device=args.device, rates_path=args.rates, prompt_len=args.prompt_len,
+                         response_len=args.response_len)
+    print(format_report(report))
+    check_fit(report)
+    return 0
