@@ -31,123 +31,19 @@ training, 8·P with checkpointing; attention FLOPs are inside the measured rate)
 """
 from __future__ import annotations
 
-import json
 import math
-import os
+import re
 from dataclasses import dataclass, field
 
 from meshrl.engine.model.config import ModelConfig
+from meshrl.engine.model.llama import LlamaStage
+from meshrl.parallel.layout import ParallelLayout
+from meshrl.parallel.realloc_plan import plan
+
+from .rates import Rates
 
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-RATES_ENV = "MESHRL_RATES"
-
-
-class RatesError(ValueError):
-    """A rates file that cannot be read; the message names the file, the key and the fix."""
-
-
-# ---- rates ------------------------------------------------------------------------------------
-
-@dataclass(kw_only=True)
-class Rates:
-    """Per-GPU rates of one device. Overhead terms are 0 where the benchmark folds them into a rate."""
-    device: str
-    train_tflops: float
-    fwd_tflops: float
-    copy_tbps: float
-    opt_s_per_param: float
-    local_copy_gbps: float
-    latency_s: float
-    decode_layer_s: float = 0.0   # per layer per decoding step (launches, sampling glue)
-    decode_step_s: float = 0.0    # per decoding step
-    train_layer_s: float = 0.0    # per layer per microbatch
-    train_mb_s: float = 0.0       # per microbatch
-    fwd_layer_s: float = 0.0
-    fwd_mb_s: float = 0.0
-    opt_fixed_s: float = 0.0
-    link_gbps: float | None = None  # replaces the cluster's link rates (CPU: gloo, measured)
-    sources: dict = field(default_factory=dict)
-
-
-def default_rates_path() -> str:
-    env = os.environ.get(RATES_ENV)
-    if env:
-        return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.normpath(os.path.join(here, "..", "..", "..", "benchmarks", "rates.json"))
-
-
-def _rows(doc):
-    return doc["rows"] if isinstance(doc, dict) and "rows" in doc else doc
-
-
-def _resolve(ref, base: str, path: str, key: str):
-    """A number, {"value": v, "source": s}, {"file", "case"|"case_startswith"|"name", "field"}, or a
-    list of those: the first that resolves wins (a result not committed yet, or with other fields,
-    falls through). Returns (value, provenance)."""
-    if isinstance(ref, (int, float)):
-        return float(ref), os.path.basename(path)
-    if isinstance(ref, list):
-        why = []
-        for r in ref:
-            try:
-                return _resolve(r, base, path, key)
-            except RatesError as e:
-                why.append(str(e))
-        raise RatesError(f"{path}: {key}: no entry resolves ({'; '.join(why)})")
-    if "value" in ref:
-        return float(ref["value"]), ref.get("source", os.path.basename(path))
-    fpath = os.path.join(base, ref["file"])
-    try:
-        with open(fpath) as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise RatesError(f"{path}: {key}: {fpath} does not exist: commit the benchmark result "
-                         "or point the rate elsewhere") from None
-    try:
-        if "with" in ref:  # optimizer: the difference of two rows, per parameter
-            secs = {r.get("case"): r["seconds"] for r in _rows(doc)}
-            v = (secs[ref["with"]] - secs[ref["without"]]) / doc["params"]
-            return v, f"{ref['file']}: ('{ref['with']}' - '{ref['without']}') / params"
-        for r in _rows(doc):
-            if ("case" in ref and r.get("case") == ref["case"]
-                    or "case_startswith" in ref and str(r.get("case", "")).startswith(ref["case_startswith"])
-                    or "name" in ref and r.get("name") == ref["name"]):
-                return float(r[ref["field"]]), f"{ref['file']}: {r.get('case', r.get('name'))}"
-    except (KeyError, TypeError) as e:
-        raise RatesError(f"{path}: {key}: {fpath} lacks {e}") from None
-    raise RatesError(f"{path}: {key}: no matching row in {fpath}")
-
-
-def load_rates(device: str, path: str | None = None) -> Rates:
-    """The rates of ``device`` (a name in the file or one of its aliases)."""
-    path = path or default_rates_path()
-    try:
-        with open(path) as f:
-            doc = json.load(f)
-    except FileNotFoundError:
-        raise RatesError(f"rates file {path} not found: pass --rates or set {RATES_ENV}") from None
-    devices = doc["devices"]
-    name = next((n for n, d in devices.items()
-                 if device.lower() in [n.lower()] + [a.lower() for a in d.get("aliases", [])]), None)
-    if name is None:
-        raise RatesError(f"{path}: no rates for device '{device}': use one of {', '.join(devices)}")
-    entry, base = devices[name], os.path.dirname(path)
-    vals, src = {}, {}
-    for key, ref in entry.items():
-        if key in ("aliases", "doc", "decode"):
-            continue
-        vals[key], src[key] = _resolve(ref, base, path, f"devices.{name}.{key}")
-    if "decode" in entry:  # per-layer step overhead = measured step − its weight-read floor
-        d = entry["decode"]
-        tps, src["decode_layer_s"] = _resolve(d["tokens_per_s"], base, path, f"devices.{name}.decode")
-        floor = d["params"] * d["bytes_per_param"] / (vals["copy_tbps"] * 1e12)
-        vals["decode_layer_s"] = max(0.0, d["batch"] / tps - floor) / d["layers"]
-    try:
-        return Rates(device=name, sources=src, **vals)
-    except TypeError as e:
-        raise RatesError(f"{path}: devices.{name}: {e}") from None
 
 
 # ---- parameters per GPU ------------------------------------------------------------------------
@@ -329,10 +225,9 @@ def train_time(cfg, head, dt, tp, pp, dp, *, tokens, mb_tokens, updates, zero1, 
     opt = r.opt_fixed_s + r.opt_s_per_param * P / (dp if zero1 else 1)
     parts = {k: v * updates for k, v in parts.items()}
     parts.update(dp_comm=sync * updates, optimizer=opt * updates)
-    k = 8 if ckpt else 6
     P_all = cfg.num_params(value_head=head == "value")
-    return CallTime((secs + sync + opt) * updates, tokens, 6 * P_all * tokens, tp * pp * dp,
-                    {**parts, "flop_factor": k})
+    # model FLOPs (6·P·T), as the benchmark counts them: recomputation is cost, not work
+    return CallTime((secs + sync + opt) * updates, tokens, 6 * P_all * tokens, tp * pp * dp, parts)
 
 
 def generate_time(cfg, dt, tp, pp, dp, *, prompts, prompt_len, new_tokens, decode_steps,
@@ -362,3 +257,71 @@ def generate_time(cfg, dt, tp, pp, dp, *, prompts, prompt_len, new_tokens, decod
     P_all = cfg.num_params()
     flops = 2 * P_all * prompts * (prompt_len + new_tokens)
     return CallTime(secs, prompts * new_tokens, flops, tp * pp * dp, parts)
+
+
+# ---- reallocation -----------------------------------------------------------------------------
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _stage_of(layer: int, num_layers: int, pp: int) -> int:
+    return next(s for s in range(pp) if layer < (s + 1) * num_layers // pp)
+
+
+def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int]) -> dict:
+    """{rank: specs} from meta-device stages, built once per (tp, pp) coordinate (dp replicas hold
+    the same shards), restricted to the representative layers in ``keep``."""
+    built, out = {}, {}
+    for r in layout.ranks:
+        c = layout.coord_of(r)
+        if (c.tp, c.pp) not in built:
+            specs = LlamaStage(mcfg, layout.as_seen_by(r), head=head, device="meta").specs
+            built[(c.tp, c.pp)] = {n: s for n, s in specs.items()
+                                   if (m := _LAYER.match(n)) is None or int(m.group(1)) in keep}
+        out[r] = built[(c.tp, c.pp)]
+    return out
+
+
+def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: ParallelLayout, *,
+                 gpus_per_node: int, intra_bw: float, inter_bw: float, local_bw: float) -> dict:
+    """Bytes and seconds of moving a model from ``src`` to ``dst`` by the real planner.
+
+    Layers whose (source stage, destination stage) agree move alike, so one representative per
+    such class is planned and its bytes counted once per layer of the class; the tests check this
+    against planning every layer. Time: each rank sends and receives at once over NVLink and its
+    NIC (full duplex, the two link types concurrently), so the move takes the slowest rank's
+    max(intra bytes / intra bandwidth, cross-node bytes / inter bandwidth), then local copies at the
+    measured local-copy bandwidth.
+    """
+    L = mcfg.num_hidden_layers
+    classes: dict[tuple, list[int]] = {}
+    for i in range(L):
+        classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size)), []).append(i)
+    weight = {v[0]: len(v) for v in classes.values()}
+    p = plan(src, dst, _meta_specs(mcfg, head, src, set(weight)),
+             _meta_specs(mcfg, head, dst, set(weight)), node_of=lambda r: r // gpus_per_node,
+             dtype=dtype)
+    ranks = sorted(set(src.ranks) | set(dst.ranks))
+    acc = {k: dict.fromkeys(ranks, 0.0) for k in ("intra_out", "intra_in", "inter_out", "inter_in",
+                                                    "local", "sent")}
+    for t in p.transfers:
+        m = _LAYER.match(t.name)
+        b = t.nbytes * (weight[int(m.group(1))] if m else 1)
+        if t.local:
+            acc["local"][t.dst] += b
+            continue
+        link = "inter" if t.src // gpus_per_node != t.dst // gpus_per_node else "intra"
+        acc[link + "_out"][t.src] += b
+        acc[link + "_in"][t.dst] += b
+        acc["sent"][t.src] += b
+    link_s = max(max(max(acc["intra_out"][r], acc["intra_in"][r]) / intra_bw,
+                     max(acc["inter_out"][r], acc["inter_in"][r]) / inter_bw) for r in ranks)
+    local_s = max(acc["local"].values()) / local_bw
+    senders = [b for b in acc["sent"].values() if b]
+    return {"remote_bytes": sum(acc["intra_in"].values()) + sum(acc["inter_in"].values()),
+            "cross_node_bytes": sum(acc["inter_in"].values()), "local_bytes": sum(acc["local"].values()),
+            "sender_max_bytes": max(senders, default=0.0), "sender_min_bytes": min(senders, default=0.0),
+            "intra_max_bytes": max(max(acc["intra_out"][r], acc["intra_in"][r]) for r in ranks),
+            "inter_max_bytes": max(max(acc["inter_out"][r], acc["inter_in"][r]) for r in ranks),
+            "local_max_bytes": max(acc["local"].values()), "link_seconds": link_s,
+            "local_seconds": local_s, "seconds": link_s + local_s, "layers_planned": len(weight)}

@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 
 from meshrl.engine.model.config import ConfigError, ModelConfig
-from meshrl.engine.model.llama import LlamaStage, check_layout_fits
-from meshrl.parallel.layout import LayoutError, ParallelLayout
-from meshrl.parallel.realloc_plan import plan
+from meshrl.engine.model.llama import check_layout_fits
+from meshrl.parallel.layout import LayoutError, ParallelLayout, parse_ranks
 
 from . import costmodel as cm
 from .config import CallSpec, RunConfig, RunConfigError, load_run_config
 from .models import DTYPES, complete_calls, load_model_config, model_heads
+from .rates import RATES_ENV, Rates, load_rates
 
 TRAIN_CALLS = ("actor_train", "critic_train", "rm_train")  # the runtime's home-layout order
 KIND = {"actor_gen": "gen", "actor_train": "train", "critic_train": "train", "rm_train": "train"}
@@ -86,7 +85,7 @@ class CallPlan:
 class PlanReport:
     cfg: RunConfig
     world: int
-    rates: cm.Rates
+    rates: Rates
     workload: Workload
     calls: list[CallPlan]
     placements: list[CallPlan]   # one per (model, layout): its home, then its views
@@ -117,6 +116,11 @@ def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPl
     heads = model_heads(calls)
     configs, layouts = {}, {}
     for name, c in calls.items():
+        top = max(parse_ranks(c.ranks))
+        if top >= world:
+            raise PlanError(f"calls.{name}.ranks reaches rank {top}, but the cluster has {world} GPUs "
+                            f"({cfg.cluster.nodes} nodes × {cfg.cluster.gpus_per_node}): use ranks "
+                            f"below {world} or enlarge the cluster")
         try:
             layouts[name] = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp, virtual=True,
                                            world_size=world, name=f"calls.{name}")
@@ -221,8 +225,10 @@ def _memory(report: PlanReport):
             if best is None or own.total + resident > best[0].total + best[1]:
                 best = (own, resident)
         p.memory, p.resident = best
-        if report.fit_error is None and p.peak > mem_gb * cm.GB:
-            report.fit_error = _fit_message(p, cfg, mem_gb)
+    # blame the over-budget call that brings the most of its own: the others only share its GPUs
+    over = [p for p in report.calls if p.peak > mem_gb * cm.GB]
+    if over:
+        report.fit_error = _fit_message(max(over, key=lambda p: p.memory.total), cfg, mem_gb)
 
 
 def _fit_message(p: CallPlan, cfg: RunConfig, mem_gb: float) -> str:
@@ -250,72 +256,6 @@ def check_fit(report: PlanReport):
 
 # ---- reallocation ------------------------------------------------------------------------------
 
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-
-
-def _stage_of(layer: int, num_layers: int, pp: int) -> int:
-    return next(s for s in range(pp) if layer < (s + 1) * num_layers // pp)
-
-
-def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int]) -> dict:
-    """{rank: specs} from meta-device stages, built once per (tp, pp) coordinate (dp replicas hold
-    the same shards), restricted to the representative layers in ``keep``."""
-    built, out = {}, {}
-    for r in layout.ranks:
-        c = layout.coord_of(r)
-        if (c.tp, c.pp) not in built:
-            specs = LlamaStage(mcfg, layout.as_seen_by(r), head=head, device="meta").specs
-            built[(c.tp, c.pp)] = {n: s for n, s in specs.items()
-                                   if (m := _LAYER.match(n)) is None or int(m.group(1)) in keep}
-        out[r] = built[(c.tp, c.pp)]
-    return out
-
-
-def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: ParallelLayout, *,
-                 gpus_per_node: int, intra_bw: float, inter_bw: float, local_bw: float) -> dict:
-    """Bytes and seconds of moving a model from ``src`` to ``dst`` by the real planner.
-
-    Layers whose (source stage, destination stage) agree move alike, so one representative per
-    such class is planned and its bytes counted once per layer of the class; the tests check this
-    against planning every layer. Time: each rank sends and receives at once over NVLink and its
-    NIC (full duplex, the two link types concurrently), so the move takes the slowest rank's
-    max(intra bytes / intra bandwidth, cross-node bytes / inter bandwidth), then local copies at the
-    measured local-copy bandwidth.
-    """
-    L = mcfg.num_hidden_layers
-    classes: dict[tuple, list[int]] = {}
-    for i in range(L):
-        classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size)), []).append(i)
-    weight = {v[0]: len(v) for v in classes.values()}
-    p = plan(src, dst, _meta_specs(mcfg, head, src, set(weight)),
-             _meta_specs(mcfg, head, dst, set(weight)), node_of=lambda r: r // gpus_per_node,
-             dtype=dtype)
-    ranks = sorted(set(src.ranks) | set(dst.ranks))
-    acc = {k: dict.fromkeys(ranks, 0.0) for k in ("intra_out", "intra_in", "inter_out", "inter_in",
-                                                    "local", "sent")}
-    for t in p.transfers:
-        m = _LAYER.match(t.name)
-        b = t.nbytes * (weight[int(m.group(1))] if m else 1)
-        if t.local:
-            acc["local"][t.dst] += b
-            continue
-        link = "inter" if t.src // gpus_per_node != t.dst // gpus_per_node else "intra"
-        acc[link + "_out"][t.src] += b
-        acc[link + "_in"][t.dst] += b
-        acc["sent"][t.src] += b
-    link_s = max(max(max(acc["intra_out"][r], acc["intra_in"][r]) / intra_bw,
-                     max(acc["inter_out"][r], acc["inter_in"][r]) / inter_bw) for r in ranks)
-    local_s = max(acc["local"].values()) / local_bw
-    senders = [b for b in acc["sent"].values() if b]
-    return {"remote_bytes": sum(acc["intra_in"].values()) + sum(acc["inter_in"].values()),
-            "cross_node_bytes": sum(acc["inter_in"].values()), "local_bytes": sum(acc["local"].values()),
-            "sender_max_bytes": max(senders, default=0.0), "sender_min_bytes": min(senders, default=0.0),
-            "intra_max_bytes": max(max(acc["intra_out"][r], acc["intra_in"][r]) for r in ranks),
-            "inter_max_bytes": max(max(acc["inter_out"][r], acc["inter_in"][r]) for r in ranks),
-            "local_max_bytes": max(acc["local"].values()), "link_seconds": link_s,
-            "local_seconds": local_s, "seconds": link_s + local_s, "layers_planned": len(weight)}
-
-
 def _reallocs(report: PlanReport) -> list[dict]:
     """One move per view per refresh (home weights change every step for trained models; a frozen
     model's view is filled once), and the EMA blend per actor update."""
@@ -331,14 +271,14 @@ def _reallocs(report: PlanReport) -> list[dict]:
         if v.home:
             continue
         h = homes[v.model]
-        cost = realloc_cost(h.mcfg, h.head, DTYPES[cfg.models[v.model].dtype], h.layout, v.layout, **kw)
+        cost = cm.realloc_cost(h.mcfg, h.head, DTYPES[cfg.models[v.model].dtype], h.layout, v.layout, **kw)
         fresh = v.model in trained or (ema and v.model == _model_of(report, "ref_inf"))
         out.append({"model": v.model, "src": h.source, "dst": v.source, "per_step": 1 if fresh else 0,
                     **cost})
     actor, ref = _model_of(report, "actor_train"), _model_of(report, "ref_inf")
     if ema and actor and ref:
         a, b = homes[actor], homes[ref]
-        cost = realloc_cost(a.mcfg, a.head, DTYPES[cfg.models[actor].dtype], a.layout, b.layout, **kw)
+        cost = cm.realloc_cost(a.mcfg, a.head, DTYPES[cfg.models[actor].dtype], a.layout, b.layout, **kw)
         out.append({"model": f"{ref}←{actor} (EMA)", "src": a.source, "dst": b.source,
                     "per_step": report.workload.updates, **cost})
     return out
@@ -348,7 +288,7 @@ def _model_of(report: PlanReport, call: str) -> str | None:
     return next((p.model for p in report.placements if p.source == call), None)
 
 
-def _link_bandwidths(cfg: RunConfig, r: cm.Rates) -> tuple[float, float]:
+def _link_bandwidths(cfg: RunConfig, r: Rates) -> tuple[float, float]:
     if r.link_gbps is not None:
         return r.link_gbps * 1e9, r.link_gbps * 1e9
     return cfg.cluster.intra_node_gbps * 1e9 / 8, cfg.cluster.inter_node_gbps * 1e9 / 8
@@ -356,7 +296,7 @@ def _link_bandwidths(cfg: RunConfig, r: cm.Rates) -> tuple[float, float]:
 
 # ---- time --------------------------------------------------------------------------------------
 
-def _links(layout: ParallelLayout, cfg: RunConfig, r: cm.Rates) -> cm.Links:
+def _links(layout: ParallelLayout, cfg: RunConfig, r: Rates) -> cm.Links:
     """A group is as fast as its slowest hop: cross-node if any group of the axis spans nodes."""
     intra, inter = _link_bandwidths(cfg, r)
     gpn, L = cfg.cluster.gpus_per_node, layout
@@ -392,7 +332,7 @@ def _times(report: PlanReport):
 
 
 def plan_config(cfg: RunConfig, *, world: int | None = None, device: str | None = None,
-                rates_path: str | None = None, rates: cm.Rates | None = None,
+                rates_path: str | None = None, rates: Rates | None = None,
                 prompt_len=None, response_len=None, decode_steps=None,
                 realloc: bool = True) -> PlanReport:
     """The whole dry run. Layouts that do not divide raise PlanError; one that does not fit sets
@@ -404,7 +344,7 @@ def plan_config(cfg: RunConfig, *, world: int | None = None, device: str | None 
         raise PlanError(f"cluster: nodes × gpus_per_node = {cl.nodes} × {cl.gpus_per_node} = "
                         f"{expected}, but the run has {world} ranks: set cluster.nodes and "
                         "cluster.gpus_per_node to match")
-    rates = rates or cm.load_rates(device or cfg.extra.get("device", "h100"), rates_path)
+    rates = rates or load_rates(device or cfg.extra.get("device", "h100"), rates_path)
     calls, placements = _call_plans(cfg, expected)
     report = PlanReport(cfg, expected, rates, workload_of(cfg, prompt_len, response_len, decode_steps),
                         calls, placements)
@@ -481,7 +421,7 @@ def add_arguments(p):
     p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
     p.add_argument("--device", help="whose rates: a device or alias in the rates file (h100, cpu); "
                    "default: the config's extra.device, else h100")
-    p.add_argument("--rates", help=f"rates file (default benchmarks/rates.json or ${cm.RATES_ENV})")
+    p.add_argument("--rates", help=f"rates file (default benchmarks/rates.json or ${RATES_ENV})")
     p.add_argument("--prompt-len", type=float, help="mean prompt tokens (default data.max_prompt_len)")
     p.add_argument("--response-len", type=float,
                    help="mean response tokens (default generation.max_new_tokens)")
