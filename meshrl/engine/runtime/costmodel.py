@@ -9,8 +9,9 @@ Memory per GPU (bytes; ``dt`` = parameter dtype bytes, P = this rank's parameter
   grads       P·4                      fp32 main-grad buffer (grad_buffer.py), even for bf16 params
   optimizer   P·12 / (dp if ZeRO-1)    fp32 master + Adam m and v (data_parallel.py)
   activations (training, per token per layer, measured with saved-tensor hooks, see the tests)
-              norms 2·(4h + 2·dt·h), attention dt·(3q + 2kv) + 4·heads (flash keeps q, k, v, out
-              and an fp32 logsumexp), MLP dt·4f, q/kv/f per tp rank; sequence parallel shards
+              norms 2·(4h + 2·dt·h + 4) (fp32 input copy, normalised, output, fp32 rstd),
+              attention dt·(3q + 2kv) + 4·heads (flash keeps q, k, v, out and an fp32
+              logsumexp), MLP dt·4f, q/kv/f per tp rank; sequence parallel shards
               the norms by tp but the column-parallel inputs are gathered (+2·dt·h). With
               activation checkpointing only each layer's input (dt·h) is kept, plus one layer's
               full set during recompute. 1F1B keeps min(microbatches, pp − stage) in flight.
@@ -104,7 +105,7 @@ def act_bytes_per_token_layer(cfg: ModelConfig, tp: int, dt: int, sp: bool) -> f
     q = cfg.num_attention_heads * cfg.head_dim // tp
     kv = kv_heads_local(cfg, tp) * cfg.head_dim
     f = cfg.intermediate_size // tp
-    norms = 2 * (4 * h + 2 * dt * h)
+    norms = 2 * (4 * h + 2 * dt * h + 4)
     if sp and tp > 1:
         norms = norms / tp + 2 * dt * h
     return norms + dt * (3 * q + 2 * kv) + 4 * cfg.num_attention_heads // tp + dt * 4 * f
