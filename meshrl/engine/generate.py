@@ -1,11 +1,13 @@
 """Generation with a KV cache, under any tp/pp layout (the straightforward version: one decoding
-step at a time through the pipeline; the fast engine builds on the same cache and sampling).
+step at a time through the pipeline). It is the reference the fast engine (``fastgen``: static cache,
+CUDA graphs, pipelined microbatches, sharded sampling) must reproduce; ``generate`` picks one.
 
 Prompts are prefilled packed (no padding); each decoding step feeds one token per sequence. The last
 stage samples on the full vocabulary (gathered over tp), and the chosen tokens go back to every stage.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -100,13 +102,37 @@ def _broadcast_from_last(t: torch.Tensor, layout):
     return t
 
 
-@torch.no_grad()
+ENGINES = ("auto", "fast", "reference")
+
+
+def choose_engine(stage, engine: str | None = None) -> str:
+    """``engine`` or ``MESHRL_GENERATE`` (read per call), default auto: the fast engine where the
+    stage's parameters are CUDA tensors (its graphs and kernels are CUDA's), the reference elsewhere."""
+    choice = (engine or os.environ.get("MESHRL_GENERATE", "") or "auto").strip().lower()
+    if choice not in ENGINES:
+        raise ValueError(f"generation engine {choice!r}: use one of {ENGINES}")
+    if choice == "auto":
+        return "fast" if next(stage.parameters()).is_cuda else "reference"
+    return choice
+
+
 def generate(stage, prompts: list[list[int]], params: SamplingParams, *, seq_offset: int = 0,
-             device=None) -> GenerationResult:
+             device=None, engine: str | None = None) -> GenerationResult:
     """Continue each prompt; every rank of the model replica calls this with the same prompts.
 
     ``seq_offset`` is the global index of ``prompts[0]`` (data-parallel replicas pass their offset),
-    which keys the sampling noise so the tokens do not depend on the layout."""
+    which keys the sampling noise so the tokens do not depend on the layout. Both engines give the
+    same tokens (and log-probs to fp32 rounding) on CPU; see ``choose_engine``."""
+    if choose_engine(stage, engine) == "fast":
+        from .fastgen import generate_fast
+        return generate_fast(stage, prompts, params, seq_offset=seq_offset, device=device)
+    return generate_reference(stage, prompts, params, seq_offset=seq_offset, device=device)
+
+
+@torch.no_grad()
+def generate_reference(stage, prompts: list[list[int]], params: SamplingParams, *,
+                       seq_offset: int = 0, device=None) -> GenerationResult:
+    """The straightforward engine: one step at a time, full-vocabulary sampling on the last stage."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if stage.head != "lm":

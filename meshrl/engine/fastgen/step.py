@@ -1,0 +1,195 @@
+"""One decoding step of one pipeline stage, written for capture: a static KV cache, weights fused at
+generation setup, and per-layer pieces that take only tensors and constants.
+
+The pieces follow ``model/llama.py`` operation for operation (RMSNorm in fp32 then the weight in the
+model dtype, rotary embeddings, ``x + (y + bias)`` residuals with row-parallel biases added after the
+tp reduction), so on CPU the step agrees with the stage's own forward to fp32 rounding. They are cut
+at the tp all-reduces, which stay outside ``torch.compile`` (a captured NCCL call is fine; a traced
+one would be a graph break), and at attention, which is its own kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from meshrl.parallel import mappings
+
+from ..model.attention import apply_rope, rope_cos_sin, varlen_causal_attention
+from .attention import attend
+
+
+class StaticKVCache:
+    """Per layer K and V of B sequences, [B, kv_heads, capacity, head_dim], allocated once. The
+    prefill pass goes through the stage's own forward (``attend`` below); decode steps write and
+    read the cache through ``fastgen.attention``."""
+
+    def __init__(self, stage, batch: int, capacity: int, *, dtype, device):
+        self.k, self.v = {}, {}
+        for idx, layer in stage.model.layers.items():
+            attn = layer.self_attn
+            shape = (batch, attn.n_kv, capacity, attn.head_dim)
+            self.k[int(idx)] = torch.zeros(shape, dtype=dtype, device=device)
+            self.v[int(idx)] = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.prefill_rows = None  # [N] row of each packed prompt token, set before the prefill
+
+    def attend(self, layer_idx, q, k, v, meta, *, window=None):
+        self.k[layer_idx][self.prefill_rows, :, meta.position_ids] = k
+        self.v[layer_idx][self.prefill_rows, :, meta.position_ids] = v
+        return varlen_causal_attention(q, k, v, meta, window=window)
+
+    def rows(self, r: slice):
+        """Per layer (K, V) views of some rows, in layer order."""
+        return [(self.k[i][r], self.v[i][r]) for i in sorted(self.k)]
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    ln2: torch.Tensor
+    gate: torch.Tensor  # gate and up rows stacked when fused, else the gate alone
+    gate_bias: torch.Tensor | None
+    up: torch.Tensor | None  # None when fused into ``gate``
+    up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+def _d(p):
+    return None if p is None else p.detach()
+
+
+def _cat_into(buf, parts):
+    if parts[0] is None:
+        return None
+    return torch.cat([p.detach() for p in parts], 0, out=buf)
+
+
+class DecodeWeights:
+    """The stage's weights as the decode step reads them: Q/K/V (and gate/up) rows concatenated into
+    buffers allocated once and refreshed from the parameters on every ``refresh`` (so training
+    updates are seen), everything else read in place. ``fingerprint`` changes when a parameter's
+    storage moves (e.g. after a reallocation), which invalidates captured graphs."""
+
+    def __init__(self, stage, *, fuse_mlp: bool = True):
+        self.stage, self.fuse_mlp = stage, fuse_mlp
+        self._bufs: dict = {}
+        self.layers: list[LayerWeights] = []
+
+    def fingerprint(self):
+        return tuple(p.data_ptr() for p in self.stage.parameters())
+
+    def _fused(self, key, parts):
+        if parts[0] is None:
+            return None
+        if key not in self._bufs:
+            rows = sum(p.shape[0] for p in parts)
+            self._bufs[key] = torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype,
+                                          device=parts[0].device)
+        return _cat_into(self._bufs[key], parts)
+
+    @torch.no_grad()
+    def refresh(self):
+        self.layers = []
+        for idx, layer in self.stage.model.layers.items():
+            a, m = layer.self_attn, layer.mlp
+            qkv = self._fused((idx, "qkv"), [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+            qkv_b = self._fused((idx, "qkv_b"), [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            if self.fuse_mlp:
+                gate = self._fused((idx, "gu"), [m.gate_proj.weight, m.up_proj.weight])
+                gate_b = self._fused((idx, "gu_b"), [m.gate_proj.bias, m.up_proj.bias])
+                up = up_b = None
+            else:
+                gate, gate_b = _d(m.gate_proj.weight), _d(m.gate_proj.bias)
+                up, up_b = _d(m.up_proj.weight), _d(m.up_proj.bias)
+            self.layers.append(LayerWeights(
+                ln1=_d(layer.input_layernorm.weight), qkv=qkv, qkv_bias=qkv_b,
+                o=_d(a.o_proj.weight), o_bias=_d(a.o_proj.bias),
+                ln2=_d(layer.post_attention_layernorm.weight), gate=gate, gate_bias=gate_b, up=up,
+                up_bias=up_b, down=_d(m.down_proj.weight), down_bias=_d(m.down_proj.bias)))
+
+    def release(self):
+        self._bufs.clear()
+        self.layers = []
+
+
+def rms_norm(x, weight, eps: float):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _residual(x, delta, bias):
+    if delta is None:
+        return x
+    return x + (delta if bias is None else delta + bias)
+
+
+def pre_attention(x, delta, delta_bias, ln_w, eps: float, qkv_w, qkv_b, cos, sin,
+                  n_heads: int, n_kv: int, head_dim: int):
+    """Previous MLP's residual, norm, fused QKV, rotary -> (x, q, k, v)."""
+    x = _residual(x, delta, delta_bias)
+    qkv = F.linear(rms_norm(x, ln_w, eps), qkv_w, qkv_b)
+    nq, nk = n_heads * head_dim, n_kv * head_dim
+    q = qkv[:, :nq].view(-1, n_heads, head_dim)
+    k = qkv[:, nq:nq + nk].view(-1, n_kv, head_dim)
+    v = qkv[:, nq + nk:].view(-1, n_kv, head_dim)
+    return x, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def post_attention(x, attn, attn_bias, ln_w, eps: float, gate_w, gate_b, up_w, up_b, down_w):
+    """Attention residual, norm, gate/up, SiLU product, down projection (before its tp reduction)
+    -> (x, partial MLP output)."""
+    x = _residual(x, attn, attn_bias)
+    h = rms_norm(x, ln_w, eps)
+    if up_w is None:
+        g, u = F.linear(h, gate_w, gate_b).chunk(2, dim=-1)
+    else:
+        g, u = F.linear(h, gate_w, gate_b), F.linear(h, up_w, up_b)
+    return x, F.linear(F.silu(g) * u, down_w)
+
+
+def finish_stage(x, delta, delta_bias, norm_w, eps: float):
+    x = _residual(x, delta, delta_bias)
+    return x if norm_w is None else rms_norm(x, norm_w, eps)
+
+
+@dataclass
+class StepFns:
+    """The pieces a step calls: plain functions, or ``torch.compile``d ones on CUDA."""
+
+    pre: object = pre_attention
+    post: object = post_attention
+    final: object = finish_stage
+
+    @staticmethod
+    def compiled():
+        kw = dict(dynamic=False, fullgraph=True)
+        return StepFns(torch.compile(pre_attention, **kw), torch.compile(post_attention, **kw),
+                       torch.compile(finish_stage, **kw))
+
+
+def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None):
+    """This stage's layers (and final norm on the last stage) for one new token per row.
+    x [b, H]; pos [b] the tokens' positions; caches per layer (K, V) views of the same rows."""
+    cfg, group = stage.cfg, stage.layout.tp_group
+    cos, sin = rope_cos_sin(stage.inv_freq, pos, x.dtype)
+    delta = delta_bias = None
+    for lw, layer, (kc, vc) in zip(weights.layers, stage.model.layers.values(), caches):
+        a = layer.self_attn
+        x, q, k, v = fns.pre(x, delta, delta_bias, lw.ln1, cfg.rms_norm_eps, lw.qkv, lw.qkv_bias,
+                             cos, sin, a.n_heads, a.n_kv, a.head_dim)
+        o = attend(q, k, v, kc, vc, pos, window=a.window, backend=attention)
+        out = mappings.all_reduce(F.linear(o.reshape(o.shape[0], -1), lw.o), group)
+        x, delta = fns.post(x, out, lw.o_bias, lw.ln2, cfg.rms_norm_eps, lw.gate, lw.gate_bias, lw.up,
+                            lw.up_bias, lw.down)
+        delta, delta_bias = mappings.all_reduce(delta, group), lw.down_bias
+    norm = stage.model.norm
+    return fns.final(x, delta, delta_bias, None if norm is None else norm.weight.detach(),
+                     cfg.rms_norm_eps)
