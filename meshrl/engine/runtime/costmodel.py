@@ -85,6 +85,33 @@ def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int, head: str = "lm
     return n
 
 
+# ---- workload ----------------------------------------------------------------------------------
+
+@dataclass
+class Workload:
+    sequences: int        # sampled sequences per step
+    prompt_len: float     # tokens per prompt (mean)
+    response_len: float   # tokens per response (mean)
+    decode_steps: int     # decoding steps per batch
+    updates: int          # optimizer steps per model per step (minibatches × epochs)
+    epochs: int = 1
+
+    @property
+    def tokens(self) -> float:
+        return self.sequences * (self.prompt_len + self.response_len)
+
+
+def workload_of(cfg, prompt_len=None, response_len=None, decode_steps=None) -> Workload:
+    n = cfg.ppo.batch_size
+    updates = cfg.ppo.minibatches * cfg.ppo.epochs
+    if cfg.algorithm == "grpo":
+        n, updates = cfg.grpo.batch_size * cfg.grpo.group_size, cfg.grpo.minibatches * cfg.grpo.epochs
+    new = cfg.generation.max_new_tokens
+    epochs = cfg.grpo.epochs if cfg.algorithm == "grpo" else cfg.ppo.epochs
+    return Workload(n, float(prompt_len or cfg.data.max_prompt_len), float(response_len or new),
+                    int(decode_steps or new), updates, epochs)
+
+
 # ---- memory per GPU ----------------------------------------------------------------------------
 
 @dataclass
@@ -160,6 +187,28 @@ class Links:
     tp: Link
     pp: Link
     dp: Link
+
+
+def link_bandwidths(cluster, r: Rates) -> tuple[float, float]:
+    """(intra-node, inter-node) bytes/s: the cluster's links, or the device's measured ones (CPU)."""
+    if r.link_gbps is not None:
+        return r.link_gbps * 1e9, r.link_gbps * 1e9
+    return cluster.intra_node_gbps * 1e9 / 8, cluster.inter_node_gbps * 1e9 / 8
+
+
+def group_links(layout: ParallelLayout, cluster, r: Rates) -> Links:
+    """A group is as fast as its slowest hop: cross-node if any group of the axis spans nodes."""
+    intra, inter = link_bandwidths(cluster, r)
+    gpn, L = cluster.gpus_per_node, layout
+    coords = [(t, d, p) for p in range(L.pp_size) for d in range(L.dp_size) for t in range(L.tp_size)]
+
+    def link(groups):
+        cross = any(len({x // gpn for x in g}) > 1 for g in groups)
+        return Link(len(groups[0]), inter if cross else intra, r.latency_s)
+    return Links(
+        tp=link([L.tp_ranks_of(d, p) for t, d, p in coords if t == 0]),
+        pp=link([L.pp_ranks_of(t, d) for t, d, p in coords if p == 0]),
+        dp=link([L.dp_ranks_of(t, p) for t, d, p in coords if d == 0]))
 
 
 @dataclass
@@ -248,7 +297,7 @@ def generate_time(cfg, dt, tp, pp, dp, *, prompts, prompt_len, new_tokens, decod
         compute, over, comm = compute + c, over + o, comm + t
     p2p = (pp - 1) * links.pp.p2p(b * h * dt)
     step = compute + over + comm + p2p + r.decode_step_s
-    prefill, pparts = _forward_pass(cfg, "lm", dt, tp, pp, dp, b * prompt_len, b * prompt_len, r,
+    prefill, _ = _forward_pass(cfg, "lm", dt, tp, pp, dp, b * prompt_len, b * prompt_len, r,
                                     links, train=False)
     secs = n_batches * (prefill + decode_steps * step)
     parts = {"decode_memory": n_batches * decode_steps * compute,
@@ -284,15 +333,16 @@ def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int]) -> dict:
 
 
 def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: ParallelLayout, *,
-                 gpus_per_node: int, intra_bw: float, inter_bw: float, local_bw: float) -> dict:
+                 gpus_per_node: int, intra_bw: float, inter_bw: float, local_bw: float,
+                 latency: float = 0.0) -> dict:
     """Bytes and seconds of moving a model from ``src`` to ``dst`` by the real planner.
 
     Layers whose (source stage, destination stage) agree move alike, so one representative per
     such class is planned and its bytes counted once per layer of the class; the tests check this
     against planning every layer. Time: each rank sends and receives at once over NVLink and its
     NIC (full duplex, the two link types concurrently), so the move takes the slowest rank's
-    max(intra bytes / intra bandwidth, cross-node bytes / inter bandwidth), then local copies at the
-    measured local-copy bandwidth.
+    max(intra bytes / intra bandwidth, cross-node bytes / inter bandwidth) plus one message latency
+    per peer, then its local copies at the measured local-copy bandwidth.
     """
     L = mcfg.num_hidden_layers
     classes: dict[tuple, list[int]] = {}
@@ -305,6 +355,7 @@ def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: 
     ranks = sorted(set(src.ranks) | set(dst.ranks))
     acc = {k: dict.fromkeys(ranks, 0.0) for k in ("intra_out", "intra_in", "inter_out", "inter_in",
                                                     "local", "sent")}
+    peers = {r: set() for r in ranks}
     for t in p.transfers:
         m = _LAYER.match(t.name)
         b = t.nbytes * (weight[int(m.group(1))] if m else 1)
@@ -315,8 +366,11 @@ def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: 
         acc[link + "_out"][t.src] += b
         acc[link + "_in"][t.dst] += b
         acc["sent"][t.src] += b
+        peers[t.src].add(t.dst)
+        peers[t.dst].add(t.src)
     link_s = max(max(max(acc["intra_out"][r], acc["intra_in"][r]) / intra_bw,
-                     max(acc["inter_out"][r], acc["inter_in"][r]) / inter_bw) for r in ranks)
+                     max(acc["inter_out"][r], acc["inter_in"][r]) / inter_bw)
+                 + latency * len(peers[r]) for r in ranks)
     local_s = max(acc["local"].values()) / local_bw
     senders = [b for b in acc["sent"].values() if b]
     return {"remote_bytes": sum(acc["intra_in"].values()) + sum(acc["inter_in"].values()),

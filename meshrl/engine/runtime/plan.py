@@ -39,20 +39,6 @@ class PlanError(RunConfigError):
 
 
 @dataclass
-class Workload:
-    sequences: int        # sampled sequences per step
-    prompt_len: float     # tokens per prompt (mean)
-    response_len: float   # tokens per response (mean)
-    decode_steps: int     # decoding steps per batch
-    updates: int          # optimizer steps per model per step (minibatches × epochs)
-    epochs: int = 1
-
-    @property
-    def tokens(self) -> float:
-        return self.sequences * (self.prompt_len + self.response_len)
-
-
-@dataclass
 class CallPlan:
     name: str
     source: str            # the config call whose layout this row uses
@@ -73,10 +59,6 @@ class CallPlan:
         return self.memory.total + self.resident
 
     @property
-    def key(self) -> tuple:
-        return (self.model, self.spec.ranks, self.spec.tp, self.spec.pp, self.spec.dp)
-
-    @property
     def tag(self) -> str:
         return f"tp{self.spec.tp}·pp{self.spec.pp}·dp{self.spec.dp}"
 
@@ -86,7 +68,7 @@ class PlanReport:
     cfg: RunConfig
     world: int
     rates: Rates
-    workload: Workload
+    workload: cm.Workload
     calls: list[CallPlan]
     placements: list[CallPlan]   # one per (model, layout): its home, then its views
     reallocs: list[dict] = field(default_factory=list)
@@ -97,17 +79,6 @@ class PlanReport:
     def step_seconds(self) -> float:
         return (sum(c.time.seconds for c in self.calls if c.time is not None)
                 + sum(r["seconds"] * r["per_step"] for r in self.reallocs))
-
-
-def workload_of(cfg: RunConfig, prompt_len=None, response_len=None, decode_steps=None) -> Workload:
-    n = cfg.ppo.batch_size
-    updates = cfg.ppo.minibatches * cfg.ppo.epochs
-    if cfg.algorithm == "grpo":
-        n, updates = cfg.grpo.batch_size * cfg.grpo.group_size, cfg.grpo.minibatches * cfg.grpo.epochs
-    new = cfg.generation.max_new_tokens
-    epochs = cfg.grpo.epochs if cfg.algorithm == "grpo" else cfg.ppo.epochs
-    return Workload(n, float(prompt_len or cfg.data.max_prompt_len), float(response_len or new),
-                    int(decode_steps or new), updates, epochs)
 
 
 def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPlan]]:
@@ -125,8 +96,7 @@ def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPl
             layouts[name] = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp, virtual=True,
                                            world_size=world, name=f"calls.{name}")
         except LayoutError as e:
-            raise PlanError(f"{e} (cluster: {cfg.cluster.nodes} nodes × "
-                            f"{cfg.cluster.gpus_per_node} GPUs = {world})") from None
+            raise PlanError(str(e)) from None
         if c.model not in configs:
             configs[c.model] = load_model_config(cfg.models[c.model], cfg.models)
         try:
@@ -134,42 +104,33 @@ def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPl
         except ConfigError as e:
             raise PlanError(str(e)) from None
 
-    def make(row, src, home):
-        c = calls[src]
-        return CallPlan(name=row, source=src, spec=c, model=c.model, head=heads[c.model],
-                        kind=KIND.get(row, "inf"), mcfg=configs[c.model], layout=layouts[src],
-                        dt=cm.DTYPE_BYTES[cfg.models[c.model].dtype], home=home)
-
     home_call = {}
     for name in TRAIN_CALLS + tuple(sorted(calls)):
         if name in calls:
             home_call.setdefault(calls[name].model, name)
-    homes = {m: make(n, n, True).key for m, n in home_call.items()}
-    placements, seen = [], set()
-    for name in [home_call[m] for m in home_call] + sorted(calls):
-        p = make(name, name, False)
-        p.home = p.key == homes[p.model]
-        if p.key not in seen:
-            seen.add(p.key)
-            placements.append(p)
+    key = lambda n: (calls[n].model, calls[n].ranks, calls[n].tp, calls[n].pp, calls[n].dp)  # noqa: E731
+
+    def make(row, src):
+        c = calls[src]
+        return CallPlan(name=row, source=src, spec=c, model=c.model, head=heads[c.model],
+                        kind=KIND.get(row, "inf"), mcfg=configs[c.model], layout=layouts[src],
+                        dt=cm.DTYPE_BYTES[cfg.models[c.model].dtype],
+                        home=key(src) == key(home_call[c.model]))
+    placements = {}
+    for name in [*home_call.values(), *sorted(calls)]:
+        placements.setdefault(key(name), make(name, name))
     rows = DATAFLOW.get(cfg.algorithm, [(n, n) for n in sorted(calls)])
-    out = []
-    for row, src in rows:
-        if src in calls:
-            p = make(row, src, False)
-            p.home = p.key == homes[p.model]
-            out.append(p)
-    return out, placements
+    return [make(row, src) for row, src in rows if src in calls], list(placements.values())
 
 
 # ---- memory ------------------------------------------------------------------------------------
 
-def _microbatches(p: CallPlan, wl: Workload) -> int:
+def _microbatches(p: CallPlan, wl: cm.Workload) -> int:
     per_update = wl.tokens / (wl.updates / wl.epochs if p.kind == "train" else 1) / p.spec.dp
     return max(1, math.ceil(per_update / p.spec.microbatch_tokens))
 
 
-def _own_memory(p: CallPlan, cfg: RunConfig, wl: Workload, stage: int) -> cm.Memory:
+def _own_memory(p: CallPlan, cfg: RunConfig, wl: cm.Workload, stage: int) -> cm.Memory:
     """This call's parameters (home or view), its training state, activations and KV cache on a
     rank of pipeline stage ``stage``."""
     c, m, spec = p.mcfg, cfg.models[p.model], p.spec
@@ -260,9 +221,9 @@ def _reallocs(report: PlanReport) -> list[dict]:
     """One move per view per refresh (home weights change every step for trained models; a frozen
     model's view is filled once), and the EMA blend per actor update."""
     cfg, r = report.cfg, report.rates
-    intra, inter = _link_bandwidths(cfg, r)
+    intra, inter = cm.link_bandwidths(cfg.cluster, r)
     kw = dict(gpus_per_node=cfg.cluster.gpus_per_node, intra_bw=intra, inter_bw=inter,
-              local_bw=r.local_copy_gbps * 1e9)
+              local_bw=r.local_copy_gbps * 1e9, latency=r.latency_s)
     homes = {p.model: p for p in report.placements if p.home}
     trained = {p.model for p in report.placements if p.source in TRAIN_CALLS}
     ema = cfg.algorithm == "ppo" and cfg.ppo.ema_ref
@@ -288,33 +249,12 @@ def _model_of(report: PlanReport, call: str) -> str | None:
     return next((p.model for p in report.placements if p.source == call), None)
 
 
-def _link_bandwidths(cfg: RunConfig, r: Rates) -> tuple[float, float]:
-    if r.link_gbps is not None:
-        return r.link_gbps * 1e9, r.link_gbps * 1e9
-    return cfg.cluster.intra_node_gbps * 1e9 / 8, cfg.cluster.inter_node_gbps * 1e9 / 8
-
-
 # ---- time --------------------------------------------------------------------------------------
-
-def _links(layout: ParallelLayout, cfg: RunConfig, r: Rates) -> cm.Links:
-    """A group is as fast as its slowest hop: cross-node if any group of the axis spans nodes."""
-    intra, inter = _link_bandwidths(cfg, r)
-    gpn, L = cfg.cluster.gpus_per_node, layout
-    coords = [(t, d, p) for p in range(L.pp_size) for d in range(L.dp_size) for t in range(L.tp_size)]
-
-    def link(groups):
-        cross = any(len({x // gpn for x in g}) > 1 for g in groups)
-        return cm.Link(len(groups[0]), inter if cross else intra, r.latency_s)
-    return cm.Links(
-        tp=link([L.tp_ranks_of(d, p) for t, d, p in coords if t == 0]),
-        pp=link([L.pp_ranks_of(t, d) for t, d, p in coords if p == 0]),
-        dp=link([L.dp_ranks_of(t, p) for t, d, p in coords if d == 0]))
-
 
 def _times(report: PlanReport):
     cfg, r, wl = report.cfg, report.rates, report.workload
     for p in report.calls:
-        s, links, m = p.spec, _links(p.layout, cfg, r), cfg.models[p.model]
+        s, links, m = p.spec, cm.group_links(p.layout, cfg.cluster, r), cfg.models[p.model]
         dims = (p.spec.tp, p.spec.pp, p.spec.dp)
         if p.kind == "gen":
             p.time = cm.generate_time(p.mcfg, p.dt, *dims, prompts=wl.sequences,
@@ -346,7 +286,7 @@ def plan_config(cfg: RunConfig, *, world: int | None = None, device: str | None 
                         "cluster.gpus_per_node to match")
     rates = rates or load_rates(device or cfg.extra.get("device", "h100"), rates_path)
     calls, placements = _call_plans(cfg, expected)
-    report = PlanReport(cfg, expected, rates, workload_of(cfg, prompt_len, response_len, decode_steps),
+    report = PlanReport(cfg, expected, rates, cm.workload_of(cfg, prompt_len, response_len, decode_steps),
                         calls, placements)
     _memory(report)
     if report.fit_error is None:
@@ -366,50 +306,68 @@ def _gb(x: float) -> str:
 
 
 def _fmt(x: float, digits=3) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{x:,.{digits}g}" if x < 1e4 else f"{x:,.0f}"
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:,.{digits}g}" if x < 1e4 else f"{x:,.0f}"
+
+
+def _memory_table(report: PlanReport) -> list[str]:
+    budget = report.cfg.cluster.gpu_mem_gb * cm.GB
+    out = [("memory per GPU, GB = 1e9 bytes (worst rank of each call; other = the other models and "
+            "this model's state kept meanwhile; v = a view filled by reallocation)"),
+           (f"{'call':<13}{'model':<8}{'layout':<17}{'params':>7}{'grads':>7}{'optim':>7}"
+            f"{'activ':>7}{'KV':>7}{'other':>7}{'peak':>7}")]
+    for p in report.calls:
+        m, lay = p.memory, p.tag + ("" if p.home else " v")
+        cols = (m.params, m.grads, m.optim, m.activations, m.kv, p.resident, p.peak)
+        out.append(f"{p.name:<13}{p.model:<8}{lay:<17}" + "".join(f"{_gb(x):>7}" for x in cols)
+                   + ("  > budget" if p.peak > budget else ""))
+    return out
+
+
+def _realloc_table(report: PlanReport) -> list[str]:
+    out = ["", ("reallocation by the planner on meta-built specs; per GPU = the busiest rank's bytes "
+                "each way; time = its max(NVLink bytes / intra bw, IB bytes / inter bw) + latency "
+                "per peer + local copies"),
+           (f"{'model':<20}{'from → to':<28}{'remote GB':>10}{'x-node GB':>10}{'local GB':>9}"
+            f"{'NVLink/GPU':>11}{'IB/GPU':>8}{'seconds':>9}{'per step':>9}")]
+    for x in report.reallocs:
+        sizes = (x["remote_bytes"], x["cross_node_bytes"], x["local_bytes"], x["intra_max_bytes"],
+                 x["inter_max_bytes"])
+        out.append(f"{x['model']:<20}{x['src'] + ' → ' + x['dst']:<28}"
+                   + "".join(f"{_gb(v):>{w}}" for v, w in zip(sizes, (10, 10, 9, 11, 8)))
+                   + f"{x['seconds']:>9.3f}{x['per_step']:>9}")
+    return out
+
+
+def _time_table(report: PlanReport) -> list[str]:
+    out = ["", "estimated time per step (calls one after another, as the runtime runs them)",
+           f"{'call':<17}{'seconds':>9}{'tokens/s':>11}{'TFLOP/s/GPU':>12}  where the time goes"]
+    for p in report.calls:
+        t = p.time
+        parts = ", ".join(f"{k} {v:.3g}" for k, v in t.parts.items() if v > 0.005 * t.seconds)
+        out.append(f"{p.name:<17}{t.seconds:>9.3f}{_fmt(t.tokens_per_s):>11}"
+                   f"{_fmt(t.tflops_per_gpu):>12}  {parts}")
+    for x in report.reallocs:
+        if x["per_step"]:
+            out.append(f"{'realloc/' + x['dst']:<17}{x['seconds'] * x['per_step']:>9.3f}")
+    out.append(f"{'step':<17}{report.step_seconds:>9.3f}")
+    return out
 
 
 def format_report(report: PlanReport) -> str:
     cfg, cl, wl, r = report.cfg, report.cfg.cluster, report.workload, report.rates
-    out = [f"{cfg.algorithm} on {cl.nodes} nodes × {cl.gpus_per_node} GPUs ({report.world}), "
-           f"{cl.gpu_mem_gb:g} GB each; rates: {r.device}",
-           f"workload: {wl.sequences} sequences × ({wl.prompt_len:g} prompt + {wl.response_len:g} "
-           f"response) = {wl.tokens:,.0f} tokens per step, {wl.decode_steps} decoding steps, "
-           f"{wl.updates} optimizer steps per trained model", "",
-           "memory per GPU, GB (worst rank of each call; 'other' = other models and this model's "
-           "state kept while the call runs; v = a view filled by reallocation)",
-           f"{'call':<13}{'model':<8}{'layout':<17}{'params':>7}{'grads':>7}{'optim':>7}{'activ':>7}"
-           f"{'KV':>7}{'other':>7}{'peak':>7}"]
-    for p in report.calls:
-        m = p.memory
-        lay = p.tag + ("" if p.home else " v")
-        out.append(f"{p.name:<13}{p.model:<8}{lay:<17}{_gb(m.params):>7}{_gb(m.grads):>7}"
-                   f"{_gb(m.optim):>7}{_gb(m.activations):>7}{_gb(m.kv):>7}{_gb(p.resident):>7}"
-                   f"{_gb(p.peak):>7}" + ("  > budget" if p.peak > cl.gpu_mem_gb * cm.GB else ""))
+    out = [(f"{cfg.algorithm} on {cl.nodes} nodes × {cl.gpus_per_node} GPUs ({report.world}), "
+            f"{cl.gpu_mem_gb:g} GB each; rates: {r.device}"),
+           (f"workload: {wl.sequences} sequences × ({wl.prompt_len:g} prompt + {wl.response_len:g} "
+            f"response) = {wl.tokens:,.0f} tokens per step, {wl.decode_steps} decoding steps, "
+            f"{wl.updates} optimizer steps per trained model"), ""]
+    out += _memory_table(report)
     if report.reallocs:
-        out += ["", "reallocation (real planner on meta-built specs; per GPU: the busiest rank's "
-                "bytes each way)",
-                f"{'model':<20}{'from → to':<28}{'remote GB':>10}{'x-node GB':>10}{'local GB':>9}"
-                f"{'NVLink/GPU':>11}{'IB/GPU':>8}{'seconds':>9}{'per step':>9}"]
-        for x in report.reallocs:
-            out.append(f"{x['model']:<20}{x['src'] + ' → ' + x['dst']:<28}{_gb(x['remote_bytes']):>10}"
-                       f"{_gb(x['cross_node_bytes']):>10}{_gb(x['local_bytes']):>9}"
-                       f"{_gb(x['intra_max_bytes']):>11}{_gb(x['inter_max_bytes']):>8}"
-                       f"{x['seconds']:>9.3f}{x['per_step']:>9}")
+        out += _realloc_table(report)
     if any(p.time for p in report.calls):
-        out += ["", "estimated time per step (calls one after another)",
-                f"{'call':<13}{'seconds':>9}{'tokens/s':>11}{'TFLOP/s/GPU':>12}  where the time goes"]
-        for p in report.calls:
-            t = p.time
-            parts = ", ".join(f"{k} {v:.3g}" for k, v in t.parts.items() if v > 0.005 * t.seconds)
-            out.append(f"{p.name:<13}{t.seconds:>9.3f}{_fmt(t.tokens_per_s):>11}"
-                       f"{_fmt(t.tflops_per_gpu):>12}  {parts}")
-        for x in report.reallocs:
-            if x["per_step"]:
-                out.append(f"{'realloc/' + x['dst']:<13}{x['seconds'] * x['per_step']:>9.3f}")
-        out.append(f"{'step':<13}{report.step_seconds:>9.3f}")
-    out += ["", "rates: " + "; ".join(f"{k} = {_fmt(getattr(r, k))} ({v})"
-                                     for k, v in r.sources.items())]
+        out += _time_table(report)
+    out += ["", "rates:"] + [f"  {k} = {_fmt(getattr(r, k))}  ({v})" for k, v in r.sources.items()]
     out += report.notes
     if report.fit_error:
         out += ["", "does not fit: " + report.fit_error]

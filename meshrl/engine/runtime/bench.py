@@ -1,0 +1,296 @@
+"""`meshrl bench CONFIG [key=value ...] [--iterations N]`: run a few iterations of a PPO/GRPO config
+and put each call's measured seconds next to `meshrl plan`'s estimate for the same config.
+
+Measured: the runtime's ``time/<call>`` and ``time/realloc/<call>`` per step (metrics.jsonl), the
+first iteration left out as warm-up when there are several. The estimate is the plan for the
+workload the run actually had: mean prompt and response lengths from the rollout dumps, decoding
+steps = the longest response (the engine decodes until every sequence of a batch is done).
+
+``python -m meshrl.engine.runtime.bench --calibrate`` measures this machine's CPU rates with meshrl's
+own train step, forward pass, decoding loop, optimizer and gloo links, and writes them as
+``devices.cpu`` of ``benchmarks/rates.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from .config import load_run_config
+from .metrics import read_metrics
+from .plan import PlanError, plan_config
+from .rates import default_rates_path
+
+LOOP = {"ppo": "ppo", "grpo": "grpo"}
+
+
+def _device_name(device: torch.device) -> str:
+    return "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-")
+
+
+def measured(run_dir: str, skip_first: bool) -> tuple[dict[str, float], dict]:
+    """Mean seconds per step of every ``time/...`` metric, and the workload from the dumps."""
+    rows = [r for r in read_metrics(run_dir) if r.get("phase", "train") == "train"]
+    rows = rows[1:] if skip_first and len(rows) > 1 else rows
+    keys = sorted({k for r in rows for k in r if k.startswith("time/")} | {"step_seconds"})
+    times = {k: statistics.mean(r[k] for r in rows if r.get(k) is not None) for k in keys
+             if any(r.get(k) is not None for r in rows)}
+    prompts, responses = [], []
+    dump_dir = os.path.join(run_dir, "rollouts")
+    for name in sorted(os.listdir(dump_dir)) if os.path.isdir(dump_dir) else []:
+        with open(os.path.join(dump_dir, name)) as f:
+            for line in f:
+                rec = json.loads(line)
+                prompts.append(len(rec["prompt_ids"]))
+                responses.append(len(rec["output_ids"]))
+    work = {}
+    if prompts:
+        work = dict(prompt_len=statistics.mean(prompts), response_len=statistics.mean(responses),
+                    decode_steps=max(responses))
+    return times, work
+
+
+def _match_cluster(cfg, world: int):
+    """Make the config's cluster the launched one, with the runtime's node rule (torchrun's local
+    world size, else cluster.gpus_per_node): a CPU run is one host whatever cluster the config
+    names, and the estimate must price the links the run had."""
+    cl = cfg.cluster
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(world, cl.gpus_per_node)
+    if world % local:
+        local = world
+    cl.nodes, cl.gpus_per_node = world // local, local
+
+
+def bench_config(cfg, *, iterations: int = 3, run_dir: str | None = None, device: str | None = None,
+                 rates_path: str | None = None) -> dict | None:
+    """Run ``iterations`` steps and compare with the plan. Returns (on rank 0) {"rows": [...],
+    "plan": PlanReport, "measured": {...}}; None elsewhere."""
+    from meshrl.engine.distributed import init_distributed, is_main, world
+
+    from .run import run_config
+    if cfg.algorithm not in LOOP:
+        raise PlanError(f"algorithm={cfg.algorithm}: meshrl bench runs ppo or grpo configs")
+    dev = init_distributed()
+    tmp = None
+    if run_dir is None:
+        tmp = tempfile.mkdtemp(prefix="meshrl-bench-")
+        run_dir = os.path.join(tmp, "run")
+    getattr(cfg, LOOP[cfg.algorithm]).iterations = iterations
+    batch = cfg.ppo.batch_size if cfg.algorithm == "ppo" else cfg.grpo.batch_size * cfg.grpo.group_size
+    cfg.run_dir, cfg.resume, cfg.save_hf = run_dir, False, False
+    cfg.logging.dump_rollouts, cfg.logging.eval_every = batch, 0
+    cfg.logging.save_every, cfg.logging.progress = 0, False
+    run_config(cfg)
+    if not is_main():
+        return None
+    times, work = measured(run_dir, skip_first=iterations > 1)
+    _match_cluster(cfg, world())
+    report = plan_config(cfg, world=world(), device=device or _device_name(dev),
+                         rates_path=rates_path, **work)
+    return {"rows": compare(report, times), "plan": report, "measured": times, "workload": work,
+            "run_dir": run_dir}
+
+
+def compare(report, times: dict) -> list[dict]:
+    """One row per call and reallocation: measured and estimated seconds, tokens/s, TFLOP/s/GPU."""
+    rows = []
+    for p in report.calls:
+        meas = times.get(f"time/{p.name}")
+        if p.time is None or meas is None:
+            continue
+        t = p.time
+        rows.append({"call": p.name, "measured_s": meas, "estimated_s": t.seconds,
+                     "measured_tokens_per_s": t.tokens / meas, "estimated_tokens_per_s": t.tokens_per_s,
+                     "measured_tflops": t.flops / meas / t.gpus / 1e12,
+                     "estimated_tflops": t.tflops_per_gpu})
+    for x in report.reallocs:
+        meas = times.get(f"time/realloc/{x['dst']}")
+        if meas is not None and x["per_step"]:
+            rows.append({"call": f"realloc/{x['dst']}", "measured_s": meas,
+                         "estimated_s": x["seconds"] * x["per_step"]})
+    for k, v in times.items():  # measured but not modelled (a verifier, the EMA copy)
+        name = k[len("time/"):] if k.startswith("time/") else None
+        if name and all(r["call"] != name for r in rows):
+            rows.append({"call": name, "measured_s": v, "estimated_s": None})
+    modelled = [r for r in rows if r["estimated_s"] is not None]
+    rows.append({"call": "total (modelled calls)", "measured_s": sum(r["measured_s"] for r in modelled),
+                 "estimated_s": sum(r["estimated_s"] for r in modelled)})
+    return rows
+
+
+def format_bench(result: dict) -> str:
+    def f(x, d=3):
+        return "-" if x is None or not math.isfinite(x) else (f"{x:,.{d}g}" if x < 1e4 else f"{x:,.0f}")
+    w = result["workload"]
+    out = [(f"measured per step (first iteration left out) vs plan estimate on "
+            f"{result['plan'].rates.device} rates; workload: {result['plan'].workload.sequences} "
+            f"sequences, prompt {w.get('prompt_len', 0):.1f} + response "
+            f"{w.get('response_len', 0):.1f} tokens, {w.get('decode_steps', '?')} decoding steps"),
+           (f"{'call':<24}{'measured s':>11}{'plan s':>9}{'plan/meas':>10}{'tok/s meas':>12}"
+            f"{'tok/s plan':>12}{'TFLOP/s/GPU meas':>17}{'plan':>9}")]
+    for r in result["rows"]:
+        m, e = r["measured_s"], r["estimated_s"]
+        ratio = e / m if e is not None and m else None
+        out.append(f"{r['call']:<24}{f(m):>11}{f(e):>9}{f(ratio, 2):>10}"
+                   f"{f(r.get('measured_tokens_per_s')):>12}{f(r.get('estimated_tokens_per_s')):>12}"
+                   f"{f(r.get('measured_tflops')):>17}{f(r.get('estimated_tflops')):>9}")
+    step = result["measured"].get("step_seconds")
+    out.append(f"{'step (measured, all work)':<24}{f(step):>11}{f(result['plan'].step_seconds):>9}")
+    return "\n".join(out)
+
+
+def add_arguments(p):
+    p.add_argument("config", help="YAML run config (ppo or grpo)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
+    p.add_argument("--iterations", type=int, default=3, help="iterations to run (default 3)")
+    p.add_argument("--run-dir", help="where the run writes (default: a fresh temporary directory)")
+    p.add_argument("--device", help="whose rates the estimate uses (default: this machine's device)")
+    p.add_argument("--rates", help="rates file (default benchmarks/rates.json or $MESHRL_RATES)")
+
+
+def run(args) -> int:
+    from meshrl.engine.distributed import shutdown
+    cfg = load_run_config(args.config, args.overrides)
+    result = bench_config(cfg, iterations=args.iterations, run_dir=args.run_dir, device=args.device,
+                          rates_path=args.rates)
+    if result is not None:
+        print(format_bench(result))
+    shutdown()
+    return 0
+
+
+# ---- CPU calibration ---------------------------------------------------------------------------
+
+def _median(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fit(rows: list[tuple], names: list[str]) -> dict[str, float]:
+    """Least squares y = Σ coef·x with every coefficient ≥ 0 (a negative one is dropped, refit)."""
+    import numpy as np
+    X = np.array([r[:-1] for r in rows], dtype=float)
+    y = np.array([r[-1] for r in rows], dtype=float)
+    keep = list(range(X.shape[1]))
+    while True:
+        coef = np.linalg.lstsq(X[:, keep], y, rcond=None)[0]
+        if (coef >= 0).all() or len(keep) == 1:
+            break
+        keep.pop(int(np.argmin(coef)))
+    out = dict.fromkeys(names, 0.0)
+    for i, c in zip(keep, coef):
+        out[names[i]] = max(0.0, float(c))
+    return out
+
+
+def _gloo_links(_=None) -> dict:
+    import torch.distributed as dist
+    x = torch.zeros(4 << 20)  # 16 MB
+    small = torch.zeros(1)
+
+    def p2p():
+        if dist.get_rank() == 0:
+            dist.send(x, 1)
+        else:
+            dist.recv(x, 0)
+    bw = x.numel() * 4 / _median(p2p)
+    lat = _median(lambda: [dist.all_reduce(small) for _ in range(20)]) / 20
+    return {"link_gbps": bw / 1e9, "latency_s": lat}
+
+
+def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
+    """Fit the cost model's CPU terms to meshrl's own train step, forward, decode and optimizer on
+    small Llamas (hidden 64 and 256, 1 and 4 layers, 64 and 1024 tokens)."""
+    from meshrl.engine.algorithms.calls import logprobs_call, sft_call
+    from meshrl.engine.batch import pack
+    from meshrl.engine.generate import generate
+    from meshrl.engine.model import build_stage, config_from_hf_dict
+    from meshrl.engine.sampling import SamplingParams
+    from meshrl.engine.train import OptimConfig, Trainer, infer
+    from meshrl.parallel.layout import ParallelLayout
+    from meshrl.testing.dist_pool import DistPool
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    train, fwd, opt, dec = [], [], [], []
+    for h in (64, 256):
+        for layers in (1, 4):
+            cfg = config_from_hf_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 64,
+                                       "hidden_size": h, "intermediate_size": 2 * h,
+                                       "num_hidden_layers": layers, "num_attention_heads": 4,
+                                       "num_key_value_heads": 2, "max_position_embeddings": 1024})
+            stage = build_stage(ParallelLayout(ranks=[0]), config=cfg, seed=0)
+            P, trainer = cfg.num_params(), Trainer(stage, OptimConfig(lr=1e-6))
+            for n, length in ((4, 16), (16, 64)):
+                mb = pack(torch.randint(1, 64, (n, length), generator=g).tolist(), loss_from=[0] * n)
+                t_opt = _median(trainer.opt.step)
+                t_step = _median(lambda tr=trainer, mb=mb, t=n * length: tr.step([mb], sft_call(t)))
+                train.append((1, layers, 6 * P * n * length, t_step - t_opt))
+                opt.append((1, P, t_opt))
+                fwd.append((1, layers, 2 * P * n * length, _median(
+                    lambda st=stage, mb=mb: infer(st, [mb], logprobs_call(1.0)))))
+            for b in (4, 32):
+                prompts = torch.randint(1, 64, (b, 8), generator=g).tolist()
+
+                def gen(steps, st=stage, prompts=prompts):
+                    sp = SamplingParams(max_new_tokens=steps, min_new_tokens=steps, top_k=0, seed=0)
+                    return lambda: generate(st, prompts, sp)
+                dec.append((layers, 2 * P * b, (_median(gen(16), 3) - _median(gen(4), 3)) / 12))
+    out = {}
+    t = _fit(train, ["train_mb_s", "train_layer_s", "inv_rate"])
+    out.update(train_mb_s=t["train_mb_s"], train_layer_s=t["train_layer_s"],
+               train_tflops=1e-12 / t["inv_rate"] if t["inv_rate"] else math.inf)
+    f = _fit(fwd, ["fwd_mb_s", "fwd_layer_s", "inv_rate"])
+    out.update(fwd_mb_s=f["fwd_mb_s"], fwd_layer_s=f["fwd_layer_s"],
+               fwd_tflops=1e-12 / f["inv_rate"] if f["inv_rate"] else math.inf)
+    o = _fit(opt, ["opt_fixed_s", "opt_s_per_param"])
+    out.update(o)
+    # decode: what the flops at the forward rate do not explain is per-step and per-layer overhead
+    d = _fit([(1, layers, max(0.0, y - flops / (out["fwd_tflops"] * 1e12))) for layers, flops, y in dec],
+             ["decode_step_s", "decode_layer_s"])
+    out.update(d)
+    x, y = torch.empty(16 << 20), torch.empty(16 << 20)  # 64 MB each
+    t_copy = _median(lambda: y.copy_(x))
+    out.update(copy_tbps=2 * x.numel() * 4 / t_copy / 1e12, local_copy_gbps=x.numel() * 4 / t_copy / 1e9)
+    pool = DistPool(2)
+    try:
+        out.update(pool.run(_gloo_links)[0])
+    finally:
+        pool.close()
+    return out
+
+
+def calibrate(path: str | None = None, threads: int = 1) -> dict:
+    """Measure the CPU rates and write them as ``devices.cpu`` of the rates file."""
+    path = path or default_rates_path()
+    values = measure_cpu_rates(threads)
+    with open(path) as f:
+        doc = json.load(f)
+    src = (f"meshrl.engine.runtime.bench --calibrate, {time.strftime('%Y-%m-%d')}, "
+           f"{platform.machine()} {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}")
+    doc["devices"]["cpu"] = {"aliases": [f"cpu-{platform.machine()}"], "doc": src,
+                             **{k: {"value": v, "source": src} for k, v in sorted(values.items())}}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    return values
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="measure CPU rates for meshrl plan")
+    ap.add_argument("--calibrate", action="store_true", required=True)
+    ap.add_argument("--rates", help="rates file to update (default benchmarks/rates.json)")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    print(json.dumps(calibrate(a.rates, a.threads), indent=1))

@@ -1,0 +1,50 @@
+"""`meshrl bench` on the CPU: a tiny PPO run's measured seconds per call next to `meshrl plan`'s
+estimate from the committed CPU calibration. The point is the printed error; the assertions only
+keep the comparison honest (finite, positive, within a generous 10×)."""
+import math
+
+import pytest
+import torch
+
+from meshrl.engine.data.jsonl import write_jsonl
+from meshrl.engine.runtime.bench import bench_config, format_bench
+from meshrl.engine.runtime.config import load_run_config
+from meshrl.engine.tasks import make_dataset
+from meshrl.study.setup import init_scratch_model
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+
+
+@pytest.fixture
+def one_thread():
+    """The calibration in benchmarks/rates.json was measured with one torch thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_plan_estimate_against_measured_cpu_run(tmp_path, one_thread):
+    model = init_scratch_model(str(tmp_path / "init"), seed=0, overrides=TINY)
+    write_jsonl(tmp_path / "prompts.jsonl", make_dataset(200, seed=5, digits=(1, 2)))
+    base = dict(algorithm="ppo", seed=7,
+                models={"actor": {"path": model}, "ref": {"path": model}, "critic": {"path": model}},
+                data={"train": str(tmp_path / "prompts.jsonl"), "max_len": 48, "max_prompt_len": 16},
+                reward={"verifier": "arithmetic"}, generation={"max_new_tokens": 8, "top_k": 0},
+                ppo={"batch_size": 32, "minibatches": 2}, logging={"tensorboard": False},
+                cluster={"nodes": 1, "gpus_per_node": 1})
+    res = bench_config(load_run_config(None, [], base=base), iterations=4,
+                       run_dir=str(tmp_path / "run"))
+    print()
+    print(format_bench(res))
+    assert res["plan"].rates.device == "cpu"
+    rows = {r["call"]: r for r in res["rows"]}
+    for name in ("actor_gen", "actor_inf", "ref_inf", "critic_inf", "actor_train", "critic_train",
+                 "total (modelled calls)"):
+        m, e = rows[name]["measured_s"], rows[name]["estimated_s"]
+        assert math.isfinite(m) and math.isfinite(e) and m > 0 and e > 0, name
+        assert 0.1 < e / m < 10, (name, m, e)
+    assert rows["rew_inf"]["estimated_s"] is None  # a verifier: measured, not modelled
+    work = res["workload"]
+    assert 1 <= work["response_len"] <= work["decode_steps"] <= 8
