@@ -24,7 +24,8 @@ training, 8·P with checkpointing; attention FLOPs are inside the measured rate)
   train/forward microbatch = fixed + layers·per-layer + FLOPs/rate + TP collectives
   pipeline: (microbatches + pp − 1) × the slowest stage's microbatch (the 1F1B/GPipe bubble)
   decode step = max(weights + KV bytes / copy bandwidth, FLOPs/rate) + layers·per-layer-step,
-                summed over pipeline stages (the engine steps one batch through the stages)
+                summed over pipeline stages (stepping one batch through the stages, or the fast
+                engine's pp microbatches that each read a stage's weights: the same sum)
   TP: 2 ring all-reduces of tokens·h per layer forward, 4 training (6 with recompute), each
       latency + 2(tp−1)/tp·bytes/bandwidth; PP: one latency + tokens·h bytes per boundary;
   DP: reduce-scatter of fp32 grads + all-gather of params under ZeRO-1 (an all-reduce without),
@@ -368,15 +369,17 @@ def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: 
         acc["sent"][t.src] += b
         peers[t.src].add(t.dst)
         peers[t.dst].add(t.src)
-    link_s = max(max(max(acc["intra_out"][r], acc["intra_in"][r]) / intra_bw,
-                     max(acc["inter_out"][r], acc["inter_in"][r]) / inter_bw)
-                 + latency * len(peers[r]) for r in ranks)
+    intra = {r: max(acc["intra_out"][r], acc["intra_in"][r]) for r in ranks}
+    inter = {r: max(acc["inter_out"][r], acc["inter_in"][r]) for r in ranks}
+    link_s = max(max(intra[r] / intra_bw, inter[r] / inter_bw) + latency * len(peers[r])
+                 for r in ranks)
     local_s = max(acc["local"].values()) / local_bw
     senders = [b for b in acc["sent"].values() if b]
     return {"remote_bytes": sum(acc["intra_in"].values()) + sum(acc["inter_in"].values()),
             "cross_node_bytes": sum(acc["inter_in"].values()), "local_bytes": sum(acc["local"].values()),
             "sender_max_bytes": max(senders, default=0.0), "sender_min_bytes": min(senders, default=0.0),
-            "intra_max_bytes": max(max(acc["intra_out"][r], acc["intra_in"][r]) for r in ranks),
-            "inter_max_bytes": max(max(acc["inter_out"][r], acc["inter_in"][r]) for r in ranks),
+            "intra_max_bytes": max(intra.values()), "inter_max_bytes": max(inter.values()),
+            "intra_seconds": max(intra.values()) / intra_bw,
+            "inter_seconds": max(inter.values()) / inter_bw,
             "local_max_bytes": max(acc["local"].values()), "link_seconds": link_s,
             "local_seconds": local_s, "seconds": link_s + local_s, "layers_planned": len(weight)}

@@ -326,17 +326,19 @@ def _memory_table(report: PlanReport) -> list[str]:
 
 
 def _realloc_table(report: PlanReport) -> list[str]:
-    out = ["", ("reallocation by the planner on meta-built specs; per GPU = the busiest rank's bytes "
-                "each way; time = its max(NVLink bytes / intra bw, IB bytes / inter bw) + latency "
-                "per peer + local copies"),
-           (f"{'model':<20}{'from → to':<28}{'remote GB':>10}{'x-node GB':>10}{'local GB':>9}"
-            f"{'NVLink/GPU':>11}{'IB/GPU':>8}{'seconds':>9}{'per step':>9}")]
+    out = ["", ("reallocation by the planner on meta-built specs. Per GPU: the busiest rank's bytes "
+                "each way; its time is max(NVLink s, IB s) + a latency per peer, then local copies"),
+           (f"{'model':<20}{'from → to':<26}{'remote GB':>10}{'x-node GB':>10}{'local GB':>9}"
+            f"{'NVLink GB/GPU':>14}{'IB GB/GPU':>10}{'NVLink s':>9}{'IB s':>7}{'local s':>8}"
+            f"{'total s':>8}{'per step':>9}")]
     for x in report.reallocs:
         sizes = (x["remote_bytes"], x["cross_node_bytes"], x["local_bytes"], x["intra_max_bytes"],
                  x["inter_max_bytes"])
-        out.append(f"{x['model']:<20}{x['src'] + ' → ' + x['dst']:<28}"
-                   + "".join(f"{_gb(v):>{w}}" for v, w in zip(sizes, (10, 10, 9, 11, 8)))
-                   + f"{x['seconds']:>9.3f}{x['per_step']:>9}")
+        secs = (x["intra_seconds"], x["inter_seconds"], x["local_seconds"], x["seconds"])
+        out.append(f"{x['model']:<20}{x['src'] + ' → ' + x['dst']:<26}"
+                   + "".join(f"{_gb(v):>{w}}" for v, w in zip(sizes, (10, 10, 9, 14, 10)))
+                   + "".join(f"{v:>{w}.3f}" for v, w in zip(secs, (9, 7, 8, 8)))
+                   + f"{x['per_step']:>9}")
     return out
 
 
