@@ -24,6 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="PNG curves from RUN_DIR/metrics.jsonl")
     plot.add_arguments(pl)
     pl.set_defaults(func=plot.run)
+    from meshrl.engine.runtime import bench, plan
+    pn = sub.add_parser("plan", help="dry run on the CPU: memory per GPU, reallocation, step estimate")
+    plan.add_arguments(pn)
+    pn.set_defaults(func=plan.run)
+    bn = sub.add_parser("bench", help="run a few PPO iterations; measured per-call seconds vs the plan")
+    bench.add_arguments(bn)
+    bn.set_defaults(func=bench.run)
     from meshrl.study import demo, study
     dm = sub.add_parser("demo", help="the study in miniature on CPU: SFT, then PPO and DPO")
     demo.add_arguments(dm)

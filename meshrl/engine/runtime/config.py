@@ -160,6 +160,7 @@ class ClusterSpec:
     gpu_mem_gb: float = 80.0
     intra_node_gbps: float = 3600.0  # NVLink (H100 SXM: 900 GB/s = 7200 Gb/s bidirectional)
     inter_node_gbps: float = 400.0  # one 400 Gb/s InfiniBand NIC per GPU
+    device: str = "h100"  # whose measured rates `meshrl plan` uses (benchmarks/rates.json)
 
 
 @dataclass(kw_only=True)

@@ -284,7 +284,7 @@ def plan_config(cfg: RunConfig, *, world: int | None = None, device: str | None 
         raise PlanError(f"cluster: nodes × gpus_per_node = {cl.nodes} × {cl.gpus_per_node} = "
                         f"{expected}, but the run has {world} ranks: set cluster.nodes and "
                         "cluster.gpus_per_node to match")
-    rates = rates or load_rates(device or cfg.extra.get("device", "h100"), rates_path)
+    rates = rates or load_rates(device or cfg.cluster.device, rates_path)
     calls, placements = _call_plans(cfg, expected)
     report = PlanReport(cfg, expected, rates, cm.workload_of(cfg, prompt_len, response_len, decode_steps),
                         calls, placements)
@@ -380,7 +380,7 @@ def add_arguments(p):
     p.add_argument("config", help="YAML run config")
     p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
     p.add_argument("--device", help="whose rates: a device or alias in the rates file (h100, cpu); "
-                   "default: the config's extra.device, else h100")
+                   "default: the config's cluster.device (h100)")
     p.add_argument("--rates", help=f"rates file (default benchmarks/rates.json or ${RATES_ENV})")
     p.add_argument("--prompt-len", type=float, help="mean prompt tokens (default data.max_prompt_len)")
     p.add_argument("--response-len", type=float,
