@@ -78,13 +78,17 @@ def dpo_cell(data, sft_model, *, seed: int, rounds: int, sft_coef=0.0, lr=2e-5,
                     "batch_size": 32, "epochs": 2, "beta": 0.1, "sft_coef": sft_coef}}
 
 
-def format_table(rows: list[tuple[str, list[float], list[float]]]) -> str:
-    """rows: (name, pass rates over seeds, seconds) -> a markdown table with mean ± std."""
+def format_table(rows: list[tuple[str, list[float], list[float]]], gains: dict | None = None) -> str:
+    """rows: (name, pass rates over seeds, seconds) -> a markdown table, mean ± std over seeds when
+    there are several; ``gains`` adds each method's per-seed change against that seed's SFT model."""
     import statistics as st
     many = any(len(v) > 1 for _, v, _ in rows)
-    lines = ["| method | held-out pass rate | seeds | minutes |" if many else
-             "| method | held-out pass rate | minutes |", "|---|---|---|---|" if many else "|---|---|---|"]
+    head = ["method", "held-out pass rate"] + (["Δ vs SFT (same seed)"] if gains else [])
+    head += ["seeds"] if many else []
+    lines = ["| " + " | ".join(head + ["minutes"]) + " |", "|" + "---|" * (len(head) + 1)]
+    fmt = (lambda v: f"{st.mean(v):.3f} ± {st.pstdev(v):.3f}") if many else (lambda v: f"{v[0]:.3f}")
     for name, vals, secs in rows:
-        rate = f"{st.mean(vals):.3f} ± {st.pstdev(vals):.3f} | {len(vals)}" if many else f"{vals[0]:.3f}"
-        lines.append(f"| {name} | {rate} | {sum(secs) / 60:.1f} |")
+        cells = [name, fmt(vals)] + ([fmt(gains[name])] if gains else [])
+        cells += [str(len(vals))] if many else []
+        lines.append("| " + " | ".join(cells + [f"{sum(secs) / 60:.1f}"]) + " |")
     return "\n".join(lines)

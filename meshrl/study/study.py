@@ -40,11 +40,15 @@ def run_study(out_dir: str = "runs/study", seeds=(1, 2, 3)) -> str:
     names = list(per_seed[seeds[0]])
     rows = [(n, [per_seed[s][n]["pass_rate"] for s in seeds], [per_seed[s][n]["seconds"] for s in seeds])
             for n in names]
+    sft = dict(zip(seeds, rows[0][1]))
+    gains = {n: [per_seed[s][n]["pass_rate"] - sft[s] for s in seeds] for n in names}
     main = [r for r in rows if not r[0].startswith(("baseline", "+"))]
     ablation = [r for r in rows if r[0].startswith(("baseline", "+"))]
     report = ("Methods (PPO = all three factors: batch 512, advantage normalisation, EMA reference)\n\n"
-              + format_table(main + [("PPO", *ablation[-1][1:])])
-              + "\n\nPPO factor ablation (cumulative)\n\n" + format_table(ablation) + "\n")
+              + format_table(main + [("PPO", *ablation[-1][1:])], gains={**gains, "PPO": gains[ablation[-1][0]]})
+              + "\n\nPPO factor ablation (cumulative)\n\n" + format_table(ablation, gains=gains) + "\n"
+              + "\nper seed: " + json.dumps({n: [round(v, 3) for v in r[1]] for n, r in zip(names, rows)})
+              + "\n")
     with open(os.path.join(out_dir, "study.md"), "w") as f:
         f.write(report)
     with open(os.path.join(out_dir, "study.json"), "w") as f:
