@@ -91,6 +91,21 @@ def test_generator_reuses_session_and_sees_weight_updates(models):
     assert not gen._sessions
 
 
+def test_compile_failure_falls_back_to_eager_pieces(models):
+    from meshrl.engine.fastgen.step import StepFns
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor could not lower this")
+    stage = build_stage(ParallelLayout(ranks=[0]), model_dir=models["llama"])
+    gen = FastGenerator(stage)
+    gen.compiled, gen.fns = True, StepFns(pre=broken)  # as if torch.compile had been chosen
+    params = CASES[0][0]
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        got = gen.generate(PROMPTS, params)
+    assert isinstance(gen.compile_failed, RuntimeError) and not gen.compiled
+    _same(generate(stage, PROMPTS, params, engine="reference"), got)
+
+
 def _distributed_case(path, tp, pp, prompt_sets):
     import torch.distributed as dist
     layout = ParallelLayout(ranks=list(range(dist.get_world_size())), tp=tp, pp=pp, dp=1)

@@ -9,6 +9,7 @@ loop) captures once; ``release()`` frees it all, e.g. before training needs the 
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,8 +32,8 @@ CAPACITY_QUANTUM = 64  # cache capacity is rounded up, so batches of similar len
 @dataclass(kw_only=True)
 class FastOptions:
     check_every: int = 16  # decode steps between host reads of the done flags
-    cuda_graphs: bool | None = None  # None: on CUDA devices
-    compile: bool | None = None  # torch.compile the per-layer pieces; None: with CUDA graphs
+    cuda_graphs: bool | None = None  # None: on CUDA devices at tp=1
+    compile: bool | None = None  # torch.compile the per-layer pieces; None: on CUDA devices
     attention: str = "auto"  # auto (Triton on CUDA, see kernels.dispatch) | triton | torch
     fuse_mlp: bool = True  # one gate+up matmul; costs a copy of those weights while held
     max_sessions: int = 2
@@ -56,10 +57,13 @@ class FastGenerator:
                              "generation stage with sequence_parallel=False")
         self.stage, self.opts = stage, options or FastOptions()
         on_cuda = next(stage.parameters()).is_cuda
-        self.graphs = on_cuda if self.opts.cuda_graphs is None else self.opts.cuda_graphs
+        # Under tp a captured step holds NCCL all-reduces; that works in Megatron's graphs but has
+        # not been run on this project's GPUs yet, so it is opt-in (cuda_graphs=True) for now.
+        auto = on_cuda and stage.layout.tp_size == 1
+        self.graphs = auto if self.opts.cuda_graphs is None else self.opts.cuda_graphs
         if self.graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the stage on a CUDA device")
-        self.compiled = self.graphs if self.opts.compile is None else self.opts.compile
+        self.compiled = on_cuda if self.opts.compile is None else self.opts.compile
         self.fns = StepFns.compiled() if self.compiled else StepFns()
         self.compile_failed = None  # the exception, when compiling fell back to eager pieces
         self.weights = DecodeWeights(stage, fuse_mlp=self.opts.fuse_mlp)
@@ -82,14 +86,14 @@ class FastGenerator:
         fingerprint = self.weights.fingerprint()
         if fingerprint != self._fingerprint:  # parameters moved: graphs point at old storage
             for sess in self._sessions.values():
-                sess.graphs = None
+                sess.graphs, sess.prepared = None, False
             self._fingerprint = fingerprint
         sess = self._session(prompts, params, device)
         sess.reset(prompts, params, seq_offset)
         self._prefill(sess, prompts)
         sched = Schedule(self.stage.layout.pp_size, len(sess.rows), params.max_new_tokens - 1)
-        if sched.steps and self.graphs and sess.graphs is None:
-            self._capture(sess)
+        if sched.steps and not sess.prepared:
+            self._prepare(sess)
         self._decode(sess, sched)
         return sess.result()
 
@@ -163,16 +167,21 @@ class FastGenerator:
         step += 1
         return None
 
-    def _capture(self, sess: Session):
-        """Warm up (compiling on first use), restore the state the warm-up advanced, capture one
-        graph per microbatch into a shared memory pool."""
+    def _prepare(self, sess: Session):
+        """A session's first decode: run the step on a copy of the state (compiling the pieces;
+        an inductor failure falls back to the eager pieces unless ``compile=True`` was asked for),
+        restore the state, and capture one graph per microbatch into a shared memory pool."""
+        if not (self.graphs or self.compiled):
+            sess.prepared = True
+            return
         saved = sess.snapshot()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        side = torch.cuda.Stream() if self.graphs else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             try:
                 self._warm_up(sess)
-            except Exception as exc:  # noqa: BLE001 - an inductor failure falls back to eager pieces
+            except Exception as exc:  # noqa: BLE001 - reported through compile_failed and a warning
                 if self.opts.compile or not self.compiled:
                     raise
                 warnings.warn(f"fast generation: torch.compile failed ({exc!r:.300}); "
@@ -182,19 +191,22 @@ class FastGenerator:
                     sess.sampler.fn = shard_sample
                 sess.restore(saved)
                 self._warm_up(sess)
-        torch.cuda.current_stream().wait_stream(side)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
         sess.restore(saved)
-        pool = torch.cuda.graph_pool_handle()
-        graphs = []
-        for m in range(len(sess.rows)):
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                out = self._step(sess, m)
-            graphs.append((g, out))
-        sess.graphs = graphs
+        if self.graphs:
+            pool = torch.cuda.graph_pool_handle()
+            graphs = []
+            for m in range(len(sess.rows)):
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool):
+                    out = self._step(sess, m)
+                graphs.append((g, out))
+            sess.graphs = graphs
+        sess.prepared = True
 
     def _warm_up(self, sess):
-        for _ in range(2):
+        for _ in range(2 if self.graphs else 1):
             for m in range(len(sess.rows)):
                 self._step(sess, m)
 

@@ -44,6 +44,7 @@ class Session:
                           for r in self.rows]
         self.hidden_out: list = [None] * len(self.rows)
         self.graphs = None  # [(CUDAGraph, output)] per microbatch once captured
+        self.prepared = False  # warmed up (compiled) and, with graphs, captured
 
     def reset(self, prompts, params, seq_offset: int):
         """Fill the buffers for a new batch (same size and settings) without reallocating them."""
@@ -52,7 +53,7 @@ class Session:
             t.zero_()
         s.done.fill_(False)
         lengths = [len(p) for p in prompts]
-        self.lengths.copy_(torch.tensor(lengths), non_blocking=True)
+        self.lengths.copy_(torch.tensor(lengths))
         seq_ids = torch.arange(seq_offset, seq_offset + len(prompts), device=self.device)
         self.keys.copy_(noise_keys(params.seed, seq_ids))
         self.cache.prefill_rows = torch.repeat_interleave(

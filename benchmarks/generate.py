@@ -1,0 +1,231 @@
+"""Generation throughput: meshrl's fast engine vs transformers' ``generate``, same model size, same
+batch, one process.
+
+The case is issue 5's: a ~1.1B Llama (hidden 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, vocab
+32000) in bf16, batch 64, 128-token prompts, exactly 256 new tokens (meshrl: no EOS ids; transformers:
+``min_new_tokens``), greedy. Rows: meshrl fast greedy, meshrl fast sampled (T=1, top-k 200, the PPO
+defaults), transformers with its default dynamic cache, and with ``cache_implementation="static"``
+(which transformers compiles itself). Each row reports generated tokens/s (B·256 / seconds per
+``generate`` call, prefill included), the first call's time (compilation, graph capture), peak extra
+memory, and the fraction of the floor set by reading every weight once per decode step at the
+measured copy bandwidth (``benchmarks/anchors/h100.json``).
+
+    python benchmarks/generate.py --check      # GPU: check fast == reference on a small model, then bench
+    python benchmarks/generate.py --check-only # only the check (exit status 1 on a mismatch)
+    python benchmarks/generate.py --small      # tiny model on CPU: a smoke run in seconds
+
+The check builds a small fp32 model on the device and requires the fast engine (CUDA graphs and
+torch.compile as used in the benchmark) to give ``generate(engine="reference")``'s tokens exactly,
+greedy and sampled, and log-probs within 1e-4; a bf16 copy is compared for information only (bf16
+rounding differs between the engines' kernels, so long greedy runs may part ways).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import (anchor, bench_device, device_name, peak_extra_gib, print_table,  # noqa: E402
+                               reset_peak, synchronize, time_fn, write_results)
+
+BIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+           num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+SMALL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+CHECK = dict(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)
+COLS = ["case", "seconds", "tokens_per_s", "vs_hf_default", "vs_hf_static", "frac_floor",
+        "first_call_s", "peak_extra_GiB"]
+
+
+def meshrl_stage(cfg_kw, device, dtype, seed=0):
+    from meshrl.engine.model import LlamaStage, config_from_hf_dict
+    from meshrl.parallel.layout import ParallelLayout
+    cfg = config_from_hf_dict({**cfg_kw, "architectures": ["LlamaForCausalLM"]})
+    stage = LlamaStage(cfg, ParallelLayout(ranks=[0]), dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # seeded on the host so the check's fp32 and bf16 models agree
+        for name, p in stage.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.numel() < 2**24:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            else:  # big matrices: device RNG, the benchmark only times them
+                p.normal_(0.0, 0.02)
+    return stage
+
+
+def prompts_for(batch, length, vocab, seed=0, ragged=False):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, length + 1, (batch,), generator=g).tolist() if ragged else [length] * batch
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+# ---- the check ---------------------------------------------------------------------------------------
+def check(device) -> bool:
+    """Fast engine vs reference engine on a small model: fp32 must match, bf16 is reported."""
+    from meshrl.engine.fastgen import FastGenerator
+    from meshrl.engine.generate import generate
+    from meshrl.engine.sampling import SamplingParams
+    prompts = prompts_for(8, 40, CHECK["vocab_size"], seed=1, ragged=True)
+    cases = {"greedy": SamplingParams(max_new_tokens=48, greedy=True),
+             "sampled": SamplingParams(max_new_tokens=48, temperature=0.9, top_k=50, top_p=0.9,
+                                       min_new_tokens=4, eos_ids=[7], stop_ids=[11], seed=5)}
+    ok = True
+    for dtype in (torch.float32, torch.bfloat16):
+        stage = meshrl_stage(CHECK, device, dtype, seed=3)
+        gen = FastGenerator(stage)
+        for name, params in cases.items():
+            t0 = time.perf_counter()
+            fast = gen.generate(prompts, params, seq_offset=2)
+            t_fast = time.perf_counter() - t0
+            ref = generate(stage, prompts, params, seq_offset=2, engine="reference")
+            same = sum(a == b for a, b in zip(ref.output_ids, fast.output_ids))
+            prefix = [_common_prefix(a, b) for a, b in zip(ref.output_ids, fast.output_ids)]
+            lp = max([abs(x - y) for a, b, n in zip(ref.logprobs, fast.logprobs, prefix)
+                      for x, y in zip(a[:n], b[:n])] or [0.0])
+            line = (f"check {str(dtype)[6:]} {name}: {same}/{len(prompts)} sequences identical, "
+                    f"common prefix {sum(prefix)}/{sum(len(r) for r in ref.output_ids)} tokens, "
+                    f"max |dlogprob| on it {lp:.2e}, first call {t_fast:.1f} s, "
+                    f"graphs={gen.graphs} compiled={gen.compiled} compile_failed={gen.compile_failed!r}")
+            if dtype == torch.float32:
+                good = same == len(prompts) and ref.finish_reason == fast.finish_reason and lp <= 1e-4
+                ok &= good
+                line += "  OK" if good else "  MISMATCH"
+            print(line, flush=True)
+        gen.release()
+        del stage, gen
+    return ok
+
+
+def _common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+# ---- the benchmark -------------------------------------------------------------------------------------
+def run_case(name, make, device, tokens, iters, warmup):
+    base = reset_peak(device)
+    t0 = time.perf_counter()
+    fn = make()
+    out = fn()  # first call: compilation, graph capture, allocator warm-up
+    synchronize(device)
+    first = time.perf_counter() - t0
+    sec = time_fn(fn, device, warmup=warmup, iters=iters)
+    row = {"case": name, "seconds": sec, "tokens_per_s": tokens / sec, "first_call_s": first,
+           "peak_extra_GiB": peak_extra_gib(device, base)}
+    return row, out
+
+
+def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled):
+    from meshrl.engine.fastgen import FastGenerator
+    from meshrl.engine.sampling import SamplingParams
+    stage = meshrl_stage(cfg, device, dtype)
+    params = sum(p.numel() for p in stage.parameters())
+    gen = FastGenerator(stage)
+    cases = [("meshrl fast, greedy", SamplingParams(max_new_tokens=new, greedy=True))]
+    if sampled:
+        cases.append(("meshrl fast, sampled T=1 top-k 200",
+                      SamplingParams(max_new_tokens=new, top_k=200, seed=1)))
+    rows = []
+    for name, sp in cases:
+        row, out = run_case(name, lambda sp=sp: (lambda: gen.generate(prompts, sp)), device,
+                            len(prompts) * new, iters, 1)
+        lengths = {len(o) for o in out.output_ids}
+        finite = all(lp <= 0 for lps in out.logprobs for lp in lps)
+        row.update(all_lengths=sorted(lengths), logprobs_ok=finite, compiled=gen.compiled,
+                   graphs=gen.graphs, compile_failed=None if gen.compile_failed is None
+                   else repr(gen.compile_failed)[:300])
+        rows.append(row)
+        print_table([row], COLS + ["all_lengths", "logprobs_ok"])
+    gen.release()
+    del gen, stage
+    return rows, params
+
+
+def hf_rows(cfg, prompts, new, device, dtype, static_too):
+    import transformers
+    ids = torch.tensor(prompts, device=device)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **cfg, attn_implementation="sdpa", eos_token_id=2, pad_token_id=0))
+    model = model.to(dtype).eval()
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+              do_sample=False, pad_token_id=0, eos_token_id=2)
+    cases = [("transformers generate, dynamic cache", {})]
+    if static_too:
+        cases.append(("transformers generate, static cache (compiled)",
+                      {"cache_implementation": "static"}))
+    rows = []
+    for name, extra in cases:
+        def make(extra=extra):
+            return lambda: model.generate(ids, **kw, **extra)
+        with torch.no_grad():
+            row, out = run_case(name, make, device, len(prompts) * new, 1, 0)
+        row["all_lengths"] = [out.shape[1] - ids.shape[1]]
+        rows.append(row)
+        print_table([row], COLS + ["all_lengths"])
+    del model
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--small", action="store_true", help="tiny model and batch (CPU smoke)")
+    p.add_argument("--check", action="store_true", help="check fast == reference first")
+    p.add_argument("--check-only", action="store_true")
+    p.add_argument("--skip-hf-static", action="store_true")
+    p.add_argument("--no-sampled", action="store_true", help="skip the sampled meshrl row")
+    p.add_argument("--iters", type=int, default=None)
+    args = p.parse_args(argv)
+    device = bench_device()
+    print(f"device {device_name(device)}, torch {torch.__version__}", flush=True)
+    checked = None
+    if args.check or args.check_only:
+        t0 = time.perf_counter()
+        checked = check(device)
+        print(f"check {'passed' if checked else 'FAILED'} in {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.check_only:
+            return 0 if checked else 1
+    small = args.small or device.type == "cpu"
+    cfg = SMALL if small else BIG
+    batch, plen, new = (4, 16, 16) if small else (64, 128, 256)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    iters = args.iters or (2 if small else 3)
+    prompts = prompts_for(batch, plen, cfg["vocab_size"])
+    rows, params = meshrl_rows(cfg, prompts, new, device, dtype, iters, not args.no_sampled)
+    _free(device)
+    rows += hf_rows(cfg, prompts, new, device, dtype, not (small or args.skip_hf_static))
+    limit_s = params * torch.finfo(dtype).bits / 8 / (anchor("copy_bw", "TBps", 3.0) * 1e12)
+    by_name = {r["case"]: r for r in rows}
+    hf_default = by_name.get("transformers generate, dynamic cache")
+    hf_static = by_name.get("transformers generate, static cache (compiled)")
+    for r in rows:
+        r["vs_hf_default"] = r["tokens_per_s"] / hf_default["tokens_per_s"] if hf_default else None
+        r["vs_hf_static"] = r["tokens_per_s"] / hf_static["tokens_per_s"] if hf_static else None
+        r["frac_floor"] = r["tokens_per_s"] / (batch / limit_s)
+    print()
+    print_table(rows, COLS)
+    extra = {"params": params, "batch": batch, "prompt": plen, "new_tokens": new, "small": small,
+             "decode_step_limit_s": limit_s, "check_passed": checked}
+    path = write_results("generate-small" if small else "generate", device, rows, extra)
+    print(f"wrote {path}")
+    return 0 if checked in (None, True) else 1
+
+
+def _free(device):
+    gc.collect()
+    if device.type != "cpu":
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
