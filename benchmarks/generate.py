@@ -94,7 +94,8 @@ def check(device) -> bool:
             line = (f"check {str(dtype)[6:]} {name}: {same}/{len(prompts)} sequences identical, "
                     f"common prefix {sum(prefix)}/{sum(len(r) for r in ref.output_ids)} tokens, "
                     f"max |dlogprob| on it {lp:.2e}, first call {t_fast:.1f} s, "
-                    f"graphs={gen.graphs} compiled={gen.compiled} compile_failed={gen.compile_failed!r}")
+                    f"graphs={gen.graphs} compiled={gen.compiled} compile_failed={_repr(gen.compile_failed)} "
+                    f"capture_failed={_repr(gen.capture_failed)}")
             if dtype == torch.float32:
                 good = same == len(prompts) and ref.finish_reason == fast.finish_reason and lp <= 1e-4
                 ok &= good
@@ -149,13 +150,17 @@ def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled):
         lengths = {len(o) for o in out.output_ids}
         finite = all(lp <= 0 for lps in out.logprobs for lp in lps)
         row.update(all_lengths=sorted(lengths), logprobs_ok=finite, compiled=gen.compiled,
-                   graphs=gen.graphs, compile_failed=None if gen.compile_failed is None
-                   else repr(gen.compile_failed)[:300])
+                   graphs=gen.graphs, compile_failed=_repr(gen.compile_failed),
+                   capture_failed=_repr(gen.capture_failed))
         rows.append(row)
         print_table([row], COLS + ["all_lengths", "logprobs_ok"])
     gen.release()
     del gen, stage
     return rows, params
+
+
+def _repr(exc):
+    return None if exc is None else repr(exc)[:300]
 
 
 def hf_rows(cfg, prompts, new, device, dtype, static_too):

@@ -66,6 +66,7 @@ class FastGenerator:
         self.compiled = on_cuda if self.opts.compile is None else self.opts.compile
         self.fns = StepFns.compiled() if self.compiled else StepFns()
         self.compile_failed = None  # the exception, when compiling fell back to eager pieces
+        self.capture_failed = None  # the exception, when capturing fell back to eager steps
         self.weights = DecodeWeights(stage, fuse_mlp=self.opts.fuse_mlp)
         self._sessions: OrderedDict = OrderedDict()
         self._fingerprint = None
@@ -195,15 +196,26 @@ class FastGenerator:
             torch.cuda.current_stream().wait_stream(side)
         sess.restore(saved)
         if self.graphs:
-            pool = torch.cuda.graph_pool_handle()
-            graphs = []
-            for m in range(len(sess.rows)):
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g, pool=pool):
-                    out = self._step(sess, m)
-                graphs.append((g, out))
-            sess.graphs = graphs
+            try:
+                sess.graphs = self._capture(sess)
+            except Exception as exc:  # noqa: BLE001 - reported through capture_failed and a warning
+                if self.opts.cuda_graphs:
+                    raise
+                warnings.warn(f"fast generation: CUDA graph capture failed ({exc!r:.300}); "
+                              "replaying the decode step eagerly")
+                torch.cuda.synchronize()
+                self.capture_failed, self.graphs = exc, False
         sess.prepared = True
+
+    def _capture(self, sess):
+        pool = torch.cuda.graph_pool_handle()
+        graphs = []
+        for m in range(len(sess.rows)):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                out = self._step(sess, m)
+            graphs.append((g, out))
+        return graphs
 
     def _warm_up(self, sess):
         for _ in range(2 if self.graphs else 1):

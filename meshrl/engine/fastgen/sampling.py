@@ -166,8 +166,9 @@ def record_step(state, tok, logp, step):
     state.out_tokens.scatter_(1, col, tok[:, None])
     state.out_logp.scatter_(1, col, logp[:, None])
     state.n_out.add_(live.long())
-    hit = live & torch.isin(tok, state.stop)
-    kind = torch.where(torch.isin(tok, state.eos), 1, 2)
+    # explicit comparisons, not isin: CUDA's isin sorts (and syncs) once the id list is long
+    hit = live & (tok[:, None] == state.stop).any(-1)
+    kind = torch.where((tok[:, None] == state.eos).any(-1), 1, 2)
     state.finish.copy_(torch.where(hit, kind, state.finish))
     state.done.logical_or_(hit)
     state.tokens.copy_(tok)
