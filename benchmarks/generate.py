@@ -103,7 +103,6 @@ def check(device, bf16=False) -> bool:
                 line += "  OK" if good else "  MISMATCH"
             print(line, flush=True)
         gen.release()
-        del stage, gen
     return ok
 
 
@@ -156,7 +155,6 @@ def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled):
         rows.append(row)
         print_table([row], COLS + ["all_lengths", "logprobs_ok"])
     gen.release()
-    del gen, stage
     return rows, params
 
 
@@ -190,7 +188,6 @@ def hf_rows(cfg, prompts, new, device, dtype, static_too):
         row["all_lengths"] = [out.shape[1] - ids.shape[1]]
         rows.append(row)
         print_table([row], COLS + ["all_lengths"])
-    del model
     return rows
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..generate import GenerationResult, stage_pass
 from ..model.attention import PackedMeta
 from ..sampling import SamplingParams
-from .sampling import Sampler, noise_keys, record_step, shard_sample
+from .sampling import Sampler, record_step, shard_sample
 from .schedule import Schedule
 from .session import Session
 from .step import DecodeWeights, StepFns, decode_layers
