@@ -107,12 +107,14 @@ ENGINES = ("auto", "fast", "reference")
 
 def choose_engine(stage, engine: str | None = None) -> str:
     """``engine`` or ``MESHRL_GENERATE`` (read per call), default auto: the fast engine where the
-    stage's parameters are CUDA tensors (its graphs and kernels are CUDA's), the reference elsewhere."""
+    stage's parameters are CUDA tensors (its graphs and kernels are CUDA's) and the stage runs
+    without sequence parallelism, the reference elsewhere."""
     choice = (engine or os.environ.get("MESHRL_GENERATE", "") or "auto").strip().lower()
     if choice not in ENGINES:
         raise ValueError(f"generation engine {choice!r}: use one of {ENGINES}")
     if choice == "auto":
-        return "fast" if next(stage.parameters()).is_cuda else "reference"
+        fast = next(stage.parameters()).is_cuda and not stage.sequence_parallel
+        return "fast" if fast else "reference"
     return choice
 
 

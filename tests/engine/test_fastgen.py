@@ -71,6 +71,16 @@ def test_matches_reference_single_process(models):
             _same(*_both(stage, PROMPTS, params, every, offset=11), f"{kind} case {i}")
 
 
+def test_engine_choice(models, monkeypatch):
+    from meshrl.engine.generate import choose_engine
+    stage = build_stage(ParallelLayout(ranks=[0]), model_dir=models["llama"])
+    assert choose_engine(stage) == "reference"  # auto: the fast engine on CUDA only
+    monkeypatch.setenv("MESHRL_GENERATE", "fast")
+    assert choose_engine(stage) == "fast" and choose_engine(stage, "reference") == "reference"
+    with pytest.raises(ValueError, match="use one of"):
+        choose_engine(stage, "turbo")
+
+
 def test_generator_reuses_session_and_sees_weight_updates(models):
     stage = build_stage(ParallelLayout(ranks=[0]), model_dir=models["llama"])
     gen = FastGenerator(stage, FastOptions(check_every=4))
