@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # One prepared GPU session: correctness first, then the benchmarks. Run from the repo root on the
-# lent machine (PYTHONPATH-based: no installs). Logs and result JSON go to $OUT (or ./gpu_out).
+# lent machine (PYTHONPATH-based: no installs). Logs and new result JSON go to $OUT (or ./gpu_out).
+#   bash benchmarks/gpu_session.sh                                  # everything (~6 min on an H100)
+#   STEPS="gpu_check generate_bench" bash benchmarks/gpu_session.sh # a subset
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
+STEPS=${STEPS:-"gpu_check kernel_tests kernels_bench train_bench realloc_bench generate_bench"}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+touch "$OUT/.start"
 step() {  # name, seconds, command...
   local name=$1 secs=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return ;; esac
   echo "=== $name"; local t0=$SECONDS
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
-  grep -v -e "Warning" -e "warn(" "$OUT/$name.log" | tail -n 25
+  grep -v -e "Warning" -e "warn(" -e "it/s]" "$OUT/$name.log" | tail -n 25
   echo "=== $name rc=$rc in $((SECONDS - t0)) s"
 }
 step gpu_check 90 python benchmarks/gpu_check.py
@@ -18,5 +23,7 @@ step kernel_tests 150 python -m pytest -q -x tests/kernels -k cuda -p no:cachepr
 step kernels_bench 150 python benchmarks/kernels.py ${KERNEL_FLAGS:-}
 step train_bench 200 python benchmarks/train_throughput.py ${TRAIN_FLAGS:-}
 step realloc_bench 60 python benchmarks/realloc.py
-cp benchmarks/results/*.json "$OUT/" 2>/dev/null
+step generate_bench 240 python benchmarks/generate.py --check ${GEN_FLAGS:-}
+# only the results this session wrote (the device tool returns at most 8 files)
+find benchmarks/results -name '*.json' -newer "$OUT/.start" -exec cp {} "$OUT/" \;
 ls "$OUT"
