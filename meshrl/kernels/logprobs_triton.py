@@ -123,6 +123,11 @@ def logits_grad(logits, labels, lse, ent, g_lp, g_ent, inv_t: float, offset: int
     grad = torch.empty((n, n_cols), dtype=logits.dtype, device=logits.device)
     if n == 0:
         return grad
+    if logits.device.type != "cpu":
+        # the gradient pass streams read+write and prefers wider blocks (H100 sweep: 16384 columns,
+        # 16 warps 1.43 ms against 1.46 ms at the forward's 4096/8)
+        block = block or min(16384, triton.next_power_of_2(max(n_cols, 16)))
+        num_warps = num_warps or (16 if block >= 8192 else 8 if block >= 2048 else 4)
     block, warps = _launch_config(n_cols, logits.device, block, num_warps)
     _grad_kernel[(n,)](logits, labels, lse, ent, g_lp, g_ent, grad, logits.stride(0), grad.stride(0),
                        n_valid, n_cols, offset, inv_t * LOG2E, inv_t, BLOCK=block,
