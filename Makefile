@@ -23,9 +23,12 @@ test: .installed
 study: .installed
 	$(PYTHON) -m meshrl.cli study
 
+# CPU smoke runs of every benchmark; real figures come from `bash benchmarks/gpu_session.sh` on a GPU.
 bench: .installed
 	$(PYTHON) benchmarks/kernels.py --small
 	$(PYTHON) benchmarks/train_throughput.py --small
+	$(PYTHON) benchmarks/generate.py --small --check
+	$(PYTHON) benchmarks/realloc.py --small
 
 clean:
 	rm -rf .installed runs build *.egg-info
