@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,16 @@ def make_verifier(name: str | None, args: dict):
     except (ImportError, AttributeError) as e:
         raise RunConfigError(f"reward.verifier={name}: cannot import it ({e})") from None
     return obj(**args) if isinstance(obj, type) else obj
+
+
+@dataclass
+class Job:
+    """One sharded call: ``fn(stage, local_items, first_index)`` over the call's data shares."""
+    call: str
+    items: list
+    fn: object
+    reporter_only: bool = False
+    timer: str | None = None
 
 
 class RunContext:
@@ -149,20 +160,26 @@ class RunContext:
         the call's layout, over its replica's share of ``items``; the replicas' results gathered to
         every rank in the order of ``items``. ``reporter_only`` runs fn on one rank per replica (host
         work such as a verifier, which must not run tp·pp times over)."""
-        layout = self.layouts[call]
-        mine = None
-        if layout.is_member:
-            local, first = share(items, layout)
-            if not reporter_only or is_reporter(layout):
-                res = fn(self.stage(call), local, first)
-                if is_reporter(layout):
-                    mine = (first, list(res))
-        out = [None] * len(items)
+        return self.run_sharded_many([Job(call, items, fn, reporter_only=reporter_only)])[0]
+
+    def run_sharded_many(self, jobs: list["Job"]) -> list[list]:
+        """Several sharded calls with one gather at the end: calls on disjoint meshes compute at the
+        same time (a rank runs only the calls its layouts include), and every rank gets every result."""
+        mine = []
+        for k, job in enumerate(jobs):
+            layout = self.layouts[job.call]
+            if not layout.is_member or (job.reporter_only and not is_reporter(layout)):
+                continue
+            local, first = share(job.items, layout)
+            with self.timed(job.timer or job.call):
+                res = job.fn(self.stage(job.call), local, first)
+            if is_reporter(layout):
+                mine.append((k, first, list(res)))
+        outs = [[None] * len(job.items) for job in jobs]
         for part in all_gather_objects(mine):
-            if part is not None:
-                first, res = part
-                out[first:first + len(res)] = res
-        return out
+            for k, first, res in part:
+                outs[k][first:first + len(res)] = res
+        return outs
 
     def train_call(self, call: str, items: list, make_batches, loss_fn_of) -> dict:
         """One optimizer step of the call's model on its replica's share of ``items``:

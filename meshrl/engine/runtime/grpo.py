@@ -9,7 +9,7 @@ from meshrl.engine.data.datasets import load_prompts
 from meshrl.engine.train import global_token_count
 
 from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop
-from .rollout import dump, flatten, logprobs_of, microbatches, sample, sampling_params, score
+from .rollout import dump, flatten, logprobs_job, microbatches, sample, sampling_params, score
 
 
 class GRPO:
@@ -27,8 +27,8 @@ class GRPO:
         roll.scores = score(ctx, "actor_gen", roll)
         dump(ctx, it, roll)
         T = cfg.generation.temperature
-        old = logprobs_of(ctx, "actor_train", roll, T, timer="actor_inf")
-        ref = logprobs_of(ctx, "ref_inf", roll, T)
+        old, ref = ctx.run_sharded_many([logprobs_job(ctx, "actor_train", roll, T, timer="actor_inf"),
+                                          logprobs_job(ctx, "ref_inf", roll, T)])
         adv_seq = L.group_normalize(roll.scores, G.group_size)
         fields = {"old_logp": old, "ref_logp": ref,
                   "advantages": [[float(a)] * len(r) for a, r in zip(adv_seq, roll.responses)]}

@@ -17,8 +17,8 @@ from meshrl.engine.train import global_token_count
 from meshrl.kernels import gae, masked_whiten
 
 from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop
-from .rollout import (dump, flatten, logprobs_of, microbatches, sample, sampling_params, score,
-                      unflatten, values_of)
+from .rollout import (dump, flatten, logprobs_job, microbatches, sample, sampling_params, score,
+                      split_values, unflatten, values_job)
 
 TRAIN_FIELDS = ("old_logp", "advantages", "returns", "old_values")
 
@@ -48,9 +48,11 @@ class PPO:
     def advantages(self, roll) -> dict:
         """Old log-probs (actor), reference log-probs, values; shaped rewards, GAE, normalisation."""
         ctx, P, T = self.ctx, self.P, self.cfg.generation.temperature
-        old = logprobs_of(ctx, "actor_train", roll, T, timer="actor_inf")
-        ref = logprobs_of(ctx, "ref_inf", roll, T)
-        values, last_values = values_of(ctx, "critic_inf", roll)
+        # one gather for the three: on disjoint meshes they compute at the same time
+        old, ref, vals = ctx.run_sharded_many([
+            logprobs_job(ctx, "actor_train", roll, T, timer="actor_inf"),
+            logprobs_job(ctx, "ref_inf", roll, T), values_job(ctx, "critic_inf", roll)])
+        values, last_values = split_values(vals)
         lp, cu = flatten(old)
         rlp, _ = flatten(ref)
         v, _ = flatten(values)

@@ -60,8 +60,7 @@ def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1)
             out += list(zip(r.output_ids, r.logprobs, r.finish_reason))
         return [out[i * k:(i + 1) * k] for i in range(len(local))]
 
-    with ctx.timed(call):
-        per_prompt = ctx.run_sharded(call, prompts, fn)
+    per_prompt = ctx.run_sharded(call, prompts, fn)
     samples = [s for group in per_prompt for s in group]
     return Rollout([p.prompt_ids for p in prompts for _ in range(k)], [s[0] for s in samples],
                    [s[1] for s in samples], [s[2] for s in samples],
@@ -84,22 +83,23 @@ def dump(ctx, step: int, roll: Rollout):
 
 def score(ctx, call: str, roll: Rollout) -> torch.Tensor:
     """Scores [B] from the verifier (host work, on the call's replicas) or the reward model."""
+    from .context import Job
     idx = list(range(len(roll)))
-    with ctx.timed("rew_inf"):
-        if ctx.verifier is not None:
-            def fn(stage, local, first):
-                texts = [ctx.tokenizer.decode(roll.responses[i], skip_special_tokens=True) for i in local]
-                return [float(s) for s in ctx.verifier([roll.records[i] for i in local], texts)]
-            scores = ctx.run_sharded(call, idx, fn, reporter_only=True)
-        else:
-            ctx.prepare("rew_inf")
-            mt, pad = ctx.max_tokens("rew_inf"), ctx.sp_pad("rew_inf")
+    if ctx.verifier is not None:
+        def fn(stage, local, first):
+            texts = [ctx.tokenizer.decode(roll.responses[i], skip_special_tokens=True) for i in local]
+            return [float(s) for s in ctx.verifier([roll.records[i] for i in local], texts)]
+        job = Job(call, idx, fn, reporter_only=True, timer="rew_inf")
+    else:
+        ctx.prepare("rew_inf")
+        mt, pad = ctx.max_tokens("rew_inf"), ctx.sp_pad("rew_inf")
 
-            def fn(stage, local, first):
-                mbs = microbatches(roll, local, mt, pad_to_multiple=pad)
-                outs = infer(stage, mbs, scores_call())
-                return torch.cat([o[mb.seqs["real"].bool()] for o, mb in zip(outs, mbs)]).tolist()
-            scores = ctx.run_sharded("rew_inf", idx, fn)
+        def fn(stage, local, first):
+            mbs = microbatches(roll, local, mt, pad_to_multiple=pad)
+            outs = infer(stage, mbs, scores_call())
+            return torch.cat([o[mb.seqs["real"].bool()] for o, mb in zip(outs, mbs)]).tolist()
+        job = Job("rew_inf", idx, fn)
+    scores = ctx.run_sharded_many([job])[0]
     out = torch.tensor(scores, dtype=torch.float32)
     check_scores(out, "verifier" if ctx.verifier is not None else "reward model")
     return out
@@ -146,8 +146,10 @@ def _cut_actions(roll, idx, mbs, outs, *, with_last=False):
     return res
 
 
-def per_action(ctx, call: str, roll: Rollout, fn_call, *, with_last=False, timer=None) -> list:
-    """An inference call over every sequence: per-sequence lists of per-action outputs."""
+def per_action_job(ctx, call: str, roll: Rollout, fn_call, *, with_last=False, timer=None):
+    """An inference call over every sequence, as a job for ``RunContext.run_sharded_many``: its
+    result is per-sequence lists of per-action outputs (and, ``with_last``, the last token's)."""
+    from .context import Job
     ctx.prepare(call)
     mt, pad = ctx.max_tokens(call), ctx.sp_pad(call)
 
@@ -155,17 +157,19 @@ def per_action(ctx, call: str, roll: Rollout, fn_call, *, with_last=False, timer
         mbs = microbatches(roll, local, mt, pad_to_multiple=pad)
         return _cut_actions(roll, local, mbs, infer(stage, mbs, fn_call), with_last=with_last)
 
-    with ctx.timed(timer or call):
-        return ctx.run_sharded(call, list(range(len(roll))), fn)
+    return Job(call, list(range(len(roll))), fn, timer=timer)
 
 
-def logprobs_of(ctx, call: str, roll: Rollout, temperature: float, timer=None) -> list[list[float]]:
-    return per_action(ctx, call, roll, logprobs_call(temperature), timer=timer)
+def logprobs_job(ctx, call, roll, temperature: float, timer=None):
+    return per_action_job(ctx, call, roll, logprobs_call(temperature), timer=timer)
 
 
-def values_of(ctx, call: str, roll: Rollout) -> tuple[list[list[float]], torch.Tensor]:
-    """Per-action values and each sequence's value after its last token (for bootstrapping)."""
-    out = per_action(ctx, call, roll, values_call(), with_last=True)
+def values_job(ctx, call, roll):
+    return per_action_job(ctx, call, roll, values_call(), with_last=True)
+
+
+def split_values(out) -> tuple[list[list[float]], torch.Tensor]:
+    """A values job's result -> per-action values and each sequence's value after its last token."""
     return [o[0] for o in out], torch.tensor([o[1] for o in out])
 
 

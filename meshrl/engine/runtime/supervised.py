@@ -59,8 +59,7 @@ def pair_position_logps(ctx, call: str, pairs) -> list:
         seqs = [s.tolist() for s in _real_seqs(mbs, infer(stage, mbs, logprobs_call()))]
         return [(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(local))]
 
-    with ctx.timed(call):
-        return ctx.run_sharded(call, pairs, fn)
+    return ctx.run_sharded(call, pairs, fn)
 
 
 def _steps(n: int, batch_size: int, epochs: int, steps: int | None) -> int:

@@ -87,3 +87,34 @@ def test_disjoint_meshes(dist_pool, setup):
     _compare(d, "shared", "disjoint")
     assert os.path.exists(d / "disjoint" / "checkpoints" / "latest")
     assert json.load(open(d / "disjoint" / "checkpoints" / "step_2" / "host_state.json"))["step"] == 2
+
+
+def _concurrency(cfg):
+    import time
+
+    import torch
+
+    from meshrl.engine.runtime.context import Job, RunContext
+    ctx = RunContext(load_run_config(None, [], base=cfg))
+
+    def work(stage, local, first):  # a few hundred ms of compute, timestamps around it
+        t0 = time.time()
+        x = torch.randn(256, 256)
+        for _ in range(600):
+            x = torch.tanh(x @ x)
+        return [(t0, time.time())] * len(local)
+
+    ctx.barrier()  # all ranks start together, so only the runtime could serialise the two calls
+    ref, critic = ctx.run_sharded_many([Job("ref_inf", [0, 1], work), Job("critic_train", [0, 1], work)])
+    ctx.close()
+    return ref[0], critic[0]
+
+
+def test_calls_on_disjoint_meshes_run_at_the_same_time(dist_pool, setup):
+    d, model = setup
+    calls = _calls({"ranks": "2-3", "tp": 2}, {"ranks": "0-1", "tp": 2}, {"ranks": "2-3", "tp": 1})
+    calls["critic_train"] = {"model": "critic", "ranks": "0-1", "tp": 1}
+    cfg = _config(d, model, "concurrent", calls)
+    (ref_span, critic_span), *_ = dist_pool(4).run(_concurrency, cfg)
+    # ref inference (ranks 2-3) and critic work (ranks 0-1) overlap in time: neither waited for the other
+    assert ref_span[0] < critic_span[1] and critic_span[0] < ref_span[1], (ref_span, critic_span)
