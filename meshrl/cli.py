@@ -10,39 +10,36 @@ class CommandError(Exception):
     """Raised for bad input anywhere below; printed as one line."""
 
 
-def _parser() -> argparse.ArgumentParser:
-    from meshrl.engine import generate_job
+# (command, module with add_arguments/run, help)
+COMMANDS = [
+    ("run", "meshrl.engine.runtime.run", "train with a YAML config (sft, rm, dpo, ppo, grpo)"),
+    ("generate", "meshrl.engine.generate_job", "sample completions for JSONL prompts"),
+    ("plan", "meshrl.engine.runtime.plan", "dry run on the CPU: memory per GPU, reallocation, step estimate"),
+    ("bench", "meshrl.engine.runtime.bench", "run a few PPO iterations; measured per-call seconds vs the plan"),
+    ("plot", "meshrl.engine.runtime.plot", "PNG curves from RUN_DIR/metrics.jsonl"),
+    ("demo", "meshrl.study.demo", "the study in miniature on CPU: SFT, then PPO and DPO"),
+    ("study", "meshrl.study.study", "SFT/DPO/DPO+SFT/DPO-Iter/PPO and the PPO ablation, over seeds"),
+]
+
+
+def _parser(argv) -> argparse.ArgumentParser:
+    """Only the chosen command's module is imported (the lent GPU image lacks some dependencies of
+    the others, e.g. omegaconf for `run`); ``--help`` lists them all."""
+    import importlib
     p = argparse.ArgumentParser(prog="meshrl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="sample completions for JSONL prompts")
-    generate_job.add_arguments(g)
-    g.set_defaults(func=generate_job.run)
-    from meshrl.engine.runtime import plot, run
-    r = sub.add_parser("run", help="train with a YAML config (sft, rm, dpo, ppo, grpo)")
-    run.add_arguments(r)
-    r.set_defaults(func=run.run)
-    pl = sub.add_parser("plot", help="PNG curves from RUN_DIR/metrics.jsonl")
-    plot.add_arguments(pl)
-    pl.set_defaults(func=plot.run)
-    from meshrl.engine.runtime import bench, plan
-    pn = sub.add_parser("plan", help="dry run on the CPU: memory per GPU, reallocation, step estimate")
-    plan.add_arguments(pn)
-    pn.set_defaults(func=plan.run)
-    bn = sub.add_parser("bench", help="run a few PPO iterations; measured per-call seconds vs the plan")
-    bench.add_arguments(bn)
-    bn.set_defaults(func=bench.run)
-    from meshrl.study import demo, study
-    dm = sub.add_parser("demo", help="the study in miniature on CPU: SFT, then PPO and DPO")
-    demo.add_arguments(dm)
-    dm.set_defaults(func=demo.run)
-    st = sub.add_parser("study", help="SFT/DPO/DPO+SFT/DPO-Iter/PPO and the PPO ablation, over seeds")
-    study.add_arguments(st)
-    st.set_defaults(func=study.run)
+    chosen = [c for c in COMMANDS if argv and argv[0] == c[0]] or COMMANDS
+    for name, module, help_text in chosen:
+        mod = importlib.import_module(module)
+        cmd = sub.add_parser(name, help=help_text)
+        mod.add_arguments(cmd)
+        cmd.set_defaults(func=mod.run)
     return p
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(argv).parse_args(argv)
     from meshrl.engine.data.jsonl import DataError
     from meshrl.engine.model.config import ConfigError
     from meshrl.engine.runtime.config import RunConfigError

@@ -33,15 +33,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_cpu_thread():
-    # Two-thread ops on the shared two-core host wait on a descheduled sibling (15x slower here).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     d = tmp_path_factory.mktemp("fastgen")
