@@ -5,8 +5,14 @@
 #   STEPS="gpu_check generate_bench" bash benchmarks/gpu_session.sh # a subset
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"gpu_check kernel_tests kernels_bench train_bench realloc_bench generate_bench"}
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+STEPS=${STEPS:-"gpu_check kernel_tests kernels_bench train_bench realloc_bench generate_bench runtime_check"}
+# runtime_check needs omegaconf, absent from the GPU image: carry its wheels in .whl/ (see the note in
+# benchmarks/README.md) and they are installed to a scratch site directory here
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  EXTRA=/tmp/site
+fi
+export PYTHONPATH=$PWD${EXTRA:+:$EXTRA} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 touch "$OUT/.start"
@@ -24,6 +30,7 @@ step kernels_bench 150 python benchmarks/kernels.py ${KERNEL_FLAGS:-}
 step train_bench 200 python benchmarks/train_throughput.py ${TRAIN_FLAGS:-}
 step realloc_bench 60 python benchmarks/realloc.py
 step generate_bench 240 python benchmarks/generate.py --check ${GEN_FLAGS:-}
+step runtime_check 240 python benchmarks/gpu_runtime_check.py
 # only the results this session wrote (the device tool returns at most 8 files)
 find benchmarks/results -name '*.json' -newer "$OUT/.start" -exec cp {} "$OUT/" \;
 ls "$OUT"
