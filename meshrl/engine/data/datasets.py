@@ -39,12 +39,8 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
-@dataclass(frozen=True)
-class PromptExample:
-    lineno: int
-    prompt_ids: list[int]
-    record: dict
-    source: str = ""  # the file, so that later errors (a NaN reward) can still name file and line
+class Located:
+    """``where`` = "file:line" of an example, for one-line errors raised after loading."""
 
     @property
     def where(self) -> str:
@@ -52,29 +48,29 @@ class PromptExample:
 
 
 @dataclass(frozen=True)
-class SFTExample:
+class PromptExample(Located):
+    lineno: int
+    prompt_ids: list[int]
+    record: dict
+    source: str = ""  # the file, so that later errors (a NaN reward) can still name file and line
+
+
+@dataclass(frozen=True)
+class SFTExample(Located):
     lineno: int
     prompt_ids: list[int]
     response_ids: list[int]  # ends with EOS
     record: dict
     source: str = ""
 
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.lineno}"
-
 
 @dataclass(frozen=True)
-class CodeTask:
+class CodeTask(Located):
     lineno: int
     question: str
     input_output: dict  # {"inputs": [...], "outputs": [...]} plus "fn_name" when the record has one
     record: dict
     source: str = ""
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.lineno}"
 
 
 @dataclass

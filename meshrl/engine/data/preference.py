@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .datasets import (Encoder, Examples, check_choice, check_reward, check_too_long, read_records, split_hh,
+from .datasets import (Encoder, Examples, Located, check_choice, check_reward, check_too_long, read_records, split_hh,
                        text_field)
 from .jsonl import DataError, require
 
@@ -34,17 +34,13 @@ SAFETY_FILTERS = (None, "dual_unsafe", "dual_safe")
 
 
 @dataclass(frozen=True)
-class PairExample:
+class PairExample(Located):
     lineno: int
     prompt_ids: list[int]
     chosen_ids: list[int]  # ends with EOS
     rejected_ids: list[int]  # ends with EOS
     record: dict
     source: str = ""
-
-    @property
-    def where(self) -> str:
-        return f"{self.source}:{self.lineno}"
 
 
 @dataclass(frozen=True)

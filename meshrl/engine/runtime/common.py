@@ -11,6 +11,13 @@ from meshrl.engine.data.datasets import load_prompts
 from .rollout import sample, sampling_params, score
 
 
+def train_prompts(ctx):
+    """The run's training prompts (PPO, GRPO, iterative DPO)."""
+    d = ctx.cfg.data
+    return load_prompts(d.train, ctx.tokenizer, max_prompt_len=d.max_prompt_len,
+                        chat_template=d.chat_template)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     g = torch.Generator().manual_seed(seed * 10_007 + epoch)
     return torch.randperm(n, generator=g).tolist()

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from meshrl.engine.algorithms.calls import dpo_call
-from meshrl.engine.data.datasets import load_prompts
 
-from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop
+from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop, train_prompts
 from .rollout import sample, sampling_params, score
 from .supervised import _load_pairs, pair_microbatches, pair_position_logps
 
@@ -105,9 +104,7 @@ class DPO:
 
     def run_iterative(self) -> dict:
         ctx, cfg, D = self.ctx, self.cfg, self.D
-        d = cfg.data
-        prompts = load_prompts(d.train, ctx.tokenizer, max_prompt_len=d.max_prompt_len,
-                               chat_template=d.chat_template)
+        prompts = train_prompts(ctx)
         actor, ref = ctx.calls["actor_train"].model, ctx.calls["ref_inf"].model
 
         def round_step(r):

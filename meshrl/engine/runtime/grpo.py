@@ -5,19 +5,16 @@ from __future__ import annotations
 from meshrl.engine.algorithms import losses as L
 from meshrl.engine.algorithms.calls import grpo_actor_call
 from meshrl.engine.batch import split_even
-from meshrl.engine.data.datasets import load_prompts
 from meshrl.engine.train import global_token_count
 
-from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop
+from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop, train_prompts
 from .rollout import dump, flatten, logprobs_job, microbatches, sample, sampling_params, score
 
 
 class GRPO:
     def __init__(self, ctx):
         self.ctx, self.cfg, self.G = ctx, ctx.cfg, ctx.cfg.grpo
-        d = self.cfg.data
-        self.prompts = load_prompts(d.train, ctx.tokenizer, max_prompt_len=d.max_prompt_len,
-                                    chat_template=d.chat_template)
+        self.prompts = train_prompts(ctx)
 
     def step(self, it: int) -> dict:
         ctx, cfg, G = self.ctx, self.cfg, self.G

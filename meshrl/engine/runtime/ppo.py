@@ -12,11 +12,10 @@ import torch
 from meshrl.engine.algorithms import losses as L
 from meshrl.engine.algorithms.calls import ppo_actor_call, ppo_critic_call
 from meshrl.engine.batch import split_even
-from meshrl.engine.data.datasets import load_prompts
 from meshrl.engine.train import global_token_count
 from meshrl.kernels import gae, masked_whiten
 
-from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop
+from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop, train_prompts
 from .rollout import (dump, flatten, logprobs_job, microbatches, sample, sampling_params, score,
                       split_values, unflatten, values_job)
 
@@ -26,9 +25,7 @@ TRAIN_FIELDS = ("old_logp", "advantages", "returns", "old_values")
 class PPO:
     def __init__(self, ctx):
         self.ctx, self.cfg, self.P = ctx, ctx.cfg, ctx.cfg.ppo
-        d = self.cfg.data
-        self.prompts = load_prompts(d.train, ctx.tokenizer, max_prompt_len=d.max_prompt_len,
-                                    chat_template=d.chat_template)
+        self.prompts = train_prompts(ctx)
         P = self.P
         self.kl_ctl = (L.AdaptiveKLController(P.kl_coef, P.kl_target, P.kl_horizon) if P.adaptive_kl
                        else L.FixedKLController(P.kl_coef))
