@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.distributed as dist
 
 from meshrl.engine.data.datasets import load_prompts
 
@@ -31,17 +30,6 @@ def global_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     per_epoch = n // batch_size
     epoch, k = divmod(step, per_epoch)
     return epoch_order(n, seed, epoch)[k * batch_size:(k + 1) * batch_size]
-
-
-def global_means(sums: dict[str, tuple[float, float]], group, device=None) -> dict[str, float]:
-    """{name: (local sum, local count)} -> {name: global sum / global count} over ``group``."""
-    if not sums:
-        return {}
-    keys = sorted(sums)
-    t = torch.tensor([[sums[k][0], sums[k][1]] for k in keys], dtype=torch.float64, device=device)
-    if group is not None:
-        dist.all_reduce(t, group=group)
-    return {k: (t[i, 0] / t[i, 1]).item() if t[i, 1] > 0 else float("nan") for i, k in enumerate(keys)}
 
 
 def evaluate_pass_rate(ctx, call: str, step: int) -> dict:
