@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from meshrl.engine.fastgen import FastGenerator, FastOptions, generate_fast
-from meshrl.engine.fastgen.attention import attend_oracle, attend_torch, kernel_meta
+from meshrl.engine.fastgen.attention import attend, attend_oracle, attend_torch, kernel_meta
 from meshrl.engine.fastgen.sampling import Sampler, gumbel_columns, noise_keys
 from meshrl.engine.fastgen.schedule import Schedule
 from meshrl.engine.generate import generate
 from meshrl.engine.model import build_stage
+from meshrl.engine.model.attention import apply_rope, rope_cos_sin
 from meshrl.engine.sampling import SamplingParams, gumbel_noise, sample_tokens
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.parallel.sharding import padded_size
@@ -111,6 +112,16 @@ def test_compile_failure_falls_back_to_eager_pieces(models):
     gen.compiled = True
     _same(ref, gen.generate(PROMPTS, params))
     assert next(iter(gen._sessions.values())).prepared
+
+
+def test_compiled_pieces_match_reference(models):
+    # The GPU runs torch.compile'd pieces (layers, rotary tables, sampling, bookkeeping with its
+    # in-place writes); inductor's CPU backend compiles the same graphs, so they are checked here.
+    stage = build_stage(ParallelLayout(ranks=[0]), model_dir=models["qwen2"])
+    gen = FastGenerator(stage, FastOptions(compile=True, check_every=4))
+    for params, _ in CASES[:2]:
+        _same(generate(stage, PROMPTS, params, engine="reference"), gen.generate(PROMPTS, params))
+    assert gen.compiled and gen.compile_failed is None
 
 
 def _distributed_case(path, tp, pp, prompt_sets):
@@ -259,37 +270,61 @@ def _attention_inputs(dtype, b, hq, hkv, d, cap, lengths):
     return (*t, torch.tensor(lengths))
 
 
-def test_attention_torch_path_matches_oracle():
+def _rope_tables(d, lengths, dtype):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    return rope_cos_sin(inv_freq, lengths, dtype)
+
+
+def _rotated_oracle(q, kn, vn, kc, vc, n, window, rope):
+    """The oracle on q and the new key rotated in float64 (the caches get the rotated key)."""
+    if rope is not None:
+        cos, sin = (t.double() for t in rope)
+        q, kn = apply_rope(q.double(), cos, sin), apply_rope(kn.double(), cos, sin).to(kn.dtype)
+    return attend_oracle(q, kn, vn, kc, vc, n, window=window)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_attention_torch_path_matches_oracle(rotate):
     for b, hq, hkv, d, cap, lengths, window in ATTN_CASES:
         q, kn, vn, kc, vc, n = _attention_inputs(torch.float32, b, hq, hkv, d, cap, lengths)
-        got = attend_torch(q, kn, vn, kc, vc, n, window=window)
-        want = attend_oracle(q, kn, vn, kc.clone(), vc.clone(), n, window=window)
+        rope = _rope_tables(d, n, torch.float32) if rotate else None
+        k2, v2 = kc.clone(), vc.clone()
+        got = attend(q, kn, vn, kc, vc, n, window=window, backend="torch", rope=rope)
+        want = _rotated_oracle(q, kn, vn, k2, v2, n, window, rope)
+        assert torch.allclose(kc, k2, atol=1e-6) and torch.equal(vc, v2)
         assert torch.allclose(got.double(), want, atol=1e-5)
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_attention_interpreted")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_interpreted_triton_attention(dtype):
+@pytest.mark.parametrize("rotate", [False, True])
+def test_interpreted_triton_attention(dtype, rotate):
     from meshrl.engine.fastgen.attention import attend_triton
     for b, hq, hkv, d, cap, lengths, window in ATTN_CASES:
         q, kn, vn, kc, vc, n = _attention_inputs(dtype, b, hq, hkv, d, cap, lengths)
+        rope = _rope_tables(d, n, dtype) if rotate else None
         k2, v2 = kc.clone(), vc.clone()
-        got = attend_triton(q, kn, vn, kc, vc, n, window=window)
-        want = attend_oracle(q, kn, vn, k2, v2, n, window=window)
-        assert torch.equal(kc, k2) and torch.equal(vc, v2)  # the new key/value were appended
+        got = attend_triton(q, kn, vn, kc, vc, n, window=window, rope=rope)
+        want = _rotated_oracle(q, kn, vn, k2, v2, n, window, rope)
+        # the new key/value were appended (rotated in fp32 and rounded once: one bf16 ulp apart)
+        key_tol = 0 if not rotate else (1e-6 if dtype == torch.float32 else 2e-2)
+        assert torch.allclose(kc.double(), k2.double(), atol=key_tol, rtol=0) and torch.equal(vc, v2)
         # bf16: output rounding and probabilities rounded to bf16 before the value product
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
         assert torch.allclose(got.double(), want, atol=tol), (got.double() - want).abs().max()
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_attention_interpreted")
-def test_interpreted_engine_with_triton_attention(models):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_interpreted_engine_with_triton_attention(models, compiled):
+    # The kernel rotates q and k, so the (compiled, on GPU) layer pieces hand them over unrotated.
     stage = build_stage(ParallelLayout(ranks=[0]), model_dir=models["mistral"])
     # 8 + 10 positions pass mistral's window of 16; the interpreter costs ~10 ms per program
     params = SamplingParams(max_new_tokens=10, temperature=1.3, top_p=0.9, seed=3)
     prompts = [PROMPTS[1], PROMPTS[4]]
     ref = generate(stage, prompts, params, engine="reference")
-    _same(ref, generate_fast(stage, prompts, params, options=FastOptions(attention="triton")))
+    opts = FastOptions(attention="triton", compile=compiled)
+    _same(ref, generate_fast(stage, prompts, params, options=opts))
 
 
 def test_triton_attention_interpreted():
@@ -297,24 +332,27 @@ def test_triton_attention_interpreted():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                            "-k", "interpreted_"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "3 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "6 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.skipif(INTERPRETING, reason="kernels are interpreted functions in this process")
-@pytest.mark.parametrize("dtype,window", [(torch.bfloat16, None), (torch.bfloat16, 4096),
-                                          (torch.float32, None)])
-def test_triton_attention_compiles_for_sm90(dtype, window):
+@pytest.mark.parametrize("dtype,window,rope", [(torch.bfloat16, None, True),
+                                               (torch.bfloat16, 4096, True),
+                                               (torch.bfloat16, None, False),
+                                               (torch.float32, None, True)])
+def test_triton_attention_compiles_for_sm90(dtype, window, rope):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from meshrl.engine.fastgen.attention import _decode_attention_kernel as kernel
     ty = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
-    sig = {n: ty for n in ("q_ptr", "kn_ptr", "vn_ptr", "kc_ptr", "vc_ptr", "o_ptr")}
-    sig.update({n: "i32" for n in kernel.arg_names if n.startswith("s") and n != "scale"})
+    ptrs = ("q_ptr", "kn_ptr", "vn_ptr", "kc_ptr", "vc_ptr", "o_ptr", "cos_ptr", "sin_ptr")
+    sig = {n: "i32" for n in kernel.arg_names if n.startswith("s") and n != "scale"}
+    sig.update({n: ty for n in ptrs})
     sig.update(len_ptr="*i64", scale="fp32", window="i32")
     q, kc = torch.empty(1, 32, 64, dtype=dtype), torch.empty(1, 8, 1, 64, dtype=dtype)
-    meta = kernel_meta(q, kc, window)
+    meta = kernel_meta(q, kc, window, rope)
     sig = {n: sig.get(n, "constexpr") for n in kernel.arg_names}
     k = triton.compile(ASTSource(kernel, sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4})

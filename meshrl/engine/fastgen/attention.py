@@ -7,6 +7,10 @@ SDPA over the whole capacity with a length mask, so its shapes never change), an
 only the cached positions below the sequence's length, read on the device, so a captured step reads
 no more of the cache than the sequences fill. The new key/value stay in registers for their own
 score and are stored for later steps; no program reads what another writes.
+
+Given the step's rotary tables (``cos``/``sin``), ``attend`` takes the query and new key *before*
+rotation: the kernel rotates them in registers (fp32, one rounding to the model dtype, as a compiled
+``apply_rope`` does), which saves the decode step a separate rotary kernel per layer.
 """
 from __future__ import annotations
 
@@ -20,13 +24,22 @@ from triton.runtime.interpreter import InterpretedFunction
 
 from meshrl.kernels.dispatch import use_triton
 
+from ..model.attention import apply_rope
 
-def attend(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, backend=None):
+
+def uses_triton(x, backend=None) -> bool:
+    """Whether ``attend`` takes the Triton kernel for tensors like ``x``."""
+    return use_triton(x) if backend in (None, "auto") else backend == "triton"
+
+
+def attend(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, backend=None, rope=None):
     """q [B, Hq, D]; k_new/v_new [B, Hkv, D]; caches [B, Hkv, capacity, D]; lengths [B] (the new
-    token's position). Writes the new key/value into the caches; returns [B, Hq, D]."""
-    triton_path = use_triton(q) if backend in (None, "auto") else backend == "triton"
-    if triton_path:
-        return attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, window=window)
+    token's position); ``rope`` None (q and k_new already rotated) or the step's (cos, sin)
+    [B, D]. Writes the (rotated) new key/value into the caches; returns [B, Hq, D]."""
+    if uses_triton(q, backend):
+        return attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, window=window, rope=rope)
+    if rope is not None:
+        q, k_new = apply_rope(q, *rope), apply_rope(k_new, *rope)
     return attend_torch(q, k_new, v_new, k_cache, v_cache, lengths, window=window)
 
 
@@ -66,12 +79,12 @@ def attend_oracle(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None):
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr, o_ptr,
-                             sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_n, so_b, so_h,
+def _decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr, o_ptr, cos_ptr, sin_ptr,
+                             sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_n, so_b, so_h, sr_b,
                              scale, window,
                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                             WINDOWED: tl.constexpr, DOT_FP32: tl.constexpr):
+                             WINDOWED: tl.constexpr, ROPE: tl.constexpr, DOT_FP32: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     n_cached = tl.load(len_ptr + b).to(tl.int32)  # the new token's position
@@ -80,9 +93,21 @@ def _decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr, o_p
     gd_mask = (g[:, None] < GROUP) & (d[None, :] < HEAD_DIM)
     d_mask = d < HEAD_DIM
     heads = h * GROUP + g
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=gd_mask, other=0.0)
-    k_new = tl.load(kn_ptr + b * sk_b + h * sk_h + d, mask=d_mask, other=0.0)
+    q_at = q_ptr + b * sq_b + heads[:, None] * sq_h
+    k_at = kn_ptr + b * sk_b + h * sk_h
+    q = tl.load(q_at + d[None, :], mask=gd_mask, other=0.0)
+    k_new = tl.load(k_at + d, mask=d_mask, other=0.0)
     v_new = tl.load(vn_ptr + b * sv_b + h * sv_h + d, mask=d_mask, other=0.0)
+    if ROPE:  # x·cos + rotate_half(x)·sin, rotate_half(x)[d] = -x[d + D/2] below D/2, x[d - D/2] above
+        half = HEAD_DIM // 2
+        partner = tl.where(d < half, d + half, d - half)
+        sign = tl.where(d < half, -1.0, 1.0)
+        cos = tl.load(cos_ptr + b * sr_b + d, mask=d_mask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + b * sr_b + d, mask=d_mask, other=0.0).to(tl.float32) * sign
+        q_p = tl.load(q_at + partner[None, :], mask=gd_mask, other=0.0).to(tl.float32)
+        k_p = tl.load(k_at + partner, mask=d_mask, other=0.0).to(tl.float32)
+        q = (q.to(tl.float32) * cos[None, :] + q_p * sin[None, :]).to(q.dtype)
+        k_new = (k_new.to(tl.float32) * cos + k_p * sin).to(k_new.dtype)
     base = b.to(tl.int64) * sc_b + h * sc_h
     tl.store(kc_ptr + base + n_cached * sc_n + d, k_new, mask=d_mask)
     tl.store(vc_ptr + base + n_cached * sc_n + d, v_new, mask=d_mask)
@@ -124,13 +149,13 @@ def _decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr, o_p
              out.to(o_ptr.dtype.element_ty), mask=gd_mask)
 
 
-def kernel_meta(q, k_cache, window):
+def kernel_meta(q, k_cache, window, rope: bool = False):
     """Block sizes and flags for the kernel (also used by the ahead-of-time compile test)."""
     group = q.shape[1] // k_cache.shape[1]
     d = q.shape[-1]
     return dict(GROUP=group, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(group)),
                 BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=64, WINDOWED=window is not None,
-                DOT_FP32=q.dtype == torch.float32 or _interpreted())
+                ROPE=rope, DOT_FP32=q.dtype == torch.float32 or _interpreted())
 
 
 def _interpreted() -> bool:
@@ -138,18 +163,21 @@ def _interpreted() -> bool:
     return isinstance(_decode_attention_kernel, InterpretedFunction)
 
 
-def attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None):
-    for t in (q, k_new, v_new, k_cache, v_cache):
+def attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, rope=None):
+    cos, sin = rope if rope is not None else (q, q)  # unread without ROPE
+    for t in (q, k_new, v_new, k_cache, v_cache, cos, sin):
         if t.stride(-1) != 1:
             raise ValueError("decode attention needs the head dimension contiguous")
     if k_cache.stride() != v_cache.stride():
         raise ValueError("decode attention needs the K and V caches laid out alike")
+    if rope is not None and (cos.shape != (q.shape[0], q.shape[-1]) or cos.stride() != sin.stride()):
+        raise ValueError("decode attention needs cos and sin as [batch, head_dim], laid out alike")
     bsz, n_kv = q.shape[0], k_cache.shape[1]
     out = torch.empty_like(q)
     _decode_attention_kernel[(bsz, n_kv)](
-        q, k_new, v_new, k_cache, v_cache, lengths, out,
+        q, k_new, v_new, k_cache, v_cache, lengths, out, cos, sin,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
-        1.0 / math.sqrt(q.shape[-1]), 0 if window is None else int(window),
-        **kernel_meta(q, k_cache, window), num_warps=4)
+        cos.stride(0), 1.0 / math.sqrt(q.shape[-1]), 0 if window is None else int(window),
+        **kernel_meta(q, k_cache, window, rope is not None), num_warps=4)
     return out

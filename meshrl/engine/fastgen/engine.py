@@ -164,8 +164,7 @@ class FastGenerator:
             return h
         step = sess.steps[m]
         tok, logp = sess.sampler(F.linear(h, stage.lm_head.weight), sess.keys[rows], step)
-        record_step(sess.views[m], tok, logp, step)
-        step += 1
+        self.fns.record(sess.views[m], tok, logp, step)
         return None
 
     def _prepare(self, sess: Session):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from meshrl.parallel import mappings
 
 from ..model.attention import apply_rope, rope_cos_sin, varlen_causal_attention
-from .attention import attend
+from .attention import attend, uses_triton
+from .sampling import record_step
 
 
 class StaticKVCache:
@@ -132,14 +133,17 @@ def _residual(x, delta, bias):
 
 
 def pre_attention(x, delta, delta_bias, ln_w, eps: float, qkv_w, qkv_b, cos, sin,
-                  n_heads: int, n_kv: int, head_dim: int):
-    """Previous MLP's residual, norm, fused QKV, rotary -> (x, q, k, v)."""
+                  n_heads: int, n_kv: int, head_dim: int, rotate: bool = True):
+    """Previous MLP's residual, norm, fused QKV, rotary (unless the attention kernel rotates,
+    ``rotate=False``) -> (x, q, k, v)."""
     x = _residual(x, delta, delta_bias)
     qkv = F.linear(rms_norm(x, ln_w, eps), qkv_w, qkv_b)
     nq, nk = n_heads * head_dim, n_kv * head_dim
     q = qkv[:, :nq].view(-1, n_heads, head_dim)
     k = qkv[:, nq:nq + nk].view(-1, n_kv, head_dim)
     v = qkv[:, nq + nk:].view(-1, n_kv, head_dim)
+    if not rotate:
+        return x, q, k, v
     return x, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -160,32 +164,43 @@ def finish_stage(x, delta, delta_bias, norm_w, eps: float):
     return x if norm_w is None else rms_norm(x, norm_w, eps)
 
 
+def record_and_advance(state, tok, logp, step):
+    """The last stage's bookkeeping after sampling, then the step counter moves on."""
+    record_step(state, tok, logp, step)
+    step.add_(1)
+
+
 @dataclass
 class StepFns:
-    """The pieces a step calls: plain functions, or ``torch.compile``d ones on CUDA."""
+    """The pieces a step calls: plain functions, or ``torch.compile``d ones on CUDA (where each
+    small eager kernel would cost a launch inside the captured step)."""
 
     pre: object = pre_attention
     post: object = post_attention
     final: object = finish_stage
+    rope: object = rope_cos_sin  # the step's rotary tables, once for all layers
+    record: object = record_and_advance
 
     @staticmethod
     def compiled():
         kw = dict(dynamic=False, fullgraph=True)
-        return StepFns(torch.compile(pre_attention, **kw), torch.compile(post_attention, **kw),
-                       torch.compile(finish_stage, **kw))
+        return StepFns(*(torch.compile(f, **kw) for f in (
+            pre_attention, post_attention, finish_stage, rope_cos_sin, record_and_advance)))
 
 
 def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None):
     """This stage's layers (and final norm on the last stage) for one new token per row.
     x [b, H]; pos [b] the tokens' positions; caches per layer (K, V) views of the same rows."""
     cfg, group = stage.cfg, stage.layout.tp_group
-    cos, sin = rope_cos_sin(stage.inv_freq, pos, x.dtype)
+    cos, sin = fns.rope(stage.inv_freq, pos, x.dtype)
+    in_kernel = uses_triton(x, attention)  # the Triton attention rotates q and k itself
     delta = delta_bias = None
     for lw, layer, (kc, vc) in zip(weights.layers, stage.model.layers.values(), caches):
         a = layer.self_attn
         x, q, k, v = fns.pre(x, delta, delta_bias, lw.ln1, cfg.rms_norm_eps, lw.qkv, lw.qkv_bias,
-                             cos, sin, a.n_heads, a.n_kv, a.head_dim)
-        o = attend(q, k, v, kc, vc, pos, window=a.window, backend=attention)
+                             cos, sin, a.n_heads, a.n_kv, a.head_dim, not in_kernel)
+        o = attend(q, k, v, kc, vc, pos, window=a.window, backend=attention,
+                   rope=(cos, sin) if in_kernel else None)
         out = mappings.all_reduce(F.linear(o.reshape(o.shape[0], -1), lw.o), group)
         x, delta = fns.post(x, out, lw.o_bias, lw.ln2, cfg.rms_norm_eps, lw.gate, lw.gate_bias, lw.up,
                             lw.up_bias, lw.down)
