@@ -7,6 +7,8 @@ stage samples on the full vocabulary (gathered over tp), and the chosen tokens g
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
@@ -125,10 +127,25 @@ def generate(stage, prompts: list[list[int]], params: SamplingParams, *, seq_off
     ``seq_offset`` is the global index of ``prompts[0]`` (data-parallel replicas pass their offset),
     which keys the sampling noise so the tokens do not depend on the layout. Both engines give the
     same tokens (and log-probs to fp32 rounding) on CPU; see ``choose_engine``."""
+    with generator(stage, engine) as gen:
+        return gen(prompts, params, seq_offset=seq_offset, device=device)
+
+
+@contextlib.contextmanager
+def generator(stage, engine: str | None = None):
+    """``generate`` for many batches of one stage, as ``gen(prompts, params, seq_offset=,
+    device=)``. The fast engine keeps its session (static cache, captured graphs) from batch to
+    batch, so a rollout of many batches captures once, and frees it on leaving the block, before
+    training needs the memory."""
     if choose_engine(stage, engine) == "fast":
-        from .fastgen import generate_fast
-        return generate_fast(stage, prompts, params, seq_offset=seq_offset, device=device)
-    return generate_reference(stage, prompts, params, seq_offset=seq_offset, device=device)
+        from .fastgen import FastGenerator
+        fast = FastGenerator(stage)
+        try:
+            yield fast.generate
+        finally:
+            fast.release()
+    else:
+        yield functools.partial(generate_reference, stage)
 
 
 @torch.no_grad()

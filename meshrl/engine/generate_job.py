@@ -14,7 +14,7 @@ from meshrl.parallel.layout import LayoutError, ParallelLayout
 from .data.jsonl import DataError, read_jsonl, write_jsonl
 from .data.tokenizer import encode_prompt, load_tokenizer
 from .distributed import init_distributed, world
-from .generate import generate
+from .generate import generator
 from .model import build_stage, load_config
 from .sampling import SamplingParams
 
@@ -88,11 +88,12 @@ def run(args) -> int:
     lo = layout.dp_rank * len(prompts) // layout.dp_size
     hi = (layout.dp_rank + 1) * len(prompts) // layout.dp_size
     mine = {}
-    for b in range(lo, hi, args.batch_size):
-        batch = prompts[b:min(hi, b + args.batch_size)]
-        r = generate(stage, batch, params, seq_offset=b, device=device)
-        for j in range(len(batch)):
-            mine[b + j] = (r.output_ids[j], r.logprobs[j], r.finish_reason[j])
+    with generator(stage) as gen:  # the fast engine captures once for all full batches
+        for b in range(lo, hi, args.batch_size):
+            batch = prompts[b:min(hi, b + args.batch_size)]
+            r = gen(batch, params, seq_offset=b, device=device)
+            for j in range(len(batch)):
+                mine[b + j] = (r.output_ids[j], r.logprobs[j], r.finish_reason[j])
     results = _gather_to_rank0(mine if layout.is_last_stage and layout.tp_rank == 0 else {})
     if results is not None:
         out = []

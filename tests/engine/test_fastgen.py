@@ -93,6 +93,21 @@ def test_generator_reuses_session_and_sees_weight_updates(models):
     assert not gen._sessions
 
 
+def test_generator_block_keeps_one_session_for_many_batches(models, monkeypatch):
+    from meshrl.engine.generate import generator
+    monkeypatch.setenv("MESHRL_GENERATE", "fast")
+    stage = build_stage(ParallelLayout(ranks=[0]), model_dir=models["llama"])
+    params = CASES[1][0]
+    other = [[9] * 7, [1, 2], [4, 4, 4], [50], [60, 61]]
+    with generator(stage) as gen:
+        fast = gen.__self__
+        got = [gen(PROMPTS, params, seq_offset=0), gen(other, params, seq_offset=5)]
+        assert isinstance(fast, FastGenerator) and len(fast._sessions) == 1
+    assert not fast._sessions  # released on leaving the block
+    for prompts, offset, g in zip((PROMPTS, other), (0, 5), got):
+        _same(generate(stage, prompts, params, seq_offset=offset, engine="reference"), g)
+
+
 def test_compile_failure_falls_back_to_eager_pieces(models):
     from meshrl.engine.fastgen.step import StepFns
 

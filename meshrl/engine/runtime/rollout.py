@@ -11,7 +11,7 @@ import torch
 from meshrl.engine.algorithms.calls import logprobs_call, scores_call, values_call
 from meshrl.engine.batch import PackedBatch, pack, split_by_tokens
 from meshrl.engine.data.jsonl import DataError
-from meshrl.engine.generate import generate
+from meshrl.engine.generate import generator
 from meshrl.engine.sampling import SamplingParams
 from meshrl.engine.train import infer
 
@@ -54,10 +54,10 @@ def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1)
     def fn(stage, local, first):
         flat = [p.prompt_ids for p in local for _ in range(k)]
         out = []
-        for b in range(0, len(flat), batch):
-            r = generate(stage, flat[b:b + batch], params, seq_offset=first * k + b,
-                         device=ctx.device)
-            out += list(zip(r.output_ids, r.logprobs, r.finish_reason))
+        with generator(stage) as gen:  # one session (and CUDA graph capture) for all batches
+            for b in range(0, len(flat), batch):
+                r = gen(flat[b:b + batch], params, seq_offset=first * k + b, device=ctx.device)
+                out += list(zip(r.output_ids, r.logprobs, r.finish_reason))
         return [out[i * k:(i + 1) * k] for i in range(len(local))]
 
     per_prompt = ctx.run_sharded(call, prompts, fn)
