@@ -13,6 +13,7 @@ measured copy bandwidth (``benchmarks/anchors/h100.json``).
     python benchmarks/generate.py --check      # GPU: check fast == reference on a small model, then bench
     python benchmarks/generate.py --check-only # only the check (exit status 1 on a mismatch)
     python benchmarks/generate.py --small      # tiny model on CPU: a smoke run in seconds
+    python benchmarks/generate.py --skip-hf --profile --variants autotune   # where the step goes
 
 The check builds a small fp32 model on the device and requires the fast engine (CUDA graphs and
 torch.compile as used in the benchmark) to give ``generate(engine="reference")``'s tokens exactly,
@@ -127,18 +128,31 @@ def run_case(name, make, device, tokens, iters, warmup):
     return row, out
 
 
-def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled):
-    from meshrl.engine.fastgen import FastGenerator
+# Engine settings compared side by side with --variants (FastOptions overrides).
+VARIANTS = {"autotune": dict(compile_mode="max-autotune-no-cudagraphs"),
+            "unfused_mlp": dict(fuse_mlp=False), "torch_attention": dict(attention="torch"),
+            "eager_pieces": dict(compile=False), "no_graphs": dict(cuda_graphs=False)}
+
+
+def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled, variants=()):
+    from meshrl.engine.fastgen import FastGenerator, FastOptions
     from meshrl.engine.sampling import SamplingParams
     stage = meshrl_stage(cfg, device, dtype)
     params = sum(p.numel() for p in stage.parameters())
-    gen = FastGenerator(stage)
-    cases = [("meshrl fast, greedy", SamplingParams(max_new_tokens=new, greedy=True))]
+    greedy = SamplingParams(max_new_tokens=new, greedy=True)
+    cases = [("meshrl fast, greedy", greedy, {})]
     if sampled:
         cases.append(("meshrl fast, sampled T=1 top-k 200",
-                      SamplingParams(max_new_tokens=new, top_k=200, seed=1)))
-    rows = []
-    for i, (name, sp) in enumerate(cases):
+                      SamplingParams(max_new_tokens=new, top_k=200, seed=1), {}))
+    cases += [(f"meshrl fast, greedy [{v}]", greedy, VARIANTS[v]) for v in variants]
+    rows, gens = [], {}
+    for i, (name, sp, opts) in enumerate(cases):
+        key = tuple(sorted(opts.items()))
+        if key not in gens:
+            for other in gens.values():
+                other.release()
+            gens[key] = FastGenerator(stage, FastOptions(**opts))
+        gen = gens[key]
         try:
             row, out = run_case(name, lambda sp=sp: (lambda: gen.generate(prompts, sp)), device,
                                 len(prompts) * new, iters, 1)
@@ -154,8 +168,82 @@ def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled):
                    capture_failed=_repr(gen.capture_failed))
         rows.append(row)
         print_table([row], COLS + ["all_lengths", "logprobs_ok"])
+    for gen in gens.values():
+        gen.release()
+    return rows, params, stage
+
+
+# ---- where a decode step's time goes ---------------------------------------------------------------
+KERNEL_KINDS = [("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "mm_")),
+                ("decode attention", ("_decode_attention",)),
+                ("prefill attention", ("flash", "fmha", "attention")),
+                ("compiled pieces", ("triton_",)),
+                ("copies/fills", ("copy", "fill", "memcpy", "memset"))]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, marks in KERNEL_KINDS:
+        if any(m in low for m in marks):
+            return kind
+    return "other eager"
+
+
+def kernel_times(fn, device):
+    """{kind: (total seconds, launches)} of the device kernels one call of ``fn`` runs (host ops'
+    self time on CPU, where there are no device kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        synchronize(device)
+    out = {}
+    for evt in prof.key_averages():
+        if cuda:
+            us = getattr(evt, "self_device_time_total", None)
+            us = evt.self_cuda_time_total if us is None else us
+            if getattr(evt, "device_type", None) is not None and "CUDA" not in str(evt.device_type):
+                continue
+        else:
+            us = evt.self_cpu_time_total
+        if us <= 0:
+            continue
+        kind = kernel_kind(evt.key)
+        t, n = out.get(kind, (0.0, 0))
+        out[kind] = (t + us * 1e-6, n + evt.count)
+    return out
+
+
+def profile_decode(stage, prompts, new, device):
+    """Prefill vs decode time, and one decode step's kernels by kind (from the difference between a
+    (1 + n)-token and a 1-token call, profiled without graphs so every kernel is seen)."""
+    from meshrl.engine.fastgen import FastGenerator, FastOptions
+    from meshrl.engine.sampling import SamplingParams
+    one, full = SamplingParams(max_new_tokens=1, greedy=True), SamplingParams(max_new_tokens=new, greedy=True)
+    gen = FastGenerator(stage)
+    t_one = time_fn(lambda: gen.generate(prompts, one), device, warmup=1, iters=3)
+    t_full = time_fn(lambda: gen.generate(prompts, full), device, warmup=1, iters=3)
     gen.release()
-    return rows, params
+    n = min(new, 33) - 1
+    eager = FastGenerator(stage, FastOptions(cuda_graphs=False))
+    short = SamplingParams(max_new_tokens=n + 1, greedy=True)
+    eager.generate(prompts, short)  # compile and warm up outside the profile
+    base, long = kernel_times(lambda: eager.generate(prompts, one), device), \
+        kernel_times(lambda: eager.generate(prompts, short), device)
+    eager.release()
+    step_s = (t_full - t_one) / (new - 1)
+    rows = [{"part": "prefill + first token (call with 1 new token)", "ms": t_one * 1e3},
+            {"part": f"decode step as benchmarked, mean of {new - 1}", "ms": step_s * 1e3}]
+    kernels = 0.0
+    for kind in sorted(long, key=lambda k: -long[k][0]):
+        t = (long[kind][0] - base.get(kind, (0.0, 0))[0]) / n
+        launches = (long[kind][1] - base.get(kind, (0.0, 0))[1]) / n
+        kernels += t
+        rows.append({"part": f"  per step: {kind}", "ms": t * 1e3, "launches": launches})
+    rows.append({"part": "  per step: all kernels", "ms": kernels * 1e3})
+    rows.append({"part": "  per step: gaps (step - kernels)", "ms": (step_s - kernels) * 1e3})
+    print_table(rows, ["part", "ms", "launches"])
+    return rows
 
 
 def _repr(exc):
@@ -198,6 +286,11 @@ def main(argv=None):
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--check-bf16", action="store_true", help="also compare a bf16 copy (information)")
     p.add_argument("--skip-hf-static", action="store_true")
+    p.add_argument("--skip-hf", action="store_true", help="skip both transformers rows")
+    p.add_argument("--variants", default="", help="comma-separated engine settings to add as rows: "
+                   + ", ".join(VARIANTS))
+    p.add_argument("--profile", action="store_true",
+                   help="break a decode step down by kernel kind (torch.profiler)")
     p.add_argument("--no-sampled", action="store_true", help="skip the sampled meshrl row")
     p.add_argument("--iters", type=int, default=None)
     args = p.parse_args(argv)
@@ -216,15 +309,25 @@ def main(argv=None):
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     iters = args.iters or (2 if small else 3)
     prompts = prompts_for(batch, plen, cfg["vocab_size"])
-    rows, params = meshrl_rows(cfg, prompts, new, device, dtype, iters, not args.no_sampled)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown}; choose from {sorted(VARIANTS)}")
+    rows, params, stage = meshrl_rows(cfg, prompts, new, device, dtype, iters, not args.no_sampled,
+                                      variants)
     limit_s = params * torch.finfo(dtype).bits / 8 / (anchor("copy_bw", "TBps", 3.0) * 1e12)
     extra = {"params": params, "batch": batch, "prompt": plen, "new_tokens": new, "small": small,
              "decode_step_limit_s": limit_s, "check_passed": checked}
     stem = "generate-small" if small else "generate"
     _summarise(rows, batch / limit_s)
     write_results(stem, device, rows, extra)  # kept if a baseline below runs out of time
+    if args.profile:
+        extra["profile"] = profile_decode(stage, prompts, new, device)
+        write_results(stem, device, rows, extra)
+    del stage
     _free(device)
-    rows += hf_rows(cfg, prompts, new, device, dtype, not (small or args.skip_hf_static))
+    if not args.skip_hf:
+        rows += hf_rows(cfg, prompts, new, device, dtype, not (small or args.skip_hf_static))
     _summarise(rows, batch / limit_s)
     print()
     print_table(rows, COLS)

@@ -26,6 +26,7 @@ from .schedule import Schedule
 from .session import Session
 from .step import DecodeWeights, StepFns, decode_layers
 
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 CAPACITY_QUANTUM = 64  # cache capacity is rounded up, so batches of similar length share a session
 
 
@@ -34,6 +35,9 @@ class FastOptions:
     check_every: int = 16  # decode steps between host reads of the done flags
     cuda_graphs: bool | None = None  # None: on CUDA devices at tp=1
     compile: bool | None = None  # torch.compile the per-layer pieces; None: on CUDA devices
+    # torch.compile's mode for those pieces: None (default) or "max-autotune-no-cudagraphs" (inductor
+    # times Triton GEMM templates against cuBLAS for the decode shapes; minutes of compilation)
+    compile_mode: str | None = None
     attention: str = "auto"  # auto (Triton on CUDA, see kernels.dispatch) | triton | torch
     fuse_mlp: bool = True  # one gate+up matmul; costs a copy of those weights while held
     max_sessions: int = 2
@@ -43,6 +47,9 @@ class FastOptions:
             raise ValueError(f"check_every={self.check_every}: must be at least 1")
         if self.attention not in ("auto", "triton", "torch"):
             raise ValueError(f"attention={self.attention!r}: use auto, triton or torch")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES} (the "
+                             "step is captured by this engine, so modes with cudagraphs are refused)")
 
 
 class FastGenerator:
@@ -64,7 +71,7 @@ class FastGenerator:
         if self.graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the stage on a CUDA device")
         self.compiled = on_cuda if self.opts.compile is None else self.opts.compile
-        self.fns = StepFns.compiled() if self.compiled else StepFns()
+        self.fns = StepFns.compiled(self.opts.compile_mode) if self.compiled else StepFns()
         self.compile_failed = None  # the exception, when compiling fell back to eager pieces
         self.capture_failed = None  # the exception, when capturing fell back to eager steps
         self.weights = DecodeWeights(stage, fuse_mlp=self.opts.fuse_mlp)
@@ -124,7 +131,8 @@ class FastGenerator:
         start = stage.layout.tp_rank * head.weight.shape[0]
         fn = None
         if self.compiled and stage.layout.tp_size == 1:  # under tp its collectives stay eager
-            fn = torch.compile(shard_sample, dynamic=False, fullgraph=True)
+            fn = torch.compile(shard_sample, dynamic=False, fullgraph=True,
+                               mode=self.opts.compile_mode)
         return Sampler(params, stage.cfg.vocab_size, start, head.weight.shape[0],
                        stage.layout.tp_group, device, fn=fn)
 

@@ -182,8 +182,8 @@ class StepFns:
     record: object = record_and_advance
 
     @staticmethod
-    def compiled():
-        kw = dict(dynamic=False, fullgraph=True)
+    def compiled(mode: str | None = None):
+        kw = dict(dynamic=False, fullgraph=True, mode=mode)
         return StepFns(*(torch.compile(f, **kw) for f in (
             pre_attention, post_attention, finish_stage, rope_cos_sin, record_and_advance)))
 
