@@ -68,17 +68,19 @@ def make_plan(cfg, src_l, dst_l, dtype, node_of=None):
                 dtype=dtype, node_of=node_of)
 
 
-def local_row(shape, device, dtype):
-    """Source and destination on one device: every transfer is a local copy."""
+def local_row(shape, device, dtype, copy_launch_mb=None):
+    """Source and destination on one device: every transfer is a local copy. ``copy_launch_mb``
+    overrides the executor's size from which a copy gets its own launch."""
     from meshrl.parallel.layout import ParallelLayout
-    from meshrl.parallel.realloc import execute
+    from meshrl.parallel.realloc import LARGE_COPY_MB, execute
     cfg = config(shape)
     lay = ParallelLayout(ranks=[0], virtual=True, as_rank=0)
     src, dst = stages(cfg, lay, lay, device, dtype)
     p = make_plan(cfg, lay, lay, dtype)
     nbytes = p.stats()["local_bytes"]
     base = reset_peak(device)
-    t = time_fn(lambda: execute(p, src, dst, rank=0), device)
+    launch = LARGE_COPY_MB if copy_launch_mb is None else copy_launch_mb
+    t = time_fn(lambda: execute(p, src, dst, rank=0, copy_launch_mb=launch), device)
     peak = peak_extra_gib(device, base)
     bad = [n for n in src if not torch.equal(src[n], dst[n])]
     if bad:
@@ -89,7 +91,8 @@ def local_row(shape, device, dtype):
     t_flat = time_fn(lambda: flat_dst.copy_(flat_src), device)
     bw = 2 * nbytes / t
     ceiling = anchor("copy_bw", "TBps") if device.type != "cpu" else None
-    return {"case": f"{shape} local copies (1 rank)", "moved_MB": 0.0, "min_MB": 0.0,
+    label = "" if copy_launch_mb is None else f", own launch from {copy_launch_mb:g} MiB"
+    return {"case": f"{shape} local copies (1 rank{label})", "moved_MB": 0.0, "min_MB": 0.0,
             "local_MB": nbytes / 1e6, "baseline": "one flat copy", "baseline_s": t_flat, "meshrl_s": t,
             "speedup": t_flat / t, "GBps": bw / 1e9,
             # vs the anchor's copy bandwidth on a GPU; vs one flat copy of the same bytes on CPU
@@ -163,6 +166,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny model on CPU (smoke test)")
     ap.add_argument("--ranks", type=int, default=4, help="gloo ranks for --small")
+    ap.add_argument("--copy-launch-sweep", default="1,16,inf",
+                    help="also time local copies with these sizes (MiB) from which a copy gets "
+                         "its own launch ('' for none)")
     args = ap.parse_args()
     small = args.small or not torch.accelerator.is_available()
     if small:  # as the gloo ranks do; two OpenMP threads on a shared 2-core host stall per small copy
@@ -183,6 +189,8 @@ def main():
         dist.destroy_process_group()
     else:
         rows = [local_row(s, device, dtype) for s in shapes]
+        sweep = [float(v) for v in args.copy_launch_sweep.split(",") if v]
+        rows += [local_row(s, device, dtype, mb) for s in shapes for mb in sweep]
         if small:
             from meshrl.testing.dist_pool import DistPool
             pool = DistPool(args.ranks)

@@ -24,7 +24,11 @@ from .realloc_plan import (Box, PlanError, ReallocPlan, Transfer, plan, slices, 
 # Slices start on 16-byte boundaries in a packed buffer: a dtype view needs its offset aligned,
 # and vectorised copies want more than the element size.
 _ALIGN = 16
-_LARGE_COPY = 1 << 20
+# A local copy gets a launch of its own from this size up. A launch costs the host ~10 µs, the time
+# an H100 takes to copy ~15 MB, so smaller copies leave the device waiting on the host; on the H100
+# the 1.1B shape's copies (1-22 MiB each) ran at 60% of copy bandwidth with one launch each above
+# 1 MiB. `benchmarks/realloc.py --copy-launch-sweep` times the choice.
+LARGE_COPY_MB = 64.0
 
 
 def tensors_by_spec(module) -> dict[str, torch.Tensor]:
@@ -87,17 +91,17 @@ def _region(t: torch.Tensor, index: Box) -> torch.Tensor:
     return t[slices(index)]
 
 
-def _copy_local(transfers, src_tensors, dst_tensors, me, alpha) -> int:
+def _copy_local(transfers, src_tensors, dst_tensors, me, alpha, large: float) -> int:
     """Large copies launch at once, so the host's per-tensor work overlaps the device copying;
-    small ones go in one multi-tensor launch per dtype pair, where launches, not bytes, are the cost
-    (strided views fall back to per-tensor copies inside it)."""
+    smaller ones go in multi-tensor launches per dtype pair, where launches, not bytes, are the
+    cost (strided views fall back to per-tensor copies inside it)."""
     small: dict[tuple, tuple[list, list]] = {}
     for t in transfers:
         src = _region(_tensor(src_tensors, t.name, me, "send"), t.src_index)
         dst = _region(_tensor(dst_tensors, t.name, me, "receive"), t.dst_index)
         if alpha is not None:
             _put(dst, src, alpha)
-        elif t.nbytes >= _LARGE_COPY:
+        elif t.nbytes >= large:
             dst.copy_(src)
         else:
             d, s = small.setdefault((dst.dtype, src.dtype, dst.device, src.device), ([], []))
@@ -109,25 +113,30 @@ def _copy_local(transfers, src_tensors, dst_tensors, me, alpha) -> int:
 
 
 @torch.no_grad()
-def execute(plan: ReallocPlan, src_tensors: dict | None, dst_tensors: dict | None, *, group=None,
-            bucket_mb: float = 64.0, blend: float | None = None, rank: int | None = None) -> dict:
-    """Run ``plan`` on this rank: local copies, then rounds of batched p2p, one packed buffer per
-    (sender, receiver) pair per round. Collective over every rank of either layout; a rank outside
-    one layout passes None for that side. Ranks are global ranks of ``group`` (default: the world).
+def execute(moves: ReallocPlan, src_tensors: dict | None, dst_tensors: dict | None, *, group=None,
+            bucket_mb: float = 64.0, blend: float | None = None, rank: int | None = None,
+            copy_launch_mb: float = LARGE_COPY_MB) -> dict:
+    """Run the plan ``moves`` on this rank: local copies, then rounds of batched p2p, one packed
+    buffer per (sender, receiver) pair per round. Collective over every rank of either layout; a
+    rank outside one layout passes None for that side. Ranks are global ranks of ``group``
+    (default: the world).
 
     ``blend=α`` makes each destination ``α·dst + (1−α)·src`` (the EMA reference update). Without
     blend, destination padding is zeroed. Source and destination tensors must not share storage.
     With NCCL, ``group`` must have run a collective before (a first p2p batch must be collective).
-    Returns this rank's measured bytes: sent, received, copied locally, and the number of rounds.
+    Local copies of at least ``copy_launch_mb`` get a launch each; smaller ones share multi-tensor
+    launches. Returns this rank's measured bytes: sent, received, copied locally, and the number of
+    rounds.
     """
     me = global_rank_or_zero() if rank is None else rank
     counts = {"sent": 0, "received": 0, "local": 0, "rounds": 0}
-    counts["local"] = _copy_local(plan.local_copies(me), src_tensors, dst_tensors, me, blend)
-    for rnd in plan.schedule(max(1, int(bucket_mb * 2**20))):
+    counts["local"] = _copy_local(moves.local_copies(me), src_tensors, dst_tensors, me, blend,
+                                  copy_launch_mb * 2**20)
+    for rnd in moves.schedule(max(1, int(bucket_mb * 2**20))):
         ops, incoming = [], []
         for s, d, chunk in rnd:
             if s == me:
-                buf = _pack(chunk, src_tensors, plan.dtypes, me)
+                buf = _pack(chunk, src_tensors, moves.dtypes, me)
                 ops.append(dist.P2POp(dist.isend, buf, d, group))
                 counts["sent"] += sum(t.nbytes for t in chunk)
             elif d == me:
@@ -141,10 +150,10 @@ def execute(plan: ReallocPlan, src_tensors: dict | None, dst_tensors: dict | Non
         for req in dist.batch_isend_irecv(ops):
             req.wait()
         for buf, chunk in incoming:
-            _unpack(buf, chunk, dst_tensors, plan.dtypes, me, blend)
+            _unpack(buf, chunk, dst_tensors, moves.dtypes, me, blend)
             counts["received"] += sum(t.nbytes for t in chunk)
     if blend is None:
-        for d, name, box in plan.padding:
+        for d, name, box in moves.padding:
             if d == me:
                 _tensor(dst_tensors, name, me, "receive")[slices(box)].zero_()
     return counts

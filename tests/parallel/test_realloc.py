@@ -246,3 +246,34 @@ def test_offload_and_release_single_process():
     assert storage_bytes(tensors) == 0 and held.nbytes == 188
     rematerialize_(held)
     assert storage_bytes(tensors) == 188 and math.prod(tensors["a"].shape) == 16
+
+
+@pytest.mark.parametrize("copy_launch_mb", [0.0, float("inf")])
+def test_local_copies_per_tensor_and_multi_tensor(copy_launch_mb):
+    """Both local-copy paths (a launch per copy; shared multi-tensor launches) write the source's
+    slices, strided column slices of row-parallel weights included."""
+    from meshrl.engine.model import LlamaStage, config_from_hf_dict
+    from meshrl.parallel.layout import ParallelLayout
+    from meshrl.parallel.realloc import _copy_local, plan, slices, specs_for_layout, tensors_by_spec
+    cfg = config_from_hf_dict(dict(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   architectures=["LlamaForCausalLM"]))
+    src_l = ParallelLayout(ranks=[0, 1], tp=2, virtual=True, as_rank=0)
+    dst_l = ParallelLayout(ranks=[0, 1], tp=1, dp=2, virtual=True, as_rank=0)
+
+    def build(lay, device="cpu"):
+        return LlamaStage(cfg, lay, dtype=torch.float32, device=device)
+    src = tensors_by_spec(build(src_l))
+    for t in src.values():
+        t.normal_()
+    dst = tensors_by_spec(build(dst_l))
+    for t in dst.values():
+        t.fill_(float("nan"))
+    moves = plan(src_l, dst_l, specs_for_layout(lambda lo: build(lo, "meta"), src_l),
+                 specs_for_layout(lambda lo: build(lo, "meta"), dst_l), dtype=torch.float32)
+    local = moves.local_copies(0)
+    assert any(not dst[t.name][slices(t.dst_index)].is_contiguous() for t in local)
+    copied = _copy_local(local, src, dst, 0, None, copy_launch_mb * 2**20)
+    assert copied == sum(t.nbytes for t in local) > 0
+    for t in local:
+        assert torch.equal(dst[t.name][slices(t.dst_index)], src[t.name][slices(t.src_index)])
