@@ -131,7 +131,8 @@ def run_case(name, make, device, tokens, iters, warmup):
 # Engine settings compared side by side with --variants (FastOptions overrides).
 VARIANTS = {"autotune": dict(compile_mode="max-autotune-no-cudagraphs"),
             "unfused_mlp": dict(fuse_mlp=False), "torch_attention": dict(attention="torch"),
-            "eager_pieces": dict(compile=False), "no_graphs": dict(cuda_graphs=False)}
+            "eager_pieces": dict(compile=False), "no_graphs": dict(cuda_graphs=False),
+            "stage_prefill": dict(prefill_pieces=False)}
 
 
 def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled, variants=()):

@@ -73,16 +73,17 @@ class GenerationResult:
     finish_reason: list[str]
 
 
-def stage_pass(stage, ids, meta, cache=None, hidden_shape=None):
+def stage_pass(stage, ids, meta, cache=None, hidden_shape=None, forward=None):
     """One forward pass through the pipeline without autograd bookkeeping; the last stage returns
-    its hidden states, other stages None. ``hidden_shape`` defaults to [N, hidden]."""
+    its hidden states, other stages None. ``hidden_shape`` defaults to [N, hidden]; ``forward``
+    (default: the stage itself) is called as ``forward(ids, meta, cache)``."""
     hidden_shape = hidden_shape or (ids.numel(), stage.cfg.hidden_size)
     layout = stage.layout
     if not layout.is_first_stage:
         x = torch.empty(hidden_shape, dtype=_param_dtype(stage), device=ids.device)
         dist.recv(x, src=layout.stage_rank(layout.pp_rank - 1))
         stage.set_input_tensor(x)
-    h = stage(ids, meta, cache)
+    h = (forward or stage)(ids, meta, cache)
     if not layout.is_last_stage:
         dist.send(h.contiguous(), dst=layout.stage_rank(layout.pp_rank + 1))
         return None

@@ -48,10 +48,10 @@ def _same(ref, got, where=""):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0), where
 
 
-def _both(stage, prompts, params, every, offset=0):
+def _both(stage, prompts, params, every, offset=0, **opts):
     ref = generate(stage, prompts, params, seq_offset=offset, engine="reference")
     got = generate_fast(stage, prompts, params, seq_offset=offset,
-                        options=FastOptions(check_every=every))
+                        options=FastOptions(check_every=every, **opts))
     return ref, got
 
 
@@ -61,6 +61,8 @@ def test_matches_reference_single_process(models):
         stage = build_stage(layout, model_dir=path)
         for i, (params, every) in enumerate(CASES):
             _same(*_both(stage, PROMPTS, params, every, offset=11), f"{kind} case {i}")
+        # the prefill through the stage's own forward (the option the benchmark compares)
+        _same(*_both(stage, PROMPTS, *CASES[1], prefill_pieces=False), f"{kind} stage prefill")
 
 
 def test_engine_choice(models, monkeypatch):
@@ -122,6 +124,11 @@ def test_compile_failure_falls_back_to_eager_pieces(models):
     assert isinstance(gen.compile_failed, RuntimeError) and not gen.compiled
     ref = generate(stage, PROMPTS, params, engine="reference")
     _same(ref, got)
+    gen = FastGenerator(stage)  # the prefill's pieces (compiled for any row count) fail alike
+    gen.prefill_fns = StepFns(pre=broken)
+    with pytest.warns(UserWarning, match="failed in the prefill"):
+        _same(ref, gen.generate(PROMPTS, params))
+    assert isinstance(gen.compile_failed, RuntimeError)
     # the warm-up a compiled (or captured) session runs first advances the state; it is restored
     gen = FastGenerator(stage)
     gen.compiled = True

@@ -24,7 +24,7 @@ from ..sampling import SamplingParams
 from .sampling import Sampler, record_step, shard_sample
 from .schedule import Schedule
 from .session import Session
-from .step import DecodeWeights, StepFns, decode_layers
+from .step import DecodeWeights, StepFns, decode_layers, pre_attention, prefill_layers
 
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 CAPACITY_QUANTUM = 64  # cache capacity is rounded up, so batches of similar length share a session
@@ -40,6 +40,7 @@ class FastOptions:
     compile_mode: str | None = None
     attention: str = "auto"  # auto (Triton on CUDA, see kernels.dispatch) | triton | torch
     fuse_mlp: bool = True  # one gate+up matmul; costs a copy of those weights while held
+    prefill_pieces: bool = True  # prefill through the decode pieces; False: the stage's own forward
     max_sessions: int = 2
 
     def __post_init__(self):
@@ -72,6 +73,8 @@ class FastGenerator:
             raise ValueError("cuda_graphs=True needs the stage on a CUDA device")
         self.compiled = on_cuda if self.opts.compile is None else self.opts.compile
         self.fns = StepFns.compiled(self.opts.compile_mode) if self.compiled else StepFns()
+        self.prefill_fns = (StepFns.compiled(self.opts.compile_mode, dynamic=True) if self.compiled
+                            else StepFns())
         self.compile_failed = None  # the exception, when compiling fell back to eager pieces
         self.capture_failed = None  # the exception, when capturing fell back to eager steps
         self.weights = DecodeWeights(stage, fuse_mlp=self.opts.fuse_mlp)
@@ -138,13 +141,15 @@ class FastGenerator:
 
     # ---- prefill --------------------------------------------------------------------------------
     def _prefill(self, sess: Session, prompts):
-        """All prompts packed through the stage's own forward (its attention fills the static
-        cache), then step 0 sampled eagerly from each prompt's last position."""
+        """All prompts packed through the decode step's pieces (fused weights; compiled for any
+        row count on GPU), their attention filling the static cache, then step 0 sampled eagerly
+        from each prompt's last position."""
         stage, layout = self.stage, self.stage.layout
         lengths = [len(p) for p in prompts]
         meta = PackedMeta.from_lengths(lengths, device=sess.device)
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=sess.device)
-        h = stage_pass(stage, ids, meta, sess.cache, (ids.numel(), stage.cfg.hidden_size))
+        h = stage_pass(stage, ids, meta, sess.cache, (ids.numel(), stage.cfg.hidden_size),
+                       forward=self._prefill_forward if self.opts.prefill_pieces else None)
         if layout.is_last_stage:
             last = (meta.cu_seqlens[1:] - 1).long()
             zero = torch.zeros((), dtype=torch.long, device=sess.device)
@@ -155,6 +160,18 @@ class FastGenerator:
             dist.broadcast(sess.state.tokens, src=layout.stage_rank(layout.pp_size - 1),
                            group=layout.pp_group)
         sess.steps.fill_(1)
+
+    def _prefill_forward(self, ids, meta, cache):
+        x = self.stage.input_hidden(ids)
+        try:
+            return prefill_layers(self.stage, self.weights, self.prefill_fns, x, meta, cache)
+        except Exception as exc:  # noqa: BLE001 - reported through compile_failed and a warning
+            if self.opts.compile or self.prefill_fns.pre is pre_attention:
+                raise
+            warnings.warn(f"fast generation: torch.compile failed in the prefill ({exc!r:.300}); "
+                          "running it uncompiled")
+            self.compile_failed, self.prefill_fns = exc, StepFns()
+            return prefill_layers(self.stage, self.weights, self.prefill_fns, x, meta, cache)
 
     # ---- one decode item --------------------------------------------------------------------------
     def _step(self, sess: Session, m: int):

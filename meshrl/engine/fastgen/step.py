@@ -182,25 +182,26 @@ class StepFns:
     record: object = record_and_advance
 
     @staticmethod
-    def compiled(mode: str | None = None):
-        kw = dict(dynamic=False, fullgraph=True, mode=mode)
+    def compiled(mode: str | None = None, *, dynamic: bool = False):
+        """``dynamic=True`` for the prefill, whose row count changes from batch to batch."""
+        kw = dict(dynamic=dynamic, fullgraph=True, mode=mode)
         return StepFns(*(torch.compile(f, **kw) for f in (
             pre_attention, post_attention, finish_stage, rope_cos_sin, record_and_advance)))
 
 
-def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None):
-    """This stage's layers (and final norm on the last stage) for one new token per row.
-    x [b, H]; pos [b] the tokens' positions; caches per layer (K, V) views of the same rows."""
+def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *, rotate: bool):
+    """This stage's layers (and final norm on the last stage) for the rows of x [N, H] at
+    positions pos [N]. ``attention(j, attn_module, q, k, v, rope)`` attends for the stage's j-th
+    layer; with ``rotate=False`` q and k come unrotated and ``rope`` is the step's (cos, sin)."""
     cfg, group = stage.cfg, stage.layout.tp_group
     cos, sin = fns.rope(stage.inv_freq, pos, x.dtype)
-    in_kernel = uses_triton(x, attention)  # the Triton attention rotates q and k itself
+    rope = None if rotate else (cos, sin)
     delta = delta_bias = None
-    for lw, layer, (kc, vc) in zip(weights.layers, stage.model.layers.values(), caches):
+    for j, (lw, layer) in enumerate(zip(weights.layers, stage.model.layers.values())):
         a = layer.self_attn
         x, q, k, v = fns.pre(x, delta, delta_bias, lw.ln1, cfg.rms_norm_eps, lw.qkv, lw.qkv_bias,
-                             cos, sin, a.n_heads, a.n_kv, a.head_dim, not in_kernel)
-        o = attend(q, k, v, kc, vc, pos, window=a.window, backend=attention,
-                   rope=(cos, sin) if in_kernel else None)
+                             cos, sin, a.n_heads, a.n_kv, a.head_dim, rotate)
+        o = attention(j, a, q, k, v, rope)
         out = mappings.all_reduce(F.linear(o.reshape(o.shape[0], -1), lw.o), group)
         x, delta = fns.post(x, out, lw.o_bias, lw.ln2, cfg.rms_norm_eps, lw.gate, lw.gate_bias, lw.up,
                             lw.up_bias, lw.down)
@@ -208,3 +209,21 @@ def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *
     norm = stage.model.norm
     return fns.final(x, delta, delta_bias, None if norm is None else norm.weight.detach(),
                      cfg.rms_norm_eps)
+
+
+def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None):
+    """One new token per row: x [b, H]; pos [b] the tokens' positions; caches per layer (K, V)
+    views of the same rows. The Triton attention rotates q and k itself."""
+    def attend_cached(j, a, q, k, v, rope):
+        kc, vc = caches[j]
+        return attend(q, k, v, kc, vc, pos, window=a.window, backend=attention, rope=rope)
+    return run_layers(stage, weights, fns, x, pos, attend_cached,
+                      rotate=not uses_triton(x, attention))
+
+
+def prefill_layers(stage, weights: DecodeWeights, fns: StepFns, x, meta, cache: StaticKVCache):
+    """Packed prompts x [N, H] through the same pieces as a decode step (fused weights, compiled
+    on GPU), their keys and values written to the static cache."""
+    def attend_packed(j, a, q, k, v, rope):
+        return cache.attend(a.layer_idx, q, k, v, meta, window=a.window)
+    return run_layers(stage, weights, fns, x, meta.position_ids, attend_packed, rotate=True)

@@ -188,14 +188,18 @@ class LlamaStage(nn.Module):
     def set_input_tensor(self, tensor):
         self._input_tensor = tensor
 
+    def input_hidden(self, input_ids):
+        """The first layer's input: the embeddings on the first stage, else what the previous
+        stage sent (``set_input_tensor``)."""
+        if self.model.embed_tokens is not None:
+            return self.model.embed_tokens(input_ids)
+        if self._input_tensor is None:
+            raise RuntimeError("non-first pipeline stage called without set_input_tensor")
+        return self._input_tensor
+
     def forward(self, input_ids, meta: PackedMeta, cache=None):
         """input_ids [N] (used on the first stage) -> hidden [N, H] (sequence-sharded under SP)."""
-        if self.model.embed_tokens is not None:
-            x = self.model.embed_tokens(input_ids)
-        else:
-            x = self._input_tensor
-            if x is None:
-                raise RuntimeError("non-first pipeline stage called without set_input_tensor")
+        x = self.input_hidden(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, meta.position_ids, x.dtype)
         for layer in self.model.layers.values():
             if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
