@@ -102,15 +102,34 @@ class Workload:
         return self.sequences * (self.prompt_len + self.response_len)
 
 
+# Sequences per optimizer step of the supervised algorithms: a pair is two sequences.
+SEQS_PER_EXAMPLE = {"sft": 1, "rm": 2, "dpo": 2}
+
+
 def workload_of(cfg, prompt_len=None, response_len=None, decode_steps=None) -> Workload:
+    """One step's work: PPO/GRPO sample responses and run minibatch updates; SFT, RM and DPO
+    train once on a batch of data sequences (``data.max_len`` tokens each unless overridden)."""
+    new = cfg.generation.max_new_tokens
+    prompt = float(prompt_len or cfg.data.max_prompt_len)
+    if cfg.algorithm in SEQS_PER_EXAMPLE:
+        batch = getattr(cfg, cfg.algorithm).batch_size
+        response = float(response_len or max(1, cfg.data.max_len - prompt))
+        return Workload(SEQS_PER_EXAMPLE[cfg.algorithm] * batch, prompt, response,
+                        int(decode_steps or new), 1, 1)
     n = cfg.ppo.batch_size
     updates = cfg.ppo.minibatches * cfg.ppo.epochs
     if cfg.algorithm == "grpo":
         n, updates = cfg.grpo.batch_size * cfg.grpo.group_size, cfg.grpo.minibatches * cfg.grpo.epochs
-    new = cfg.generation.max_new_tokens
     epochs = cfg.grpo.epochs if cfg.algorithm == "grpo" else cfg.ppo.epochs
-    return Workload(n, float(prompt_len or cfg.data.max_prompt_len), float(response_len or new),
-                    int(decode_steps or new), updates, epochs)
+    return Workload(n, prompt, float(response_len or new), int(decode_steps or new), updates, epochs)
+
+
+def online_round_workload(cfg, wl: Workload) -> Workload:
+    """Iterative DPO's sampling before each round's steps: samples_per_prompt responses for each
+    of prompts_per_round prompts, ``generation.max_new_tokens`` long at most."""
+    d, new = cfg.dpo, cfg.generation.max_new_tokens
+    return Workload(d.prompts_per_round * d.samples_per_prompt, wl.prompt_len, float(new),
+                    wl.decode_steps, 1, 1)
 
 
 # ---- memory per GPU ----------------------------------------------------------------------------

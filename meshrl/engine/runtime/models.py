@@ -7,6 +7,8 @@ directly.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from meshrl.engine.model import build_stage, config_from_hf_dict, load_config
@@ -153,5 +155,10 @@ def load_model_config(spec: ModelSpec, models: dict[str, ModelSpec]):
     while spec.init_from is not None:
         spec = models[spec.init_from]
     if spec.path is not None:
+        if not os.path.exists(os.path.join(spec.path, "config.json")):
+            name = next((n for n, m in models.items() if m is spec), "?")
+            raise RunConfigError(f"models.{name}.path={spec.path}: no config.json there: point it at "
+                                 "a Hugging Face model directory (or give the model's shape as "
+                                 f"models.{name}.scratch)")
         return load_config(spec.path)
     return config_from_hf_dict({"architectures": ["LlamaForCausalLM"], **spec.scratch})

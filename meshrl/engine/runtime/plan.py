@@ -1,12 +1,15 @@
 """`meshrl plan CONFIG.yaml [key=value ...]`: a dry run on the CPU. Memory per GPU of every model
 function call against ``cluster.gpu_mem_gb``, the reallocations between a model's layouts (priced by
-the real planner on meta-built ShardSpecs) and an estimated PPO step, from rates that committed
+the real planner on meta-built ShardSpecs) and an estimated step, from rates that committed
 benchmark results give (`costmodel`). Nothing is allocated and no process group is made.
 
 The step is the runtime's sequence of calls, one after another (ppo.py: generate, score, old
 log-probs, reference, values, then actor and critic updates per minibatch), plus one reallocation
 per view whose home weights changed (each step: the actor's generation layout, a critic inference
 layout) and the EMA blend when on. Calls on disjoint meshes are not overlapped in the estimate.
+SFT and RM steps are one training call on a batch; a DPO step is the reference's log-probs, then
+the actor's update. Iterative DPO samples and scores once per round, before the round's steps:
+those calls (and the refill of the actor's generation layout) are priced per round.
 """
 from __future__ import annotations
 
@@ -31,7 +34,12 @@ DATAFLOW = {  # (row, config call whose layout it runs in), in the runtime's ord
             ("critic_train", "critic_train")],
     "grpo": [("actor_gen", "actor_gen"), ("rew_inf", "rew_inf"), ("actor_inf", "actor_train"),
              ("ref_inf", "ref_inf"), ("actor_train", "actor_train")],
+    "sft": [("actor_train", "actor_train")],
+    "rm": [("rm_train", "rm_train")],
+    "dpo": [("actor_gen", "actor_gen"), ("rew_inf", "rew_inf"), ("ref_inf", "ref_inf"),
+            ("actor_train", "actor_train")],
 }
+PER_ROUND = {"dpo": ("actor_gen", "rew_inf")}  # rows that run once per online round, not per step
 
 
 class PlanError(RunConfigError):
@@ -50,6 +58,7 @@ class CallPlan:
     layout: ParallelLayout
     dt: int
     home: bool             # runs in its model's home layout (else on a view)
+    per_round: bool = False  # runs once per online round (iterative DPO), not per step
     memory: cm.Memory = field(default_factory=cm.Memory)  # this call's own bytes, worst rank
     resident: float = 0.0  # everything else on that GPU
     time: cm.CallTime | None = None
@@ -74,11 +83,21 @@ class PlanReport:
     reallocs: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     fit_error: str | None = None
+    round_workload: cm.Workload | None = None  # iterative DPO's sampling per round
+
+    def workload_of(self, p: CallPlan) -> cm.Workload:
+        return self.round_workload if p.per_round and self.round_workload else self.workload
 
     @property
     def step_seconds(self) -> float:
-        return (sum(c.time.seconds for c in self.calls if c.time is not None)
+        return (sum(c.time.seconds for c in self.calls if c.time is not None and not c.per_round)
                 + sum(r["seconds"] * r["per_step"] for r in self.reallocs))
+
+    @property
+    def round_seconds(self) -> float:
+        """Iterative DPO: the sampling, scoring and refills before each round's steps."""
+        return (sum(c.time.seconds for c in self.calls if c.time is not None and c.per_round)
+                + sum(r["seconds"] * r.get("per_round", 0) for r in self.reallocs))
 
 
 def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPlan]]:
@@ -115,7 +134,8 @@ def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPl
         return CallPlan(name=row, source=src, spec=c, model=c.model, head=heads[c.model],
                         kind=KIND.get(row, "inf"), mcfg=configs[c.model], layout=layouts[src],
                         dt=cm.DTYPE_BYTES[cfg.models[c.model].dtype],
-                        home=key(src) == key(home_call[c.model]))
+                        home=key(src) == key(home_call[c.model]),
+                        per_round=row in PER_ROUND.get(cfg.algorithm, ()))
     placements = {}
     for name in [*home_call.values(), *sorted(calls)]:
         placements.setdefault(key(name), make(name, name))
@@ -180,7 +200,7 @@ def _memory(report: PlanReport):
     for p in report.calls:
         best = None
         for r in p.layout.ranks:
-            own = _own_memory(p, cfg, report.workload, p.layout.coord_of(r).pp)
+            own = _own_memory(p, cfg, report.workload_of(p), p.layout.coord_of(r).pp)
             static = _static_bytes(report.placements, cfg, p.kind, r)
             resident = static - own.params - own.grads - own.optim
             if best is None or own.total + resident > best[0].total + best[1]:
@@ -234,7 +254,9 @@ def _reallocs(report: PlanReport) -> list[dict]:
         h = homes[v.model]
         cost = cm.realloc_cost(h.mcfg, h.head, DTYPES[cfg.models[v.model].dtype], h.layout, v.layout, **kw)
         fresh = v.model in trained or (ema and v.model == _model_of(report, "ref_inf"))
-        out.append({"model": v.model, "src": h.source, "dst": v.source, "per_step": 1 if fresh else 0,
+        per_round = fresh and v.source in PER_ROUND.get(cfg.algorithm, ())
+        out.append({"model": v.model, "src": h.source, "dst": v.source,
+                    "per_step": 1 if fresh and not per_round else 0, "per_round": int(per_round),
                     **cost})
     actor, ref = _model_of(report, "actor_train"), _model_of(report, "ref_inf")
     if ema and actor and ref:
@@ -242,6 +264,11 @@ def _reallocs(report: PlanReport) -> list[dict]:
         cost = cm.realloc_cost(a.mcfg, a.head, DTYPES[cfg.models[actor].dtype], a.layout, b.layout, **kw)
         out.append({"model": f"{ref}←{actor} (EMA)", "src": a.source, "dst": b.source,
                     "per_step": report.workload.updates, **cost})
+    if report.round_workload is not None and actor and ref and actor != ref:
+        a, b = homes[actor], homes[ref]  # the round's result becomes the next round's reference
+        cost = cm.realloc_cost(a.mcfg, a.head, DTYPES[cfg.models[actor].dtype], a.layout, b.layout, **kw)
+        out.append({"model": f"{ref}←{actor}", "src": a.source, "dst": b.source, "per_step": 0,
+                    "per_round": 1, **cost})
     return out
 
 
@@ -252,8 +279,11 @@ def _model_of(report: PlanReport, call: str) -> str | None:
 # ---- time --------------------------------------------------------------------------------------
 
 def _times(report: PlanReport):
-    cfg, r, wl = report.cfg, report.rates, report.workload
+    cfg, r = report.cfg, report.rates
     for p in report.calls:
+        if p.per_round and report.round_workload is None:
+            continue  # offline DPO: the generation layout serves evaluation only
+        wl = report.workload_of(p)
         s, links, m = p.spec, cm.group_links(p.layout, cfg.cluster, r), cfg.models[p.model]
         dims = (p.spec.tp, p.spec.pp, p.spec.dp)
         if p.kind == "gen":
@@ -286,14 +316,13 @@ def plan_config(cfg: RunConfig, *, world: int | None = None, device: str | None 
                         "cluster.gpus_per_node to match")
     rates = rates or load_rates(device or cfg.cluster.device, rates_path)
     calls, placements = _call_plans(cfg, expected)
-    report = PlanReport(cfg, expected, rates, cm.workload_of(cfg, prompt_len, response_len, decode_steps),
-                        calls, placements)
+    wl = cm.workload_of(cfg, prompt_len, response_len, decode_steps)
+    report = PlanReport(cfg, expected, rates, wl, calls, placements)
+    if cfg.algorithm == "dpo" and cfg.dpo.rounds:
+        report.round_workload = cm.online_round_workload(cfg, wl)
     _memory(report)
     if report.fit_error is None:
-        if cfg.algorithm in DATAFLOW:
-            _times(report)
-        else:
-            report.notes.append(f"no step estimate for {cfg.algorithm}: ppo and grpo only")
+        _times(report)
         if realloc:
             report.reallocs = _reallocs(report)
     return report
@@ -338,22 +367,45 @@ def _realloc_table(report: PlanReport) -> list[str]:
         out.append(f"{x['model']:<20}{x['src'] + ' → ' + x['dst']:<26}"
                    + "".join(f"{_gb(v):>{w}}" for v, w in zip(sizes, (10, 10, 9, 14, 10)))
                    + "".join(f"{v:>{w}.3f}" for v, w in zip(secs, (9, 7, 8, 8)))
-                   + f"{x['per_step']:>9}")
+                   + f"{str(x['per_step']) if not x.get('per_round') else '1/round':>9}")
     return out
 
 
-def _time_table(report: PlanReport) -> list[str]:
-    out = ["", "estimated time per step (calls one after another, as the runtime runs them)",
-           f"{'call':<17}{'seconds':>9}{'tokens/s':>11}{'TFLOP/s/GPU':>12}  where the time goes"]
+def _time_rows(report: PlanReport, per_round: bool) -> list[str]:
+    out = []
     for p in report.calls:
         t = p.time
+        if t is None or p.per_round != per_round:
+            continue
         parts = ", ".join(f"{k} {v:.3g}" for k, v in t.parts.items() if v > 0.005 * t.seconds)
         out.append(f"{p.name:<17}{t.seconds:>9.3f}{_fmt(t.tokens_per_s):>11}"
                    f"{_fmt(t.tflops_per_gpu):>12}  {parts}")
     for x in report.reallocs:
-        if x["per_step"]:
-            out.append(f"{'realloc/' + x['dst']:<17}{x['seconds'] * x['per_step']:>9.3f}")
+        n = x.get("per_round", 0) if per_round else x["per_step"]
+        if n:
+            out.append(f"{'realloc/' + x['dst']:<17}{x['seconds'] * n:>9.3f}")
+    return out
+
+
+def _time_table(report: PlanReport) -> list[str]:
+    head = f"{'call':<17}{'seconds':>9}{'tokens/s':>11}{'TFLOP/s/GPU':>12}  where the time goes"
+    out = ["", "estimated time per step (calls one after another, as the runtime runs them)", head]
+    out += _time_rows(report, False)
     out.append(f"{'step':<17}{report.step_seconds:>9.3f}")
+    rnd = _time_rows(report, True)
+    if rnd:
+        rw = report.round_workload
+        out += ["", (f"per online round: sampling {rw.sequences} responses "
+                     f"({report.cfg.dpo.prompts_per_round} prompts × "
+                     f"{report.cfg.dpo.samples_per_prompt}) before its steps, the reference "
+                     "refilled after them"), head]
+        out += rnd
+        out.append(f"{'round':<17}{report.round_seconds:>9.3f}")
+        d = report.cfg.dpo
+        steps = d.epochs * max(1, d.prompts_per_round // d.batch_size)
+        out.append(f"a round: {report.round_seconds:.3f} s + up to {steps} steps × "
+                   f"{report.step_seconds:.3f} s (prompts whose responses tie make no pair) = "
+                   f"{report.round_seconds + steps * report.step_seconds:.3f} s at most")
     return out
 
 
@@ -362,8 +414,9 @@ def format_report(report: PlanReport) -> str:
     out = [(f"{cfg.algorithm} on {cl.nodes} nodes × {cl.gpus_per_node} GPUs ({report.world}), "
             f"{cl.gpu_mem_gb:g} GB each; rates: {r.device}"),
            (f"workload: {wl.sequences} sequences × ({wl.prompt_len:g} prompt + {wl.response_len:g} "
-            f"response) = {wl.tokens:,.0f} tokens per step, {wl.decode_steps} decoding steps, "
-            f"{wl.updates} optimizer steps per trained model"), ""]
+            f"response) = {wl.tokens:,.0f} tokens per step, "
+            + ("" if cfg.algorithm in cm.SEQS_PER_EXAMPLE else f"{wl.decode_steps} decoding steps, ")
+            + f"{wl.updates} optimizer steps per trained model"), ""]
     out += _memory_table(report)
     if report.reallocs:
         out += _realloc_table(report)
@@ -384,7 +437,8 @@ def add_arguments(p):
     p.add_argument("--rates", help=f"rates file (default benchmarks/rates.json or ${RATES_ENV})")
     p.add_argument("--prompt-len", type=float, help="mean prompt tokens (default data.max_prompt_len)")
     p.add_argument("--response-len", type=float,
-                   help="mean response tokens (default generation.max_new_tokens)")
+                   help="mean response tokens (default generation.max_new_tokens; sft, rm, dpo: "
+                        "data.max_len minus the prompt)")
 
 
 def run(args) -> int:

@@ -13,7 +13,7 @@ from meshrl.engine.model.attention import PackedMeta, rope_cos_sin
 from meshrl.engine.model.config import config_from_hf_dict
 from meshrl.engine.model.llama import LlamaStage
 from meshrl.engine.runtime import costmodel as cm
-from meshrl.engine.runtime.config import load_run_config
+from meshrl.engine.runtime.config import RunConfigError, load_run_config
 from meshrl.engine.runtime.plan import PlanError, check_fit, format_report, plan_config
 from meshrl.engine.runtime.rates import default_rates_path, load_rates
 from meshrl.parallel.layout import ParallelLayout
@@ -117,6 +117,52 @@ def test_zero1_divides_optimizer_by_dp():
     assert next(p for p in off.calls if p.name == "actor_train").memory.optim == 12 * P
 
 
+def _supervised_cfg(algorithm, overrides=(), **section):
+    names = {"sft": ("actor",), "rm": ("reward",), "dpo": ("actor", "ref")}[algorithm]
+    base = dict(algorithm=algorithm, data={"train": "unused.jsonl", "max_prompt_len": 8, "max_len": 24},
+                models={n: {"scratch": TINY} for n in names}, reward={"verifier": "arithmetic"},
+                generation={"max_new_tokens": 8, "batch_size": 4}, **{algorithm: section},
+                cluster={"nodes": 1, "gpus_per_node": 4, "gpu_mem_gb": 80})
+    return load_run_config(None, list(overrides), base=base)
+
+
+@pytest.mark.parametrize("algorithm,train,per_example", [("sft", "actor_train", 1),
+                                                         ("rm", "rm_train", 2), ("dpo", "actor_train", 2)])
+def test_supervised_step_estimates(algorithm, train, per_example):
+    """One update on the batch's data sequences (max_len tokens each; a pair is two), plus the
+    reference's log-probs for DPO; twice the batch, twice the compute."""
+    small = plan_config(_supervised_cfg(algorithm, batch_size=8), device="cpu")
+    big = plan_config(_supervised_cfg(algorithm, batch_size=16), device="cpu")
+    assert small.workload.tokens == 8 * per_example * 24 and small.workload.updates == 1
+    timed = {p.name: p.time for p in small.calls if p.time is not None}
+    assert set(timed) == ({"ref_inf", train} if algorithm == "dpo" else {train})
+    assert small.step_seconds == pytest.approx(sum(t.seconds for t in timed.values()))
+    compute = [next(p for p in r.calls if p.name == train).time.parts["compute"] for r in (small, big)]
+    assert compute[1] == pytest.approx(2 * compute[0], rel=0.05)
+    text = format_report(small)
+    assert "step" in text and "no step estimate" not in text and "decoding steps" not in text
+
+
+def test_iterative_dpo_prices_sampling_per_round():
+    offline = plan_config(_supervised_cfg("dpo", batch_size=8), device="cpu")
+    assert offline.round_workload is None and offline.round_seconds == 0
+    assert "per online round" not in format_report(offline)
+    rep = plan_config(_supervised_cfg("dpo", ["calls.actor_gen.model=actor", "calls.actor_gen.tp=2"],
+                                      batch_size=8, rounds=2, prompts_per_round=16,
+                                      samples_per_prompt=4), device="cpu")
+    gen = next(p for p in rep.calls if p.name == "actor_gen")
+    assert gen.per_round and gen.time is not None and gen.time.tokens == 16 * 4 * 8
+    steps = {p.name for p in rep.calls if p.time is not None and not p.per_round}
+    assert steps == {"ref_inf", "actor_train"}  # the sampling is not in the step
+    refills = {x["dst"]: x for x in rep.reallocs}
+    assert refills["actor_gen"]["per_round"] == 1 and refills["actor_gen"]["per_step"] == 0
+    assert refills["ref_inf"]["per_round"] == 1  # the round's result becomes the next reference
+    assert rep.round_seconds == pytest.approx(
+        gen.time.seconds + refills["actor_gen"]["seconds"] + refills["ref_inf"]["seconds"])
+    text = format_report(rep)
+    assert "per online round: sampling 64 responses" in text and "up to 2 steps" in text
+
+
 # ---- errors ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("calls,msg", [
@@ -144,6 +190,14 @@ def test_layout_errors_are_one_line(calls, msg):
     with pytest.raises(Exception) as e:
         plan_config(_cfg(calls), device="cpu")
     assert str(e.value) == msg and "\n" not in str(e.value)
+
+
+def test_missing_model_directory_names_the_field(tmp_path):
+    cfg = _cfg({}, overrides=[f"models.critic.path={tmp_path}", "models.critic.scratch=null"])
+    with pytest.raises(RunConfigError, match=r"^models\.critic\.path=.*: no config\.json there: point it at "
+                       r"a Hugging Face model directory \(or give the model's shape as "
+                       r"models\.critic\.scratch\)$"):
+        plan_config(cfg, device="cpu")
 
 
 def test_world_must_match_the_cluster():
