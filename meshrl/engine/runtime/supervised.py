@@ -1,13 +1,12 @@
 """SFT and reward-model training: fixed datasets, one optimizer step per global batch."""
 from __future__ import annotations
 
-from meshrl.engine.algorithms.calls import reward_model_call, scores_call, sft_call
+from meshrl.engine.algorithms.calls import logprobs_call, reward_model_call, scores_call, sft_call
 from meshrl.engine.algorithms.losses import sequence_logps
 from meshrl.engine.batch import pack, split_by_tokens
 from meshrl.engine.data.datasets import load_sft
 from meshrl.engine.data.preference import load_pairs
 from meshrl.engine.train import global_token_count, infer
-from meshrl.engine.algorithms.calls import logprobs_call
 
 from .common import evaluate_pass_rate, global_batch, run_loop
 
