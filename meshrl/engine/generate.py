@@ -139,8 +139,10 @@ def generator(stage, engine: str | None = None):
     batch, so a rollout of many batches captures once, and frees it on leaving the block, before
     training needs the memory."""
     if choose_engine(stage, engine) == "fast":
-        from .fastgen import FastGenerator
-        fast = FastGenerator(stage)
+        from .fastgen import FastGenerator, FastOptions
+        # one session at a time: a smaller last batch replaces the full batches' cache rather
+        # than holding a second one beside it
+        fast = FastGenerator(stage, FastOptions(max_sessions=1))
         try:
             yield fast.generate
         finally:

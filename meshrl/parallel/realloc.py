@@ -93,16 +93,16 @@ def _region(t: torch.Tensor, index: Box) -> torch.Tensor:
 
 def _copy_local(transfers, src_tensors, dst_tensors, me, alpha, large: float) -> int:
     """Large copies launch at once, so the host's per-tensor work overlaps the device copying;
-    smaller ones go in multi-tensor launches per dtype pair, where launches, not bytes, are the
-    cost (strided views fall back to per-tensor copies inside it)."""
+    smaller contiguous ones go in multi-tensor launches per dtype pair, where launches, not bytes,
+    are the cost."""
     small: dict[tuple, tuple[list, list]] = {}
     for t in transfers:
         src = _region(_tensor(src_tensors, t.name, me, "send"), t.src_index)
         dst = _region(_tensor(dst_tensors, t.name, me, "receive"), t.dst_index)
         if alpha is not None:
             _put(dst, src, alpha)
-        elif t.nbytes >= large:
-            dst.copy_(src)
+        elif t.nbytes >= large or not (dst.is_contiguous() and src.is_contiguous()):
+            dst.copy_(src)  # a strided view in a multi-tensor launch would send all to the slow path
         else:
             d, s = small.setdefault((dst.dtype, src.dtype, dst.device, src.device), ([], []))
             d.append(dst)

@@ -101,12 +101,16 @@ def test_generator_block_keeps_one_session_for_many_batches(models, monkeypatch)
     stage = build_stage(ParallelLayout(ranks=[0]), model_dir=models["llama"])
     params = CASES[1][0]
     other = [[9] * 7, [1, 2], [4, 4, 4], [50], [60, 61]]
+    tail = PROMPTS[:2]
     with generator(stage) as gen:
         fast = gen.__self__
         got = [gen(PROMPTS, params, seq_offset=0), gen(other, params, seq_offset=5)]
         assert isinstance(fast, FastGenerator) and len(fast._sessions) == 1
-    assert not fast._sessions  # released on leaving the block
-    for prompts, offset, g in zip((PROMPTS, other), (0, 5), got):
+        full = next(iter(fast._sessions.values()))
+        got.append(gen(tail, params, seq_offset=10))  # a smaller last batch: its own session...
+        assert len(fast._sessions) == 1 and next(iter(fast._sessions.values())) is not full
+    assert not fast._sessions  # ...in place of the full one; all released on leaving the block
+    for prompts, offset, g in zip((PROMPTS, other, tail), (0, 5, 10), got):
         _same(generate(stage, prompts, params, seq_offset=offset, engine="reference"), g)
 
 
@@ -129,6 +133,14 @@ def test_compile_failure_falls_back_to_eager_pieces(models):
     with pytest.warns(UserWarning, match="failed in the prefill"):
         _same(ref, gen.generate(PROMPTS, params))
     assert isinstance(gen.compile_failed, RuntimeError)
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    gen = FastGenerator(stage)  # running out of memory is no compile failure: it is raised
+    gen.prefill_fns = StepFns(pre=out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        gen.generate(PROMPTS, params)
+    assert gen.compile_failed is None
     # the warm-up a compiled (or captured) session runs first advances the state; it is restored
     gen = FastGenerator(stage)
     gen.compiled = True
@@ -144,6 +156,23 @@ def test_compiled_pieces_match_reference(models):
     for params, _ in CASES[:2]:
         _same(generate(stage, PROMPTS, params, engine="reference"), gen.generate(PROMPTS, params))
     assert gen.compiled and gen.compile_failed is None
+
+
+def test_prefill_and_decode_compilations_count_apart():
+    # torch.compile counts recompilations per code object; the prefill's dynamic-shape pieces are
+    # copies with their own, so they never use up the decode step's budget (one entry per shape).
+    import torch._dynamo
+    from meshrl.engine.fastgen.step import StepFns
+    torch._dynamo.reset()
+    inv_freq = torch.rand(4)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        decode, prefill = StepFns.compiled(), StepFns.compiled(dynamic=True)
+        for n in (5, 9):
+            prefill.rope(inv_freq, torch.arange(n), torch.float32)
+        for n in (2, 3):  # two static shapes: the limit, reached only if nothing else counted
+            cos, sin = decode.rope(inv_freq, torch.arange(n), torch.float32)
+    want = rope_cos_sin(inv_freq, torch.arange(3), torch.float32)
+    assert torch.allclose(cos, want[0]) and torch.allclose(sin, want[1])
 
 
 def _distributed_case(path, tp, pp, prompt_sets):

@@ -27,6 +27,9 @@ from .session import Session
 from .step import DecodeWeights, StepFns, decode_layers, pre_attention, prefill_layers
 
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
+# Failures that say nothing about compilation or capture: re-raised, never answered by falling
+# back to eager pieces (which would hide them, or desynchronise ranks whose collectives went on).
+NOT_A_COMPILE_FAILURE = (torch.OutOfMemoryError, dist.DistError)
 CAPACITY_QUANTUM = 64  # cache capacity is rounded up, so batches of similar length share a session
 
 
@@ -166,7 +169,8 @@ class FastGenerator:
         try:
             return prefill_layers(self.stage, self.weights, self.prefill_fns, x, meta, cache)
         except Exception as exc:  # noqa: BLE001 - reported through compile_failed and a warning
-            if self.opts.compile or self.prefill_fns.pre is pre_attention:
+            if (self.opts.compile or self.prefill_fns.pre is pre_attention
+                    or isinstance(exc, NOT_A_COMPILE_FAILURE)):
                 raise
             warnings.warn(f"fast generation: torch.compile failed in the prefill ({exc!r:.300}); "
                           "running it uncompiled")
@@ -207,7 +211,7 @@ class FastGenerator:
             try:
                 self._warm_up(sess)
             except Exception as exc:  # noqa: BLE001 - reported through compile_failed and a warning
-                if self.opts.compile or not self.compiled:
+                if self.opts.compile or not self.compiled or isinstance(exc, NOT_A_COMPILE_FAILURE):
                     raise
                 warnings.warn(f"fast generation: torch.compile failed ({exc!r:.300}); "
                               "running the decode step uncompiled")
@@ -223,7 +227,7 @@ class FastGenerator:
             try:
                 sess.graphs = self._capture(sess)
             except Exception as exc:  # noqa: BLE001 - reported through capture_failed and a warning
-                if self.opts.cuda_graphs:
+                if self.opts.cuda_graphs or isinstance(exc, NOT_A_COMPILE_FAILURE):
                     raise
                 warnings.warn(f"fast generation: CUDA graph capture failed ({exc!r:.300}); "
                               "replaying the decode step eagerly")

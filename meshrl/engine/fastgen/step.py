@@ -9,6 +9,7 @@ one would be a graph break), and at attention, which is its own kernel.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
@@ -183,10 +184,21 @@ class StepFns:
 
     @staticmethod
     def compiled(mode: str | None = None, *, dynamic: bool = False):
-        """``dynamic=True`` for the prefill, whose row count changes from batch to batch."""
+        """``dynamic=True`` for the prefill, whose row count changes from batch to batch: its
+        pieces are copies with code objects of their own, because torch.compile caches, and
+        counts recompilations against its limit, per code object."""
         kw = dict(dynamic=dynamic, fullgraph=True, mode=mode)
-        return StepFns(*(torch.compile(f, **kw) for f in (
-            pre_attention, post_attention, finish_stage, rope_cos_sin, record_and_advance)))
+        fns = (pre_attention, post_attention, finish_stage, rope_cos_sin, record_and_advance)
+        return StepFns(*(torch.compile(_own_code(f, "prefill_") if dynamic else f, **kw)
+                         for f in fns))
+
+
+def _own_code(fn, prefix: str):
+    """``fn`` with a code object of its own (renamed), same globals, defaults and closure."""
+    code = fn.__code__.replace(co_name=prefix + fn.__code__.co_name)
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy
 
 
 def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *, rotate: bool):

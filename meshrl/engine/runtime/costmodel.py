@@ -108,12 +108,14 @@ SEQS_PER_EXAMPLE = {"sft": 1, "rm": 2, "dpo": 2}
 
 def workload_of(cfg, prompt_len=None, response_len=None, decode_steps=None) -> Workload:
     """One step's work: PPO/GRPO sample responses and run minibatch updates; SFT, RM and DPO
-    train once on a batch of data sequences (``data.max_len`` tokens each unless overridden)."""
+    train once on a batch of data sequences (``data.max_len`` tokens each unless overridden;
+    iterative DPO's pairs are sampled responses of up to ``generation.max_new_tokens``)."""
     new = cfg.generation.max_new_tokens
     prompt = float(prompt_len or cfg.data.max_prompt_len)
     if cfg.algorithm in SEQS_PER_EXAMPLE:
         batch = getattr(cfg, cfg.algorithm).batch_size
-        response = float(response_len or max(1, cfg.data.max_len - prompt))
+        online = cfg.algorithm == "dpo" and cfg.dpo.rounds > 0  # pairs of sampled responses
+        response = float(response_len or (new if online else max(1, cfg.data.max_len - prompt)))
         return Workload(SEQS_PER_EXAMPLE[cfg.algorithm] * batch, prompt, response,
                         int(decode_steps or new), 1, 1)
     n = cfg.ppo.batch_size

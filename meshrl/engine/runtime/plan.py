@@ -255,10 +255,13 @@ def _reallocs(report: PlanReport) -> list[dict]:
         h = homes[v.model]
         cost = cm.realloc_cost(h.mcfg, h.head, DTYPES[cfg.models[v.model].dtype], h.layout, v.layout, **kw)
         fresh = v.model in trained or (ema and v.model == _model_of(report, "ref_inf"))
-        per_round = fresh and v.source in PER_ROUND.get(cfg.algorithm, ())
-        out.append({"model": v.model, "src": h.source, "dst": v.source,
-                    "per_step": 1 if fresh and not per_round else 0, "per_round": int(per_round),
-                    **cost})
+        if v.source in PER_ROUND.get(cfg.algorithm, ()):
+            # refilled once per online round; offline, the view serves evaluation only
+            per_step, per_round = 0, int(fresh and report.round_workload is not None)
+        else:
+            per_step, per_round = int(fresh), 0
+        out.append({"model": v.model, "src": h.source, "dst": v.source, "per_step": per_step,
+                    "per_round": per_round, **cost})
     actor, ref = _model_of(report, "actor_train"), _model_of(report, "ref_inf")
     if ema and actor and ref:
         a, b = homes[actor], homes[ref]

@@ -73,7 +73,7 @@ def _time_table(report: PlanReport) -> list[str]:
     out += _time_rows(report, False)
     out.append(f"{'step':<17}{report.step_seconds:>9.3f}")
     rnd = _time_rows(report, True)
-    if rnd:
+    if rnd and report.round_workload is not None:
         rw = report.round_workload
         out += ["", (f"per online round: sampling {rw.sequences} responses "
                      f"({report.cfg.dpo.prompts_per_round} prompts × "

@@ -144,12 +144,15 @@ def test_supervised_step_estimates(algorithm, train, per_example):
 
 
 def test_iterative_dpo_prices_sampling_per_round():
-    offline = plan_config(_supervised_cfg("dpo", batch_size=8), device="cpu")
+    gen_tp2 = ["calls.actor_gen.model=actor", "calls.actor_gen.tp=2"]  # a view to refill
+    offline = plan_config(_supervised_cfg("dpo", gen_tp2, batch_size=8), device="cpu")
     assert offline.round_workload is None and offline.round_seconds == 0
+    assert {x["dst"]: (x["per_step"], x["per_round"]) for x in offline.reallocs} == {"actor_gen": (0, 0)}
     assert "per online round" not in format_report(offline)
-    rep = plan_config(_supervised_cfg("dpo", ["calls.actor_gen.model=actor", "calls.actor_gen.tp=2"],
-                                      batch_size=8, rounds=2, prompts_per_round=16,
+    assert offline.workload.response_len == 24 - 8  # data pairs: data.max_len
+    rep = plan_config(_supervised_cfg("dpo", gen_tp2, batch_size=8, rounds=2, prompts_per_round=16,
                                       samples_per_prompt=4), device="cpu")
+    assert rep.workload.response_len == 8  # the round's sampled responses: max_new_tokens
     gen = next(p for p in rep.calls if p.name == "actor_gen")
     assert gen.per_round and gen.time is not None and gen.time.tokens == 16 * 4 * 8
     steps = {p.name for p in rep.calls if p.time is not None and not p.per_round}
