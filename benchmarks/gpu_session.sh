@@ -31,8 +31,9 @@ step train_bench 200 python benchmarks/train_throughput.py ${TRAIN_FLAGS:-}
 step realloc_bench 60 python benchmarks/realloc.py
 step generate_bench 240 python benchmarks/generate.py --check ${GEN_FLAGS:-}
 # not in the default STEPS (the session would pass 10 minutes): where a decode step's time goes, and
-# engine settings side by side (max-autotune compiles for minutes)
-step generate_profile 360 python benchmarks/generate.py --skip-hf --no-sampled --profile --variants ${GEN_VARIANTS:-stage_prefill,unfused_mlp,autotune}
+# engine settings side by side; max-autotune on its own, as it compiles for minutes
+step generate_profile 300 python benchmarks/generate.py --skip-hf --no-sampled --profile --variants ${GEN_VARIANTS:-stage_prefill,unfused_mlp}
+step generate_autotune 420 python benchmarks/generate.py --skip-hf --no-sampled --variants autotune
 step runtime_check 240 python benchmarks/gpu_runtime_check.py
 # only the results this session wrote (the device tool returns at most 8 files)
 find benchmarks/results -name '*.json' -newer "$OUT/.start" -exec cp {} "$OUT/" \;
