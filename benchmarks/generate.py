@@ -193,18 +193,20 @@ def kernel_kind(name: str) -> str:
 def kernel_times(fn, device):
     """{kind: (total seconds, launches)} of the device kernels one call of ``fn`` runs (host ops'
     self time on CPU, where there are no device kernels)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
         fn()
         synchronize(device)
     out = {}
     for evt in prof.key_averages():
-        if cuda:
+        if cuda:  # kernels only: host ops also carry the device time of what they launched
+            if evt.device_type != DeviceType.CUDA:
+                continue
             us = getattr(evt, "self_device_time_total", None)
             us = evt.self_cuda_time_total if us is None else us
-            if getattr(evt, "device_type", None) is not None and "CUDA" not in str(evt.device_type):
-                continue
         else:
             us = evt.self_cpu_time_total
         if us <= 0:
