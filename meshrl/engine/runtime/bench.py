@@ -1,10 +1,12 @@
-"""`meshrl bench CONFIG [key=value ...] [--iterations N]`: run a few iterations of a PPO/GRPO config
-and put each call's measured seconds next to `meshrl plan`'s estimate for the same config.
+"""`meshrl bench CONFIG [key=value ...] [--iterations N]`: run a few steps of a PPO, GRPO, SFT, RM or
+offline DPO config and put each call's measured seconds next to `meshrl plan`'s estimate for the
+same config.
 
 Measured: the runtime's ``time/<call>`` and ``time/realloc/<call>`` per step (metrics.jsonl), the
 first iteration left out as warm-up when there are several. The estimate is the plan for the
-workload the run actually had: mean prompt and response lengths from the rollout dumps, decoding
-steps = the longest response (the engine decodes until every sequence of a batch is done).
+workload the run actually had: mean prompt and response lengths from the rollout dumps (PPO, GRPO;
+decoding steps = the longest response, as the engine decodes until every sequence of a batch is
+done) or from the steps' logged data lengths (SFT, RM, DPO).
 
 ``python -m meshrl.engine.runtime.bench --calibrate`` measures this machine's CPU rates with meshrl's
 own train step, forward pass, decoding loop, optimizer and gloo links, and writes them as
@@ -27,7 +29,9 @@ from .metrics import read_metrics
 from .plan import PlanError, plan_config
 from .rates import default_rates_path
 
-LOOP = {"ppo": "ppo", "grpo": "grpo"}
+# the config field that bounds a short run, per algorithm
+STEP_LIMIT = {"ppo": ("ppo", "iterations"), "grpo": ("grpo", "iterations"), "sft": ("sft", "steps"),
+              "rm": ("rm", "steps"), "dpo": ("dpo", "steps")}
 
 
 def _device_name(device: torch.device) -> str:
@@ -53,6 +57,9 @@ def measured(run_dir: str, skip_first: bool) -> tuple[dict[str, float], dict]:
     if prompts:
         work = dict(prompt_len=statistics.mean(prompts), response_len=statistics.mean(responses),
                     decode_steps=max(responses))
+    elif any("data/prompt_len" in r for r in rows):
+        work = {k: statistics.mean(r[f"data/{k}"] for r in rows if f"data/{k}" in r)
+                for k in ("prompt_len", "response_len")}
     return times, work
 
 
@@ -74,17 +81,22 @@ def bench_config(cfg, *, iterations: int = 3, run_dir: str | None = None, device
     from meshrl.engine.distributed import init_distributed, is_main, world
 
     from .run import run_config
-    if cfg.algorithm not in LOOP:
-        raise PlanError(f"algorithm={cfg.algorithm}: meshrl bench runs ppo or grpo configs")
+    if cfg.algorithm not in STEP_LIMIT:
+        raise PlanError(f"algorithm={cfg.algorithm}: meshrl bench runs {', '.join(STEP_LIMIT)} configs")
+    if cfg.algorithm == "dpo" and cfg.dpo.rounds:
+        raise PlanError(f"dpo.rounds={cfg.dpo.rounds}: meshrl bench times offline DPO steps; set "
+                        "dpo.rounds=0 (plan prices the online rounds on their own)")
     dev = init_distributed()
     tmp = None
     if run_dir is None:
         tmp = tempfile.mkdtemp(prefix="meshrl-bench-")
         run_dir = os.path.join(tmp, "run")
-    getattr(cfg, LOOP[cfg.algorithm]).iterations = iterations
+    section, field = STEP_LIMIT[cfg.algorithm]
+    setattr(getattr(cfg, section), field, iterations)
     batch = cfg.ppo.batch_size if cfg.algorithm == "ppo" else cfg.grpo.batch_size * cfg.grpo.group_size
     cfg.run_dir, cfg.resume, cfg.save_hf = run_dir, False, False
-    cfg.logging.dump_rollouts, cfg.logging.eval_every = batch, 0
+    cfg.logging.dump_rollouts = batch if cfg.algorithm in ("ppo", "grpo") else 0
+    cfg.logging.eval_every = 0
     cfg.logging.save_every, cfg.logging.progress = 0, False
     run_config(cfg)
     if not is_main():
@@ -131,7 +143,8 @@ def format_bench(result: dict) -> str:
     out = [(f"measured per step (first iteration left out) vs plan estimate on "
             f"{result['plan'].rates.device} rates; workload: {result['plan'].workload.sequences} "
             f"sequences, prompt {w.get('prompt_len', 0):.1f} + response "
-            f"{w.get('response_len', 0):.1f} tokens, {w.get('decode_steps', '?')} decoding steps"),
+            f"{w.get('response_len', 0):.1f} tokens"
+            + (f", {w['decode_steps']} decoding steps" if "decode_steps" in w else "")),
            (f"{'call':<24}{'measured s':>11}{'plan s':>9}{'plan/meas':>10}{'tok/s meas':>12}"
             f"{'tok/s plan':>12}{'TFLOP/s/GPU meas':>17}{'plan':>9}")]
     for r in result["rows"]:
@@ -146,9 +159,10 @@ def format_bench(result: dict) -> str:
 
 
 def add_arguments(p):
-    p.add_argument("config", help="YAML run config (ppo or grpo)")
+    p.add_argument("config", help="YAML run config (ppo, grpo, sft, rm, or offline dpo)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
-    p.add_argument("--iterations", type=int, default=3, help="iterations to run (default 3)")
+    p.add_argument("--iterations", type=int, default=3,
+                   help="iterations (ppo, grpo) or steps (sft, rm, dpo) to run (default 3)")
     p.add_argument("--run-dir", help="where the run writes (default: a fresh temporary directory)")
     p.add_argument("--device", help="whose rates the estimate uses (default: this machine's device)")
     p.add_argument("--rates", help="rates file (default benchmarks/rates.json or $MESHRL_RATES)")

@@ -32,6 +32,24 @@ def global_batch(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return epoch_order(n, seed, epoch)[k * batch_size:(k + 1) * batch_size]
 
 
+def step_count(n: int, batch_size: int, epochs: int, steps: int | None) -> int:
+    """Steps of a run over a fixed dataset: ``steps`` when given, else whole batches × epochs."""
+    return steps if steps is not None else max(1, epochs * (n // batch_size))
+
+
+def data_lengths(items) -> dict:
+    """Mean prompt and response tokens per trained sequence of a batch of SFT examples or pairs
+    (a pair is two sequences), logged with each step (``meshrl bench`` prices the plan with them)."""
+    prompt = response = seqs = 0
+    for it in items:
+        responses = ([it.response_ids] if hasattr(it, "response_ids")
+                     else [it.chosen_ids, it.rejected_ids])
+        prompt += len(it.prompt_ids) * len(responses)
+        response += sum(len(r) for r in responses)
+        seqs += len(responses)
+    return {"data/prompt_len": prompt / max(seqs, 1), "data/response_len": response / max(seqs, 1)}
+
+
 def evaluate_pass_rate(ctx, call: str, step: int) -> dict:
     """Greedy decoding on held-out prompts scored by the verifier: the held-out pass rate."""
     cfg = ctx.cfg

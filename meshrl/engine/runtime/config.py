@@ -98,6 +98,7 @@ class SFTSpec:
 class RMSpec:
     batch_size: int = 64
     epochs: int = 1
+    steps: Optional[int] = None  # stop after this many steps (default: the epochs)
 
 
 @dataclass(kw_only=True)
@@ -108,6 +109,7 @@ class DPOSpec:
     sft_coef: float = 0.0
     batch_size: int = 64  # pairs per step
     epochs: int = 1
+    steps: Optional[int] = None  # offline: stop after this many steps (default: the epochs)
     # iterative online DPO: 0 = offline on the data's pairs
     rounds: int = 0
     samples_per_prompt: int = 4

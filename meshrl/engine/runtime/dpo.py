@@ -10,7 +10,8 @@ import torch
 
 from meshrl.engine.algorithms.calls import dpo_call
 
-from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop, train_prompts
+from .common import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, run_loop,
+                     step_count, train_prompts)
 from .rollout import sample, sampling_params, score
 from .supervised import _load_pairs, pair_microbatches, pair_position_logps
 
@@ -47,7 +48,8 @@ class DPO:
                             label_smoothing=D.label_smoothing, sft_coef=D.sft_coef)
 
         with ctx.timed("actor_train"):
-            return ctx.train_call("actor_train", pairs, make, loss_of)
+            metrics = ctx.train_call("actor_train", pairs, make, loss_of)
+        return {**metrics, **data_lengths(pairs)}
 
     # ---- offline --------------------------------------------------------------------------------
     def run_offline(self) -> dict:
@@ -57,7 +59,7 @@ class DPO:
         def step(s):
             return self.train_step([data[i] for i in global_batch(len(data), D.batch_size, s, cfg.seed)])
 
-        total = max(1, D.epochs * (len(data) // D.batch_size))
+        total = step_count(len(data), D.batch_size, D.epochs, D.steps)
         return run_loop(ctx, total, step, desc="dpo", eval_fn=self.evaluate,
                         show=("loss", "rewards_accuracy", "rewards_margin"))
 

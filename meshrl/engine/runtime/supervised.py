@@ -8,7 +8,7 @@ from meshrl.engine.data.datasets import load_sft
 from meshrl.engine.data.preference import load_pairs
 from meshrl.engine.train import global_token_count, infer
 
-from .common import evaluate_pass_rate, global_batch, run_loop
+from .common import data_lengths, evaluate_pass_rate, global_batch, run_loop, step_count
 
 
 def sft_microbatches(examples, max_tokens: int, pad: int = 1):
@@ -61,10 +61,6 @@ def pair_position_logps(ctx, call: str, pairs) -> list:
     return ctx.run_sharded(call, pairs, fn)
 
 
-def _steps(n: int, batch_size: int, epochs: int, steps: int | None) -> int:
-    return steps if steps is not None else max(1, epochs * (n // batch_size))
-
-
 def run_sft(ctx) -> dict:
     cfg, S, d = ctx.cfg, ctx.cfg.sft, ctx.cfg.data
     data = load_sft(d.train, ctx.tokenizer, max_len=d.max_len, chat_template=d.chat_template,
@@ -75,8 +71,9 @@ def run_sft(ctx) -> dict:
     def step(s):
         batch = [data[i] for i in global_batch(len(data), S.batch_size, s, cfg.seed)]
         with ctx.timed("actor_train"):
-            return ctx.train_call("actor_train", batch, lambda local: sft_microbatches(local, mt, pad),
-                                  lambda mbs: sft_call(global_token_count(mbs, layout)))
+            metrics = ctx.train_call("actor_train", batch, lambda local: sft_microbatches(local, mt, pad),
+                                     lambda mbs: sft_call(global_token_count(mbs, layout)))
+        return {**metrics, **data_lengths(batch)}
 
     def evaluate(s):
         out = evaluate_pass_rate(ctx, "actor_train", s)
@@ -96,7 +93,7 @@ def run_sft(ctx) -> dict:
             ctx.log(s, out, phase="eval")
         return out
 
-    return run_loop(ctx, _steps(len(data), S.batch_size, S.epochs, S.steps), step, desc="sft",
+    return run_loop(ctx, step_count(len(data), S.batch_size, S.epochs, S.steps), step, desc="sft",
                     eval_fn=evaluate, show=("loss",))
 
 
@@ -128,8 +125,9 @@ def run_rm(ctx) -> dict:
     def step(s):
         batch = [data[i] for i in global_batch(len(data), R.batch_size, s, cfg.seed)]
         with ctx.timed("rm_train"):
-            return ctx.train_call("rm_train", batch, lambda local: pair_microbatches(local, mt, pad),
-                                  lambda mbs: reward_model_call(float(len(batch))))
+            metrics = ctx.train_call("rm_train", batch, lambda local: pair_microbatches(local, mt, pad),
+                                     lambda mbs: reward_model_call(float(len(batch))))
+        return {**metrics, **data_lengths(batch)}
 
     def evaluate(s):
         if not cfg.data.eval:
@@ -140,5 +138,5 @@ def run_rm(ctx) -> dict:
         ctx.log(s, out, phase="eval")
         return out
 
-    return run_loop(ctx, _steps(len(data), R.batch_size, R.epochs, None), step, desc="rm",
+    return run_loop(ctx, step_count(len(data), R.batch_size, R.epochs, R.steps), step, desc="rm",
                     eval_fn=evaluate, show=("loss", "accuracy"))

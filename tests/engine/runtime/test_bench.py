@@ -48,3 +48,43 @@ def test_plan_estimate_against_measured_cpu_run(tmp_path, one_thread):
     assert rows["rew_inf"]["estimated_s"] is None  # a verifier: measured, not modelled
     work = res["workload"]
     assert 1 <= work["response_len"] <= work["decode_steps"] <= 8
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo"])
+def test_supervised_plan_estimate_against_measured_cpu_run(tmp_path, one_thread, algorithm):
+    """SFT and offline DPO: the step's training call (and DPO's reference log-probs) measured
+    against the plan, priced at the data lengths the steps logged."""
+    model = init_scratch_model(str(tmp_path / "init"), seed=0, overrides=TINY)
+    rows = [{"prompt": f"{a}+{b}=", "response": str(a + b), "chosen": str(a + b),
+             "rejected": str(a + b + 1)} for a in range(10, 40) for b in range(3)]
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    models = {"actor": {"path": model}}
+    if algorithm == "dpo":
+        models["ref"] = {"path": model}
+    base = dict(algorithm=algorithm, seed=7, models=models,
+                data={"train": str(tmp_path / "data.jsonl"), "max_len": 48, "max_prompt_len": 16},
+                **{algorithm: {"batch_size": 16}}, logging={"tensorboard": False},
+                cluster={"nodes": 1, "gpus_per_node": 1})
+    res = bench_config(load_run_config(None, [], base=base), iterations=4,
+                       run_dir=str(tmp_path / "run"))
+    print()
+    print(format_bench(res))
+    work, plan = res["workload"], res["plan"]
+    assert 3 <= work["prompt_len"] <= 6 and 2 <= work["response_len"] <= 4  # "12+1=", "13" + EOS
+    per_example = 2 if algorithm == "dpo" else 1
+    assert plan.workload.tokens == pytest.approx(
+        16 * per_example * (work["prompt_len"] + work["response_len"]))
+    rows = {r["call"]: r for r in res["rows"]}
+    for name in ("actor_train", "total (modelled calls)") + (("ref_inf",) if algorithm == "dpo" else ()):
+        m, e = rows[name]["measured_s"], rows[name]["estimated_s"]
+        assert math.isfinite(m) and math.isfinite(e) and m > 0 and e > 0, name
+        assert 0.1 < e / m < 10, (name, m, e)
+
+
+def test_bench_refuses_online_dpo():
+    from meshrl.engine.runtime.plan import PlanError
+    cfg = load_run_config(None, [], base=dict(algorithm="dpo", dpo={"rounds": 2},
+                                              models={"actor": {"scratch": TINY}},
+                                              data={"train": "unused.jsonl"}))
+    with pytest.raises(PlanError, match=r"^dpo\.rounds=2: meshrl bench times offline DPO steps"):
+        bench_config(cfg)
