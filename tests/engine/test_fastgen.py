@@ -155,19 +155,22 @@ def test_compiled_pieces_match_reference(models):
     gen = FastGenerator(stage, FastOptions(compile=True, check_every=4))
     for params, _ in CASES[:2]:
         _same(generate(stage, PROMPTS, params, engine="reference"), gen.generate(PROMPTS, params))
+    other = [[9] * 7, [1, 2], [4, 4, 4, 4], [50], [60, 61]]  # another prefill row count: symbolic
+    _same(generate(stage, other, CASES[0][0], engine="reference"), gen.generate(other, CASES[0][0]))
     assert gen.compiled and gen.compile_failed is None
 
 
 def test_prefill_and_decode_compilations_count_apart():
-    # torch.compile counts recompilations per code object; the prefill's dynamic-shape pieces are
-    # copies with their own, so they never use up the decode step's budget (one entry per shape).
+    # torch.compile counts recompilations per code object; the prefill's pieces (a static entry,
+    # then one with the row count symbolic) are copies with their own, so they never use up the
+    # decode step's budget (one entry per shape).
     import torch._dynamo
     from meshrl.engine.fastgen.step import StepFns
     torch._dynamo.reset()
     inv_freq = torch.rand(4)
     with torch._dynamo.config.patch(recompile_limit=2):
-        decode, prefill = StepFns.compiled(), StepFns.compiled(dynamic=True)
-        for n in (5, 9):
+        decode, prefill = StepFns.compiled(), StepFns.compiled(prefill=True)
+        for n in (5, 9, 13, 17):  # two entries at most, whatever the row counts
             prefill.rope(inv_freq, torch.arange(n), torch.float32)
         for n in (2, 3):  # two static shapes: the limit, reached only if nothing else counted
             cos, sin = decode.rope(inv_freq, torch.arange(n), torch.float32)

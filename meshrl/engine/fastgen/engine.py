@@ -76,7 +76,7 @@ class FastGenerator:
             raise ValueError("cuda_graphs=True needs the stage on a CUDA device")
         self.compiled = on_cuda if self.opts.compile is None else self.opts.compile
         self.fns = StepFns.compiled(self.opts.compile_mode) if self.compiled else StepFns()
-        self.prefill_fns = (StepFns.compiled(self.opts.compile_mode, dynamic=True) if self.compiled
+        self.prefill_fns = (StepFns.compiled(self.opts.compile_mode, prefill=True) if self.compiled
                             else StepFns())
         self.compile_failed = None  # the exception, when compiling fell back to eager pieces
         self.capture_failed = None  # the exception, when capturing fell back to eager steps

@@ -183,13 +183,15 @@ class StepFns:
     record: object = record_and_advance
 
     @staticmethod
-    def compiled(mode: str | None = None, *, dynamic: bool = False):
-        """``dynamic=True`` for the prefill, whose row count changes from batch to batch: its
-        pieces are copies with code objects of their own, because torch.compile caches, and
-        counts recompilations against its limit, per code object."""
-        kw = dict(dynamic=dynamic, fullgraph=True, mode=mode)
+    def compiled(mode: str | None = None, *, prefill: bool = False):
+        """The decode step's pieces compile for its fixed shapes. The prefill's row count changes
+        from batch to batch: its pieces compile with automatic dynamic shapes (a second row count
+        recompiles them once with that dimension symbolic, the weights' stay static), and are
+        copies with code objects of their own, because torch.compile caches, and counts
+        recompilations against its limit, per code object."""
+        kw = dict(dynamic=None if prefill else False, fullgraph=True, mode=mode)
         fns = (pre_attention, post_attention, finish_stage, rope_cos_sin, record_and_advance)
-        return StepFns(*(torch.compile(_own_code(f, "prefill_") if dynamic else f, **kw)
+        return StepFns(*(torch.compile(_own_code(f, "prefill_") if prefill else f, **kw)
                          for f in fns))
 
 
