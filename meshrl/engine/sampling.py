@@ -60,10 +60,16 @@ def gumbel_noise(seed: int, seq_ids: torch.Tensor, step: int, vocab: int) -> tor
     return -torch.log(-torch.log(u))
 
 
+def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, 1]: each row's k-th largest value, the smallest of its k largest (unsorted, so no sort
+    of the k follows the selection)."""
+    return torch.topk(x, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+
+
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Top-k then nucleus filtering; filtered entries become −inf. ``logits`` already / T."""
     if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = kth_largest(logits, top_k)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)

@@ -5,7 +5,7 @@ import torch
 
 from meshrl.engine.generate import generate
 from meshrl.engine.model import build_stage
-from meshrl.engine.sampling import SamplingParams, filter_logits, gumbel_noise
+from meshrl.engine.sampling import SamplingParams, filter_logits, gumbel_noise, kth_largest
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
 
@@ -103,6 +103,10 @@ def test_filters_and_noise():
     # nucleus 0.7: the top token (0.636) alone does not reach 0.7, the top two do
     kept = ~torch.isinf(filter_logits(logits, 0, 0.7)[0])
     assert kept.tolist() == [True, True, False, False, False] and p[0] < 0.7 < p[:2].sum()
+    # the k-th largest from an unsorted top-k equals the last of a sorted one, ties included
+    ties = torch.randint(0, 7, (6, 50), generator=torch.Generator().manual_seed(0)).float()
+    for k in (1, 3, 20, 50):
+        assert torch.equal(kth_largest(ties, k), torch.sort(ties, -1, descending=True).values[:, k - 1:k])
     a = gumbel_noise(5, torch.tensor([0, 1]), 3, 1000)
     b = gumbel_noise(5, torch.tensor([1]), 3, 1000)
     assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])

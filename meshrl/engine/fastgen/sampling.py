@@ -17,7 +17,7 @@ import torch
 
 from meshrl.parallel import mappings
 
-from ..sampling import _MASK32, SamplingParams, _mix32, filter_logits
+from ..sampling import _MASK32, SamplingParams, _mix32, filter_logits, kth_largest
 
 NEG_INF = float("-inf")
 
@@ -145,9 +145,9 @@ def _filter(choice, s: ShardSampler, group):
     if not s.uses_top_k:
         return choice  # top-p alone was routed to the full gather
     # The union of every shard's k largest holds the row's k largest, so their k-th is the row's.
-    vals = torch.topk(choice, min(s.top_k, s.columns), dim=-1).values
+    vals = torch.topk(choice, min(s.top_k, s.columns), dim=-1, sorted=False).values
     cands = mappings.all_gather_dim(vals, -1, group)
-    kth = torch.topk(cands, s.top_k, dim=-1).values[:, -1:]
+    kth = kth_largest(cands, s.top_k)
     choice = choice.masked_fill(choice < kth, NEG_INF)
     if s.top_p < 1.0:
         # Every value the top-k filter keeps is a candidate, in the same descending order as in
