@@ -323,7 +323,7 @@ def main(argv=None):
              "decode_step_limit_s": limit_s, "check_passed": checked}
     stem = "generate-small" if small else "generate"
     if variants or args.profile or args.skip_hf:  # the default run's file (plan's rates) stays
-        stem += "-variants"
+        stem += "-" + "-".join(variants + (["profile"] if args.profile else []) or ["variants"])
     _summarise(rows, batch / limit_s)
     write_results(stem, device, rows, extra)  # kept if a baseline below runs out of time
     if args.profile:

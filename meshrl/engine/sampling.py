@@ -62,8 +62,9 @@ def gumbel_noise(seed: int, seq_ids: torch.Tensor, step: int, vocab: int) -> tor
 
 def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     """[B, 1]: each row's k-th largest value, the smallest of its k largest (unsorted, so no sort
-    of the k follows the selection)."""
-    return torch.topk(x, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    of the k follows the selection). topk ranks NaN highest; as the largest it is not the k-th."""
+    top = torch.topk(x, k, dim=-1, sorted=False).values
+    return top.nan_to_num(nan=float("inf")).amin(-1, keepdim=True)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -107,6 +107,8 @@ def test_filters_and_noise():
     ties = torch.randint(0, 7, (6, 50), generator=torch.Generator().manual_seed(0)).float()
     for k in (1, 3, 20, 50):
         assert torch.equal(kth_largest(ties, k), torch.sort(ties, -1, descending=True).values[:, k - 1:k])
+    # topk ranks NaN first, as a sort does: the 2nd largest of [1, nan, 3, 2, 0] is 3
+    assert kth_largest(torch.tensor([[1.0, float("nan"), 3.0, 2.0, 0.0]]), 2).item() == 3.0
     a = gumbel_noise(5, torch.tensor([0, 1]), 3, 1000)
     b = gumbel_noise(5, torch.tensor([1]), 3, 1000)
     assert torch.equal(a[1], b[0]) and not torch.equal(a[0], a[1])

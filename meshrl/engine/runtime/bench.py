@@ -39,27 +39,29 @@ def _device_name(device: torch.device) -> str:
 
 
 def measured(run_dir: str, skip_first: bool) -> tuple[dict[str, float], dict]:
-    """Mean seconds per step of every ``time/...`` metric, and the workload from the dumps."""
+    """Mean seconds per step of every ``time/...`` metric, and the workload of the same steps: the
+    data lengths the steps logged (SFT, RM, DPO), else their rollout dumps (PPO, GRPO)."""
     rows = [r for r in read_metrics(run_dir) if r.get("phase", "train") == "train"]
     rows = rows[1:] if skip_first and len(rows) > 1 else rows
     keys = sorted({k for r in rows for k in r if k.startswith("time/")} | {"step_seconds"})
     times = {k: statistics.mean(r[k] for r in rows if r.get(k) is not None) for k in keys
              if any(r.get(k) is not None for r in rows)}
+    if any("data/prompt_len" in r for r in rows):
+        return times, {k: statistics.mean(r[f"data/{k}"] for r in rows if f"data/{k}" in r)
+                       for k in ("prompt_len", "response_len")}
     prompts, responses = [], []
-    dump_dir = os.path.join(run_dir, "rollouts")
-    for name in sorted(os.listdir(dump_dir)) if os.path.isdir(dump_dir) else []:
-        with open(os.path.join(dump_dir, name)) as f:
-            for line in f:
-                rec = json.loads(line)
-                prompts.append(len(rec["prompt_ids"]))
-                responses.append(len(rec["output_ids"]))
+    for r in rows:  # only the timed steps' dumps: not the warm-up, not an earlier run's
+        path = os.path.join(run_dir, "rollouts", f"step_{r['step']}.jsonl")
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    rec = json.loads(line)
+                    prompts.append(len(rec["prompt_ids"]))
+                    responses.append(len(rec["output_ids"]))
     work = {}
     if prompts:
         work = dict(prompt_len=statistics.mean(prompts), response_len=statistics.mean(responses),
                     decode_steps=max(responses))
-    elif any("data/prompt_len" in r for r in rows):
-        work = {k: statistics.mean(r[f"data/{k}"] for r in rows if f"data/{k}" in r)
-                for k in ("prompt_len", "response_len")}
     return times, work
 
 

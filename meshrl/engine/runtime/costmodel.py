@@ -111,11 +111,12 @@ def workload_of(cfg, prompt_len=None, response_len=None, decode_steps=None) -> W
     train once on a batch of data sequences (``data.max_len`` tokens each unless overridden;
     iterative DPO's pairs are sampled responses of up to ``generation.max_new_tokens``)."""
     new = cfg.generation.max_new_tokens
-    prompt = float(prompt_len or cfg.data.max_prompt_len)
+    prompt = float(prompt_len if prompt_len is not None else cfg.data.max_prompt_len)
     if cfg.algorithm in SEQS_PER_EXAMPLE:
         batch = getattr(cfg, cfg.algorithm).batch_size
         online = cfg.algorithm == "dpo" and cfg.dpo.rounds > 0  # pairs of sampled responses
-        response = float(response_len or (new if online else max(1, cfg.data.max_len - prompt)))
+        default = new if online else max(1, cfg.data.max_len - prompt)
+        response = float(response_len if response_len is not None else default)
         return Workload(SEQS_PER_EXAMPLE[cfg.algorithm] * batch, prompt, response,
                         int(decode_steps or new), 1, 1)
     n = cfg.ppo.batch_size
@@ -123,7 +124,8 @@ def workload_of(cfg, prompt_len=None, response_len=None, decode_steps=None) -> W
     if cfg.algorithm == "grpo":
         n, updates = cfg.grpo.batch_size * cfg.grpo.group_size, cfg.grpo.minibatches * cfg.grpo.epochs
     epochs = cfg.grpo.epochs if cfg.algorithm == "grpo" else cfg.ppo.epochs
-    return Workload(n, prompt, float(response_len or new), int(decode_steps or new), updates, epochs)
+    return Workload(n, prompt, float(response_len if response_len is not None else new),
+                    int(decode_steps or new), updates, epochs)
 
 
 def online_round_workload(cfg, wl: Workload) -> Workload:

@@ -88,3 +88,27 @@ def test_bench_refuses_online_dpo():
                                               data={"train": "unused.jsonl"}))
     with pytest.raises(PlanError, match=r"^dpo\.rounds=2: meshrl bench times offline DPO steps"):
         bench_config(cfg)
+
+
+def test_measured_workload_comes_from_the_timed_steps(tmp_path):
+    """Logged data lengths win over any rollout dump; dumps count only for the timed steps (not
+    the warm-up step, not an earlier run's files in the same directory)."""
+    from meshrl.engine.runtime.bench import measured
+    from meshrl.engine.runtime.metrics import metrics_path
+
+    def dump(step, prompt, response):
+        write_jsonl(tmp_path / "rollouts" / f"step_{step}.jsonl",
+                    [{"prompt_ids": [1] * prompt, "output_ids": [2] * response}])
+    dump(0, 9, 9)  # the warm-up step
+    dump(1, 4, 6)
+    dump(7, 20, 20)  # an earlier run's
+    write_jsonl(metrics_path(str(tmp_path)), [{"step": s, "phase": "train", "time/actor_gen": 1.0 + s}
+                                              for s in (0, 1)])
+    times, work = measured(str(tmp_path), skip_first=True)
+    assert times["time/actor_gen"] == 2.0
+    assert work == {"prompt_len": 4, "response_len": 6, "decode_steps": 6}
+    write_jsonl(metrics_path(str(tmp_path)), [
+        {"step": s, "phase": "train", "time/actor_train": 1.0, "data/prompt_len": 3.0 + s,
+         "data/response_len": 2.0} for s in (0, 1, 2)])
+    _, work = measured(str(tmp_path), skip_first=True)
+    assert work == {"prompt_len": 4.5, "response_len": 2.0}
