@@ -1,5 +1,6 @@
 """One decoding step of one pipeline stage, written for capture: a static KV cache, weights fused at
-generation setup, and per-layer pieces that take only tensors and constants.
+generation setup, and per-layer pieces that take only tensors and constants. The prefill runs the
+same pieces over the packed prompts (``prefill_layers``).
 
 The pieces follow ``model/llama.py`` operation for operation (RMSNorm in fp32 then the weight in the
 model dtype, rotary embeddings, ``x + (y + bias)`` residuals with row-parallel biases added after the
