@@ -319,7 +319,8 @@ def main(argv=None):
     rows, params, stage = meshrl_rows(cfg, prompts, new, device, dtype, iters, not args.no_sampled,
                                       variants)
     limit_s = params * torch.finfo(dtype).bits / 8 / (anchor("copy_bw", "TBps", 3.0) * 1e12)
-    extra = {"params": params, "batch": batch, "prompt": plen, "new_tokens": new, "small": small,
+    extra = {"params": params, "layers": cfg["num_hidden_layers"], "batch": batch, "prompt": plen,
+             "new_tokens": new, "small": small,
              "decode_step_limit_s": limit_s, "check_passed": checked}
     stem = "generate-small" if small else "generate"
     if variants or args.profile or args.skip_hf:  # the default run's file (plan's rates) stays

@@ -55,9 +55,10 @@ def _rows(doc):
 
 
 def _resolve(ref, base: str, path: str, key: str):
-    """A number, {"value": v, "source": s}, {"file", "case"|"case_startswith"|"name", "field"}, or a
-    list of those: the first that resolves wins (a result not committed yet, or with other fields,
-    falls through). Returns (value, provenance)."""
+    """A number, {"value": v, "source": s}, {"file", "case"|"case_startswith"|"name", "field"} (a
+    row's field), {"file", "field"} (a field of the whole result), or a list of those: the first
+    that resolves wins (a result not committed yet, or with other fields, falls through). Returns
+    (value, provenance)."""
     if isinstance(ref, (int, float)):
         return float(ref), os.path.basename(path)
     if isinstance(ref, list):
@@ -82,6 +83,8 @@ def _resolve(ref, base: str, path: str, key: str):
             secs = {r.get("case"): r["seconds"] for r in _rows(doc)}
             v = (secs[ref["with"]] - secs[ref["without"]]) / doc["params"]
             return v, f"{ref['file']}: ('{ref['with']}' - '{ref['without']}') / params"
+        if not {"case", "case_startswith", "name"} & set(ref):
+            return float(doc[ref["field"]]), f"{ref['file']}: {ref['field']}"
         for r in _rows(doc):
             if ("case" in ref and r.get("case") == ref["case"]
                     or "case_startswith" in ref and str(r.get("case", "")).startswith(ref["case_startswith"])
@@ -113,9 +116,11 @@ def load_rates(device: str, path: str | None = None) -> Rates:
         vals[key], src[key] = _resolve(ref, base, path, f"devices.{name}.{key}")
     if "decode" in entry:  # per-layer step overhead = measured step − its weight-read floor
         d = entry["decode"]
-        tps, src["decode_layer_s"] = _resolve(d["tokens_per_s"], base, path, f"devices.{name}.decode")
-        floor = d["params"] * d["bytes_per_param"] / (vals["copy_tbps"] * 1e12)
-        vals["decode_layer_s"] = max(0.0, d["batch"] / tps - floor) / d["layers"]
+        at = f"devices.{name}.decode"
+        tps, src["decode_layer_s"] = _resolve(d["tokens_per_s"], base, path, at)
+        shape = {k: _resolve(d[k], base, path, f"{at}.{k}")[0] for k in ("params", "layers", "batch")}
+        floor = shape["params"] * d["bytes_per_param"] / (vals["copy_tbps"] * 1e12)
+        vals["decode_layer_s"] = max(0.0, shape["batch"] / tps - floor) / shape["layers"]
     try:
         return Rates(device=name, sources=src, **vals)
     except TypeError as e:

@@ -306,6 +306,15 @@ def test_changing_the_results_changes_the_estimate(tmp_path, monkeypatch):
     assert a["actor_train"] == pytest.approx(2 * b["actor_train"])
     assert after.step_seconds > before.step_seconds
 
+    # the generation benchmark's model shape comes from its result when the result records it
+    gen = tmp_path / "results" / "generate-NVIDIA-H100-80GB-HBM3.json"
+    doc = json.loads(gen.read_text())
+    assert "layers" not in doc  # the committed result predates the field: the fallback (16) holds
+    doc["layers"] = 8
+    gen.write_text(json.dumps(doc))
+    halved = load_rates("h100", str(tmp_path / "rates.json"))  # 8 layers: twice the overhead each
+    assert halved.decode_layer_s == pytest.approx(2 * before.rates.decode_layer_s)
+
 
 # ---- the 70B examples ----------------------------------------------------------------------------
 
