@@ -14,7 +14,7 @@ from meshrl.parallel.layout import LayoutError, ParallelLayout
 from .data.jsonl import DataError, read_jsonl, write_jsonl
 from .data.tokenizer import encode_prompt, load_tokenizer
 from .distributed import init_distributed, world
-from .generate import generator
+from .generate import ENGINES, generator
 from .model import build_stage, load_config
 from .sampling import SamplingParams
 
@@ -38,6 +38,9 @@ def add_arguments(p):
     p.add_argument("--chat-template", action="store_true", help="wrap text prompts in the chat template")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per decoding batch per replica")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="generation engine: auto (fast on CUDA, else reference; $MESHRL_GENERATE "
+                        "overrides), fast, reference")
 
 
 def _prompt_ids(records, path, tokenizer, chat_template, vocab_size):
@@ -88,7 +91,8 @@ def run(args) -> int:
     lo = layout.dp_rank * len(prompts) // layout.dp_size
     hi = (layout.dp_rank + 1) * len(prompts) // layout.dp_size
     mine = {}
-    with generator(stage) as gen:  # the fast engine captures once for all full batches
+    engine = None if args.engine == "auto" else args.engine
+    with generator(stage, engine) as gen:  # the fast engine captures once for all full batches
         for b in range(lo, hi, args.batch_size):
             batch = prompts[b:min(hi, b + args.batch_size)]
             r = gen(batch, params, seq_offset=b, device=device)

@@ -14,6 +14,8 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from meshrl.engine.generate import ENGINES as GENERATION_ENGINES
+
 ALGORITHMS = ("sft", "rm", "dpo", "ppo", "grpo")
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -85,6 +87,7 @@ class GenSpec:
     top_k: int = 200
     top_p: float = 1.0
     batch_size: int = 256  # prompts per decoding batch per replica
+    engine: str = "auto"  # auto (fast on CUDA, else reference) | fast | reference; MESHRL_GENERATE overrides auto
 
 
 @dataclass(kw_only=True)
@@ -239,6 +242,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.algorithm == "ppo" and cfg.ppo.batch_size % cfg.ppo.minibatches:
         raise RunConfigError(f"ppo.batch_size={cfg.ppo.batch_size} is not divisible by "
                              f"ppo.minibatches={cfg.ppo.minibatches}")
+    if cfg.generation.engine not in GENERATION_ENGINES:
+        raise RunConfigError(f"generation.engine={cfg.generation.engine}: use one of "
+                             f"{', '.join(GENERATION_ENGINES)}")
     if cfg.data.train is None:
         raise RunConfigError("data.train is not set: give the training JSONL (data.train=PATH)")
 

@@ -54,7 +54,9 @@ def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1)
     def fn(stage, local, first):
         flat = [p.prompt_ids for p in local for _ in range(k)]
         out = []
-        with generator(stage) as gen:  # one session (and CUDA graph capture) for all batches
+        engine = ctx.cfg.generation.engine
+        # one session (and CUDA graph capture) for all batches
+        with generator(stage, None if engine == "auto" else engine) as gen:
             for b in range(0, len(flat), batch):
                 r = gen(flat[b:b + batch], params, seq_offset=first * k + b, device=ctx.device)
                 out += list(zip(r.output_ids, r.logprobs, r.finish_reason))

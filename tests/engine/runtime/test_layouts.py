@@ -45,6 +45,21 @@ def _run(cfg):
     return None
 
 
+def _run_counting_fast_calls(cfg):
+    from meshrl.engine.fastgen.engine import FastGenerator
+    orig, count = FastGenerator.generate, [0]
+
+    def counted(self, *args, **kwargs):
+        count[0] += 1
+        return orig(self, *args, **kwargs)
+    FastGenerator.generate = counted
+    try:
+        _run(cfg)
+    finally:
+        FastGenerator.generate = orig
+    return count[0]
+
+
 def _calls(gen, train, others):
     out = {"actor_gen": {"model": "actor", **gen}, "actor_train": {"model": "actor", **train}}
     for call, model in (("ref_inf", "ref"), ("critic_inf", "critic"), ("critic_train", "critic")):
@@ -87,6 +102,25 @@ def test_disjoint_meshes(dist_pool, setup):
     _compare(d, "shared", "disjoint")
     assert os.path.exists(d / "disjoint" / "checkpoints" / "latest")
     assert json.load(open(d / "disjoint" / "checkpoints" / "step_2" / "host_state.json"))["step"] == 2
+
+
+def test_fast_engine_run_matches_the_reference_engine_run(dist_pool, setup):
+    # generation.engine=fast on the CPU: the rollouts go through the fast engine (one session per
+    # rollout) and the run matches the reference engine's run (the "shared" one) for the same seed
+    d, model = setup
+    cfg = _config(d, model, "fast", _calls({"tp": 2, "pp": 1}, {"tp": 2, "pp": 1}, {"tp": 2, "pp": 1}))
+    cfg["generation"]["engine"] = "fast"
+    assert all(n > 0 for n in dist_pool(4).run(_run_counting_fast_calls, cfg))
+    _compare(d, "shared", "fast")
+
+
+def test_unknown_generation_engine_is_one_line(setup):
+    from meshrl.engine.runtime.config import RunConfigError
+    d, model = setup
+    cfg = _config(d, model, "bad", {})
+    cfg["generation"]["engine"] = "turbo"
+    with pytest.raises(RunConfigError, match=r"^generation\.engine=turbo: use one of auto, fast, reference$"):
+        load_run_config(None, [], base=cfg)
 
 
 def _concurrency(cfg):
