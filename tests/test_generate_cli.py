@@ -38,8 +38,8 @@ def test_greedy_cli_matches_transformers_single_and_tp2_pp2(setup):
     m = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
     ref = [m.generate(torch.tensor([r["input_ids"]]), max_new_tokens=8, do_sample=False,
                       eos_token_id=2, pad_token_id=0)[0, len(r["input_ids"]):].tolist() for r in rows]
-    for nproc, extra in [(1, []), (4, ["--tp", "2", "--pp", "2"])]:
-        out = d / f"out{nproc}.jsonl"
+    for nproc, extra in [(1, []), (1, ["--engine", "fast"]), (4, ["--tp", "2", "--pp", "2"])]:
+        out = d / f"out{nproc}{''.join(extra)}.jsonl"
         r = _run(["generate", "--model", model, "--prompts", str(prompts), "--out", str(out),
                   "--greedy", "--max-new-tokens", "8", *extra], nproc)
         assert r.returncode == 0, r.stderr[-3000:]
