@@ -28,7 +28,7 @@ step gpu_check 90 python benchmarks/gpu_check.py
 step kernel_tests 150 python -m pytest -q -x tests/kernels -k cuda -p no:cacheprovider
 step kernels_bench 150 python benchmarks/kernels.py ${KERNEL_FLAGS:-}
 step train_bench 200 python benchmarks/train_throughput.py ${TRAIN_FLAGS:-}
-step realloc_bench 60 python benchmarks/realloc.py
+step realloc_bench 120 python benchmarks/realloc.py
 step generate_bench 240 python benchmarks/generate.py --check ${GEN_FLAGS:-}
 # not in the default STEPS (the session would pass 10 minutes): where a decode step's time goes, and
 # engine settings side by side; max-autotune on its own, as it compiles for minutes
