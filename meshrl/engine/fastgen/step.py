@@ -229,11 +229,12 @@ def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *
 def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None):
     """One new token per row: x [b, H]; pos [b] the tokens' positions; caches per layer (K, V)
     views of the same rows. The Triton attention rotates q and k itself."""
+    backend = "triton" if uses_triton(x, attention) else "torch"  # chosen once for all layers
+
     def attend_cached(j, a, q, k, v, rope):
         kc, vc = caches[j]
-        return attend(q, k, v, kc, vc, pos, window=a.window, backend=attention, rope=rope)
-    return run_layers(stage, weights, fns, x, pos, attend_cached,
-                      rotate=not uses_triton(x, attention))
+        return attend(q, k, v, kc, vc, pos, window=a.window, backend=backend, rope=rope)
+    return run_layers(stage, weights, fns, x, pos, attend_cached, rotate=backend == "torch")
 
 
 def prefill_layers(stage, weights: DecodeWeights, fns: StepFns, x, meta, cache: StaticKVCache):
