@@ -71,8 +71,9 @@ def anchor(name: str, field: str, default=None):
 
 
 def write_results(stem: str, device: torch.device, rows: list[dict], extra: dict | None = None) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{stem}-{device_name(device)}.json")
+    folder = os.environ.get("MESHRL_BENCH_RESULTS") or RESULTS  # tests write elsewhere
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{stem}-{device_name(device)}.json")
     payload = {"device": device_name(device), "torch": torch.__version__,
                "time": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows, **(extra or {})}
     with open(path, "w") as f:

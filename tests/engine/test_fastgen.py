@@ -368,6 +368,37 @@ def test_interpreted_triton_attention(dtype, rotate):
         assert torch.allclose(got.double(), want, atol=tol), (got.double() - want).abs().max()
 
 
+# Longer caches, so splits get several blocks each: a window inside one split, lengths on and just
+# past block edges, and more splits than a sequence has blocks (those splits are empty).
+SPLIT_CASES = ATTN_CASES + [(2, 4, 2, 16, 300, [64, 299], None), (3, 4, 1, 16, 400, [128, 300, 399], 100),
+                            (1, 2, 2, 16, 200, [65], 3)]
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_attention_interpreted")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_split_attention(dtype):
+    from meshrl.engine.fastgen.attention import attend_triton
+    for b, hq, hkv, d, cap, lengths, window in SPLIT_CASES:
+        q, kn, vn, kc, vc, n = _attention_inputs(dtype, b, hq, hkv, d, cap, lengths)
+        rope = _rope_tables(d, n, dtype)
+        k2, v2 = kc.clone(), vc.clone()
+        want = _rotated_oracle(q, kn, vn, k2, v2, n, window, rope)
+        one = attend_triton(q, kn, vn, kc.clone(), vc.clone(), n, window=window, rope=rope, splits=1)
+        for splits in (2, 3, 7):
+            k1, v1 = kc.clone(), vc.clone()
+            got = attend_triton(q, kn, vn, k1, v1, n, window=window, rope=rope, splits=splits)
+            # the new key/value are appended (by split 0 alone) as the oracle appends them
+            key_tol = 1e-6 if dtype == torch.float32 else 2e-2
+            assert torch.allclose(k1.double(), k2.double(), atol=key_tol, rtol=0)
+            assert torch.equal(v1, v2)
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            assert torch.allclose(got.double(), want, atol=tol), (splits, (got.double() - want).abs().max())
+            # the merge only reorders fp32 sums (bf16: probabilities are rounded against each
+            # split's own running max, so a few output ulps): close to the unsplit kernel
+            close = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-3, rtol=2 ** -7)
+            assert torch.allclose(got.float(), one.float(), **close), (got.float() - one.float()).abs().max()
+
+
 @pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_attention_interpreted")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_interpreted_engine_with_triton_attention(models, compiled):
@@ -377,7 +408,8 @@ def test_interpreted_engine_with_triton_attention(models, compiled):
     params = SamplingParams(max_new_tokens=10, temperature=1.3, top_p=0.9, seed=3)
     prompts = [PROMPTS[1], PROMPTS[4]]
     ref = generate(stage, prompts, params, engine="reference")
-    opts = FastOptions(attention="triton", compile=compiled)
+    # the compiled run also splits each (sequence, KV head) across 3 programs
+    opts = FastOptions(attention="triton", compile=compiled, attention_splits=3 if compiled else 1)
     _same(ref, generate_fast(stage, prompts, params, options=opts))
 
 
@@ -386,28 +418,55 @@ def test_triton_attention_interpreted():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                            "-k", "interpreted_"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+    assert "8 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.skipif(INTERPRETING, reason="kernels are interpreted functions in this process")
-@pytest.mark.parametrize("dtype,window,rope", [(torch.bfloat16, None, True),
-                                               (torch.bfloat16, 4096, True),
-                                               (torch.bfloat16, None, False),
-                                               (torch.float32, None, True)])
-def test_triton_attention_compiles_for_sm90(dtype, window, rope):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+@pytest.mark.parametrize("dtype,window,rope,splits", [(torch.bfloat16, None, True, 1),
+                                                      (torch.bfloat16, 4096, True, 1),
+                                                      (torch.bfloat16, None, False, 1),
+                                                      (torch.float32, None, True, 1),
+                                                      (torch.bfloat16, None, True, 4),
+                                                      (torch.bfloat16, 4096, True, 3)])
+def test_triton_attention_compiles_for_sm90(dtype, window, rope, splits):
+    from meshrl.engine.fastgen.attention import COMBINE_META
+    from meshrl.engine.fastgen.attention import _combine_kernel as combine
     from meshrl.engine.fastgen.attention import _decode_attention_kernel as kernel
     ty = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     ptrs = ("q_ptr", "kn_ptr", "vn_ptr", "kc_ptr", "vc_ptr", "o_ptr", "cos_ptr", "sin_ptr")
     sig = {n: "i32" for n in kernel.arg_names if n.startswith("s") and n != "scale"}
     sig.update({n: ty for n in ptrs})
-    sig.update(len_ptr="*i64", scale="fp32", window="i32")
+    sig.update(len_ptr="*i64", acc_ptr="*fp32", ml_ptr="*fp32", scale="fp32", window="i32")
     q, kc = torch.empty(1, 32, 64, dtype=dtype), torch.empty(1, 8, 1, 64, dtype=dtype)
-    meta = kernel_meta(q, kc, window, rope)
+    meta = kernel_meta(q, kc, window, rope, splits)
+    assert "cubin" in _compile_sm90(kernel, sig, meta).asm
+    if splits > 1:  # the merge of the splits' partials
+        sig = dict(acc_ptr="*fp32", ml_ptr="*fp32", o_ptr=ty, so_b="i32", so_h="i32")
+        assert "cubin" in _compile_sm90(combine, sig, {k: meta[k] for k in COMBINE_META}).asm
+
+
+def _compile_sm90(kernel, sig, constexprs):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
     sig = {n: sig.get(n, "constexpr") for n in kernel.arg_names}
-    k = triton.compile(ASTSource(kernel, sig, constexprs=meta), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
-    assert "cubin" in k.asm
+    return triton.compile(ASTSource(kernel, sig, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def test_split_count_fills_the_gpu_and_no_more():
+    from meshrl.engine.fastgen.attention import MAX_SPLITS, choose_splits
+    assert choose_splits(programs=64 * 8, capacity=384, sm_count=132) == 1  # the 1.1B decode case
+    assert choose_splits(programs=8 * 8, capacity=4096, sm_count=132) == 5  # 64 → 320 programs
+    assert choose_splits(programs=1, capacity=1 << 16, sm_count=132) == MAX_SPLITS
+    assert choose_splits(programs=8, capacity=200, sm_count=132) == 1  # no split without 2 blocks each
+    assert choose_splits(programs=8, capacity=512, sm_count=132) == 4
+
+
+def test_split_count_is_checked():
+    from meshrl.engine.fastgen.attention import attend_triton
+    q, kn, vn, kc, vc, n = _attention_inputs(torch.float32, 1, 2, 1, 16, 8, [3])
+    with pytest.raises(ValueError, match="attention splits=0: use 1 to 16"):
+        attend_triton(q, kn, vn, kc, vc, n, splits=0)
+    with pytest.raises(ValueError, match="attention_splits=17: use 1 to 16"):
+        FastOptions(attention_splits=17)

@@ -8,6 +8,12 @@ only the cached positions below the sequence's length, read on the device, so a 
 no more of the cache than the sequences fill. The new key/value stay in registers for their own
 score and are stored for later steps; no program reads what another writes.
 
+When batch × KV heads programs would leave SMs idle (small batches, heads sharded by tp), each
+(sequence, KV head)'s visible blocks are dealt out to up to ``MAX_SPLITS`` programs (flash-decoding):
+each writes an unnormalised partial (running max, sum, weighted values) and a second kernel merges
+them. The split count is fixed by the shapes, so a captured step keeps it; the blocks per split
+follow the lengths on the device.
+
 Given the step's rotary tables (``cos``/``sin``), ``attend`` takes the query and new key *before*
 rotation: the kernel rotates them in registers (fp32, one rounding to the model dtype, as a compiled
 ``apply_rope`` does), which saves the decode step a separate rotary kernel per layer.
@@ -26,18 +32,30 @@ from meshrl.kernels.dispatch import use_triton
 
 from ..model.attention import apply_rope
 
+BLOCK_N = 64  # cached positions per block
+NUM_WARPS = 4
+# Splitting a (sequence, KV head)'s positions across programs (flash-decoding) pays when batch ×
+# KV heads leaves SMs idle (small batches, tp-sharded heads); each split walks at least
+# MIN_SPLIT_BLOCKS blocks of a full cache, and there are at most MAX_SPLITS.
+MAX_SPLITS = 16
+MIN_SPLIT_BLOCKS = 2
+COMBINE_META = ("GROUP", "HEAD_DIM", "BLOCK_G", "BLOCK_D", "SPLITS")
+
 
 def uses_triton(x, backend=None) -> bool:
     """Whether ``attend`` takes the Triton kernel for tensors like ``x``."""
     return use_triton(x) if backend in (None, "auto") else backend == "triton"
 
 
-def attend(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, backend=None, rope=None):
+def attend(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, backend=None, rope=None,
+           splits=None):
     """q [B, Hq, D]; k_new/v_new [B, Hkv, D]; caches [B, Hkv, capacity, D]; lengths [B] (the new
     token's position); ``rope`` None (q and k_new already rotated) or the step's (cos, sin)
-    [B, D]. Writes the (rotated) new key/value into the caches; returns [B, Hq, D]."""
+    [B, D]. Writes the (rotated) new key/value into the caches; returns [B, Hq, D]. ``splits``
+    (Triton only): programs per (sequence, KV head), None to choose from the device."""
     if uses_triton(q, backend):
-        return attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, window=window, rope=rope)
+        return attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, window=window, rope=rope,
+                             splits=splits)
     if rope is not None:
         q, k_new = apply_rope(q, *rope), apply_rope(k_new, *rope)
     return attend_torch(q, k_new, v_new, k_cache, v_cache, lengths, window=window)
@@ -80,13 +98,15 @@ def attend_oracle(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None):
 
 @triton.jit
 def _decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr, o_ptr, cos_ptr, sin_ptr,
+                             acc_ptr, ml_ptr,
                              sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_n, so_b, so_h, sr_b,
                              scale, window,
                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
                              WINDOWED: tl.constexpr, ROPE: tl.constexpr, DOT_FP32: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    split = tl.program_id(2)
     n_cached = tl.load(len_ptr + b).to(tl.int32)  # the new token's position
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
@@ -109,21 +129,33 @@ def _decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr, o_p
         q = (q.to(tl.float32) * cos[None, :] + q_p * sin[None, :]).to(q.dtype)
         k_new = (k_new.to(tl.float32) * cos + k_p * sin).to(k_new.dtype)
     base = b.to(tl.int64) * sc_b + h * sc_h
-    tl.store(kc_ptr + base + n_cached * sc_n + d, k_new, mask=d_mask)
-    tl.store(vc_ptr + base + n_cached * sc_n + d, v_new, mask=d_mask)
-    # The new token's own score starts the online softmax, so the running max is finite throughout.
-    m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
-    l_i = tl.full([BLOCK_G], 1.0, tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + v_new.to(tl.float32)[None, :]
+    first = split == 0
+    if first:  # split 0 appends the new key/value and starts from the new token's own score
+        tl.store(kc_ptr + base + n_cached * sc_n + d, k_new, mask=d_mask)
+        tl.store(vc_ptr + base + n_cached * sc_n + d, v_new, mask=d_mask)
+    # Split 0 starts the online softmax from the new token's own score, so its running max is finite
+    # throughout; the other splits start empty and, as each block they walk holds a visible
+    # position, are finite after their first block.
+    own = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale
+    m_i = tl.where(first, own, float("-inf"))
+    l_i = tl.where(first, 1.0, 0.0) + tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.where(first, 1.0, 0.0) * (tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+                                       + v_new.to(tl.float32)[None, :])
     lo = 0
     if WINDOWED:
         lo = tl.maximum(n_cached + 1 - window, 0)
+    # The visible blocks are dealt out to the splits in equal runs, sized from this sequence's
+    # length on the device (a captured step keeps its grid while the lengths grow).
+    first_block = lo // BLOCK_N
+    n_blocks = (n_cached + BLOCK_N - 1) // BLOCK_N - first_block
+    per_split = (n_blocks + SPLITS - 1) // SPLITS
+    start = (first_block + split * per_split) * BLOCK_N
+    stop = tl.minimum(start + per_split * BLOCK_N, n_cached)
     # A while loop, not range(tensor): the interpreter cannot take a loaded scalar as a range bound
-    # (see kernels/gae.py). Unpipelined is fine here: B·Hkv programs keep enough loads in flight.
-    start = (lo // BLOCK_N) * BLOCK_N
-    while start < n_cached:
+    # (see kernels/gae.py). Unpipelined is fine here: B·Hkv·splits programs keep loads in flight.
+    while start < stop:
         n = start + tl.arange(0, BLOCK_N)
-        n_mask = (n < n_cached) & (n >= lo)
+        n_mask = (n < stop) & (n >= lo)
         offs = base + n[:, None] * sc_n + d[None, :]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(kc_ptr + offs, mask=kv_mask, other=0.0)
@@ -144,18 +176,70 @@ def _decode_attention_kernel(q_ptr, kn_ptr, vn_ptr, kc_ptr, vc_ptr, len_ptr, o_p
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
         start += BLOCK_N
-    out = acc / l_i[:, None]
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=gd_mask)
+    else:  # unnormalised partials, [B, Hkv, SPLITS, GROUP(, HEAD_DIM)], merged by _combine_kernel
+        row = ((b.to(tl.int64) * tl.num_programs(1) + h) * SPLITS + split) * GROUP + g
+        tl.store(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=gd_mask)
+        n_rows = tl.num_programs(0) * tl.num_programs(1) * SPLITS * GROUP
+        tl.store(ml_ptr + row, m_i, mask=g < GROUP)
+        tl.store(ml_ptr + n_rows + row, l_i, mask=g < GROUP)
+
+
+@triton.jit
+def _combine_kernel(acc_ptr, ml_ptr, o_ptr, so_b, so_h,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr,
+                    BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
+    """out = Σ_s e^(m_s − M)·acc_s / Σ_s e^(m_s − M)·l_s, M = max_s m_s (finite: split 0's is)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    g_mask = g < GROUP
+    gd_mask = g_mask[:, None] & (d[None, :] < HEAD_DIM)
+    n_rows = tl.num_programs(0) * tl.num_programs(1) * SPLITS * GROUP
+    first_row = (b.to(tl.int64) * tl.num_programs(1) + h) * SPLITS * GROUP + g
+    m_max = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s in tl.static_range(SPLITS):
+        m_max = tl.maximum(m_max, tl.load(ml_ptr + first_row + s * GROUP, mask=g_mask, other=0.0))
+    num = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_G], tl.float32)
+    for s in tl.static_range(SPLITS):
+        row = first_row + s * GROUP
+        w = tl.exp(tl.load(ml_ptr + row, mask=g_mask, other=0.0) - m_max)
+        den += w * tl.load(ml_ptr + n_rows + row, mask=g_mask, other=1.0)
+        num += w[:, None] * tl.load(acc_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=gd_mask,
+                                    other=0.0)
+    heads = h * GROUP + g
     tl.store(o_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
-             out.to(o_ptr.dtype.element_ty), mask=gd_mask)
+             (num / den[:, None]).to(o_ptr.dtype.element_ty), mask=gd_mask)
 
 
-def kernel_meta(q, k_cache, window, rope: bool = False):
+def kernel_meta(q, k_cache, window, rope: bool = False, splits: int = 1, block_n: int = BLOCK_N):
     """Block sizes and flags for the kernel (also used by the ahead-of-time compile test)."""
     group = q.shape[1] // k_cache.shape[1]
     d = q.shape[-1]
     return dict(GROUP=group, HEAD_DIM=d, BLOCK_G=max(16, triton.next_power_of_2(group)),
-                BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=64, WINDOWED=window is not None,
-                ROPE=rope, DOT_FP32=q.dtype == torch.float32 or _interpreted())
+                BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n, SPLITS=splits,
+                WINDOWED=window is not None, ROPE=rope,
+                DOT_FP32=q.dtype == torch.float32 or _interpreted())
+
+
+def choose_splits(programs: int, capacity: int, sm_count: int) -> int:
+    """How many programs share one (sequence, KV head)'s positions: enough for about two programs
+    per SM, each walking at least MIN_SPLIT_BLOCKS blocks of a full cache, at most MAX_SPLITS."""
+    fill = -(-2 * sm_count // programs)
+    return max(1, min(fill, MAX_SPLITS, capacity // (MIN_SPLIT_BLOCKS * BLOCK_N)))
+
+
+def auto_splits(q, k_cache) -> int:
+    """``choose_splits`` for this device: 1 off CUDA (the interpreter gains nothing from splits)."""
+    if not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return choose_splits(q.shape[0] * k_cache.shape[1], k_cache.shape[2], sms)
 
 
 def _interpreted() -> bool:
@@ -163,7 +247,8 @@ def _interpreted() -> bool:
     return isinstance(_decode_attention_kernel, InterpretedFunction)
 
 
-def attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, rope=None):
+def attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, rope=None,
+                  splits=None):
     cos, sin = rope if rope is not None else (q, q)  # unread without ROPE
     for t in (q, k_new, v_new, k_cache, v_cache, cos, sin):
         if t.stride(-1) != 1:
@@ -172,12 +257,30 @@ def attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, ro
         raise ValueError("decode attention needs the K and V caches laid out alike")
     if rope is not None and (cos.shape != (q.shape[0], q.shape[-1]) or cos.stride() != sin.stride()):
         raise ValueError("decode attention needs cos and sin as [batch, head_dim], laid out alike")
+    splits = auto_splits(q, k_cache) if splits is None else int(splits)
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"attention splits={splits}: use 1 to {MAX_SPLITS} (None chooses)")
+    return launch(q, k_new, v_new, k_cache, v_cache, lengths, window, rope, splits)
+
+
+def launch(q, k_new, v_new, k_cache, v_cache, lengths, window, rope, splits, *, block_n=BLOCK_N,
+           num_warps=NUM_WARPS):
+    """The kernels on checked inputs; ``block_n`` and ``num_warps`` are open to benchmarks."""
+    cos, sin = rope if rope is not None else (q, q)  # unread without ROPE
     bsz, n_kv = q.shape[0], k_cache.shape[1]
     out = torch.empty_like(q)
-    _decode_attention_kernel[(bsz, n_kv)](
-        q, k_new, v_new, k_cache, v_cache, lengths, out, cos, sin,
+    meta = kernel_meta(q, k_cache, window, rope is not None, splits, block_n)
+    acc = ml = out  # unread with one split
+    if splits > 1:
+        acc = torch.empty(bsz, q.shape[1] * splits, q.shape[-1], dtype=torch.float32, device=q.device)
+        ml = torch.empty(2, bsz, q.shape[1] * splits, dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(bsz, n_kv, splits)](
+        q, k_new, v_new, k_cache, v_cache, lengths, out, cos, sin, acc, ml,
         q.stride(0), q.stride(1), k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1),
         cos.stride(0), 1.0 / math.sqrt(q.shape[-1]), 0 if window is None else int(window),
-        **kernel_meta(q, k_cache, window, rope is not None), num_warps=4)
+        **meta, num_warps=num_warps)
+    if splits > 1:
+        _combine_kernel[(bsz, n_kv)](acc, ml, out, out.stride(0), out.stride(1),
+                                     **{k: meta[k] for k in COMBINE_META}, num_warps=num_warps)
     return out

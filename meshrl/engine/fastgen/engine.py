@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from ..generate import GenerationResult, stage_pass
 from ..model.attention import PackedMeta
 from ..sampling import SamplingParams
+from .attention import MAX_SPLITS
 from .sampling import Sampler, record_step, shard_sample
 from .schedule import Schedule
 from .session import Session
@@ -42,6 +43,9 @@ class FastOptions:
     # times Triton GEMM templates against cuBLAS for the decode shapes; minutes of compilation)
     compile_mode: str | None = None
     attention: str = "auto"  # auto (Triton on CUDA, see kernels.dispatch) | triton | torch
+    # Triton decode attention: programs per (sequence, KV head); None chooses from the shapes and
+    # the GPU's SM count (1 unless batch × KV heads leaves SMs idle)
+    attention_splits: int | None = None
     fuse_mlp: bool = True  # one gate+up matmul; costs a copy of those weights while held
     prefill_pieces: bool = True  # prefill through the decode pieces; False: the stage's own forward
     max_sessions: int = 2
@@ -51,6 +55,9 @@ class FastOptions:
             raise ValueError(f"check_every={self.check_every}: must be at least 1")
         if self.attention not in ("auto", "triton", "torch"):
             raise ValueError(f"attention={self.attention!r}: use auto, triton or torch")
+        if self.attention_splits is not None and not 1 <= self.attention_splits <= MAX_SPLITS:
+            raise ValueError(f"attention_splits={self.attention_splits}: use 1 to {MAX_SPLITS}, "
+                             "or None to choose from the GPU")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES} (the "
                              "step is captured by this engine, so modes with cudagraphs are refused)")
@@ -187,7 +194,8 @@ class FastGenerator:
         x = stage.model.embed_tokens(sess.state.tokens[rows]) if layout.is_first_stage \
             else sess.hidden_in[m]
         h = decode_layers(stage, self.weights, self.fns, x, pos, sess.cache_rows[m],
-                          attention=None if self.opts.attention == "auto" else self.opts.attention)
+                          attention=None if self.opts.attention == "auto" else self.opts.attention,
+                          splits=self.opts.attention_splits)
         pos += 1
         if not layout.is_last_stage:
             return h

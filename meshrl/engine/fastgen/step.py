@@ -226,14 +226,17 @@ def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *
                      cfg.rms_norm_eps)
 
 
-def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None):
+def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None,
+                  splits=None):
     """One new token per row: x [b, H]; pos [b] the tokens' positions; caches per layer (K, V)
-    views of the same rows. The Triton attention rotates q and k itself."""
+    views of the same rows. The Triton attention rotates q and k itself; ``splits`` as for
+    ``attention.attend``."""
     backend = "triton" if uses_triton(x, attention) else "torch"  # chosen once for all layers
 
     def attend_cached(j, a, q, k, v, rope):
         kc, vc = caches[j]
-        return attend(q, k, v, kc, vc, pos, window=a.window, backend=backend, rope=rope)
+        return attend(q, k, v, kc, vc, pos, window=a.window, backend=backend, rope=rope,
+                      splits=splits)
     return run_layers(stage, weights, fns, x, pos, attend_cached, rotate=backend == "torch")
 
 

@@ -1,0 +1,20 @@
+"""The benchmark scripts' CPU smoke runs still run: each checks its kernels against the baseline it
+times and fails (non-zero exit) when they disagree."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_decode_attention_benchmark_smoke(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MESHRL_BENCH_RESULTS=str(tmp_path), TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_attention.py"), "--small"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = tmp_path.glob("decode_attention-small-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert len(rows) == 2 and all(r["splits"] == 2 and r["max_err"] < 1e-4 for r in rows)
+    assert all(r["meshrl_s"] > 0 and r["torch_s"] > 0 for r in rows)
