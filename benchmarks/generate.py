@@ -73,18 +73,20 @@ def prompts_for(batch, length, vocab, seed=0, ragged=False):
 def check(device, bf16=False) -> bool:
     """Fast engine vs reference engine on a small model: fp32 must match; bf16 (optional, it
     costs another round of compilation) is reported."""
-    from meshrl.engine.fastgen import FastGenerator
+    from meshrl.engine.fastgen import FastGenerator, FastOptions
     from meshrl.engine.generate import generate
     from meshrl.engine.sampling import SamplingParams
     prompts = prompts_for(8, 40, CHECK["vocab_size"], seed=1, ragged=True)
-    cases = {"greedy": SamplingParams(max_new_tokens=48, greedy=True),
-             "sampled": SamplingParams(max_new_tokens=48, temperature=0.9, top_k=50, top_p=0.9,
-                                       min_new_tokens=4, eos_ids=[7], stop_ids=[11], seed=5)}
+    # the sampled case also splits decode attention (two 64-position blocks, one per split)
+    cases = {"greedy": (SamplingParams(max_new_tokens=48, greedy=True), FastOptions()),
+             "sampled": (SamplingParams(max_new_tokens=48, temperature=0.9, top_k=50, top_p=0.9,
+                                        min_new_tokens=4, eos_ids=[7], stop_ids=[11], seed=5),
+                         FastOptions(attention_splits=2))}
     ok = True
     for dtype in (torch.float32, torch.bfloat16) if bf16 else (torch.float32,):
         stage = meshrl_stage(CHECK, device, dtype, seed=3)
-        gen = FastGenerator(stage)
-        for name, params in cases.items():
+        for name, (params, opts) in cases.items():
+            gen = FastGenerator(stage, opts)
             t0 = time.perf_counter()
             fast = gen.generate(prompts, params, seq_offset=2)
             t_fast = time.perf_counter() - t0
@@ -102,8 +104,8 @@ def check(device, bf16=False) -> bool:
                 good = same == len(prompts) and ref.finish_reason == fast.finish_reason and lp <= 1e-4
                 ok &= good
                 line += "  OK" if good else "  MISMATCH"
-            print(line, flush=True)
-        gen.release()
+            print(line + f" (attention splits {opts.attention_splits or 'auto'})", flush=True)
+            gen.release()
     return ok
 
 
