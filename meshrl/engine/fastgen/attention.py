@@ -234,12 +234,13 @@ def choose_splits(programs: int, capacity: int, sm_count: int) -> int:
     return max(1, min(fill, MAX_SPLITS, capacity // (MIN_SPLIT_BLOCKS * BLOCK_N)))
 
 
-def auto_splits(q, k_cache) -> int:
-    """``choose_splits`` for this device: 1 off CUDA (the interpreter gains nothing from splits)."""
-    if not q.is_cuda:
+def auto_splits(k_cache) -> int:
+    """``choose_splits`` for a cache [B, Hkv, capacity, D] on its device: 1 off CUDA (the
+    interpreter gains nothing from splits)."""
+    if not k_cache.is_cuda:
         return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return choose_splits(q.shape[0] * k_cache.shape[1], k_cache.shape[2], sms)
+    sms = torch.cuda.get_device_properties(k_cache.device).multi_processor_count
+    return choose_splits(k_cache.shape[0] * k_cache.shape[1], k_cache.shape[2], sms)
 
 
 def _interpreted() -> bool:
@@ -257,7 +258,7 @@ def attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, ro
         raise ValueError("decode attention needs the K and V caches laid out alike")
     if rope is not None and (cos.shape != (q.shape[0], q.shape[-1]) or cos.stride() != sin.stride()):
         raise ValueError("decode attention needs cos and sin as [batch, head_dim], laid out alike")
-    splits = auto_splits(q, k_cache) if splits is None else int(splits)
+    splits = auto_splits(k_cache) if splits is None else int(splits)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"attention splits={splits}: use 1 to {MAX_SPLITS} (None chooses)")
     return launch(q, k_new, v_new, k_cache, v_cache, lengths, window, rope, splits)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from meshrl.parallel import mappings
 
 from ..model.attention import apply_rope, rope_cos_sin, varlen_causal_attention
-from .attention import attend, uses_triton
+from .attention import attend, auto_splits, uses_triton
 from .sampling import record_step
 
 
@@ -232,6 +232,8 @@ def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *
     views of the same rows. The Triton attention rotates q and k itself; ``splits`` as for
     ``attention.attend``."""
     backend = "triton" if uses_triton(x, attention) else "torch"  # chosen once for all layers
+    if backend == "triton" and splits is None:
+        splits = auto_splits(caches[0][0])
 
     def attend_cached(j, a, q, k, v, rope):
         kc, vc = caches[j]
