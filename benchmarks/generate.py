@@ -339,8 +339,24 @@ def main(argv=None):
     _summarise(rows, batch / limit_s)
     print()
     print_table(rows, COLS)
+    if not small:
+        print(goal_line(rows))
     print(f"wrote {write_results(stem, device, rows, extra)}")
     return 0 if checked in (None, True) else 1
+
+
+GOAL_TOKENS_PER_S = 40_000  # the 1.1B case on one H100, greedy
+
+
+def goal_line(rows) -> str:
+    """The generation goal against the greedy row, in one line a GPU session's log shows."""
+    greedy = next(r for r in rows if r["case"] == "meshrl fast, greedy")
+    static = greedy.get("vs_hf_static")
+    met = greedy["tokens_per_s"] >= GOAL_TOKENS_PER_S
+    return (f"goal ≥ {GOAL_TOKENS_PER_S:,} tokens/s: {greedy['tokens_per_s']:,.0f} "
+            f"({greedy['tokens_per_s'] / GOAL_TOKENS_PER_S:.0%})"
+            + (f", {static:.2f}× transformers' static cache" if static else "")
+            + (" — met" if met else " — NOT met"))
 
 
 def _summarise(rows, floor_tokens_per_s):

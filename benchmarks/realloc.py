@@ -200,6 +200,11 @@ def main():
             finally:
                 pool.close()
     print_table(rows, COLS)
+    if device.type != "cpu":
+        for r in rows:
+            if r["case"].endswith("local copies (1 rank)"):  # the shipped copy-launch setting
+                met = "met" if r["frac_floor"] >= 0.8 else "NOT met"
+                print(f"goal ≥ 80% of copy bandwidth, {r['case']}: {r['frac_floor']:.0%} — {met}")
     path = write_results("realloc" + ("-small" if small else ""), device, rows)
     print(f"results: {path}")
 
