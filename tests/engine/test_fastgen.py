@@ -492,5 +492,7 @@ def test_split_count_is_checked():
     q, kn, vn, kc, vc, n = _attention_inputs(torch.float32, 1, 2, 1, 16, 8, [3])
     with pytest.raises(ValueError, match="attention splits=0: use 1 to 16"):
         attend_triton(q, kn, vn, kc, vc, n, splits=0)
+    with pytest.raises(ValueError, match="attention window=0: a sliding window holds at least 1"):
+        attend_triton(q, kn, vn, kc, vc, n, window=0)
     with pytest.raises(ValueError, match="attention_splits=17: use 1 to 16"):
         FastOptions(attention_splits=17)

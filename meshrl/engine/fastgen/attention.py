@@ -52,7 +52,8 @@ def attend(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, backend=N
     """q [B, Hq, D]; k_new/v_new [B, Hkv, D]; caches [B, Hkv, capacity, D]; lengths [B] (the new
     token's position); ``rope`` None (q and k_new already rotated) or the step's (cos, sin)
     [B, D]. Writes the (rotated) new key/value into the caches; returns [B, Hq, D]. ``splits``
-    (Triton only): programs per (sequence, KV head), None to choose from the device."""
+    (Triton only): programs per (sequence, KV head), None to choose from the device. Every length
+    must be below the capacity: the engine sizes the cache so, and checking here would sync."""
     if uses_triton(q, backend):
         return attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, window=window, rope=rope,
                              splits=splits)
@@ -258,6 +259,8 @@ def attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, ro
         raise ValueError("decode attention needs the K and V caches laid out alike")
     if rope is not None and (cos.shape != (q.shape[0], q.shape[-1]) or cos.stride() != sin.stride()):
         raise ValueError("decode attention needs cos and sin as [batch, head_dim], laid out alike")
+    if window is not None and window < 1:
+        raise ValueError(f"attention window={window}: a sliding window holds at least 1 position")
     splits = auto_splits(k_cache) if splits is None else int(splits)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"attention splits={splits}: use 1 to {MAX_SPLITS} (None chooses)")
