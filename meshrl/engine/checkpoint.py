@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 
 def _model_state(prefix: str, stage) -> dict:
@@ -73,26 +76,79 @@ def save(run_dir: str, step: int, models: dict, trainers: dict, host_state: dict
     return final
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; one line saying why and what to do."""
+
+
+def _complete(folder: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints in ``folder`` (renamed from .tmp: host state in)."""
+    out = []
+    for name in os.listdir(folder):
+        m = re.fullmatch(r"step_(\d+)", name)
+        if m and os.path.isfile(os.path.join(folder, name, "host_state.json")):
+            out.append((int(m.group(1)), os.path.join(folder, name)))
+    return sorted(out)
+
+
 def latest(run_dir: str) -> str | None:
-    path = os.path.join(run_dir, "checkpoints", "latest")
+    """The checkpoint ``latest`` names; if it has gone, the newest complete one left (with a
+    warning), and an error when none is, rather than a silent fresh start over the run's logs."""
+    folder = os.path.join(run_dir, "checkpoints")
+    path = os.path.join(folder, "latest")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        ckpt = os.path.join(run_dir, "checkpoints", f.read().strip())
-    return ckpt if os.path.isdir(ckpt) else None
+        name = f.read().strip()
+    ckpt = os.path.join(folder, name)
+    if os.path.isdir(ckpt):
+        return ckpt
+    left = _complete(folder)
+    if not left:
+        raise CheckpointError(f"{path} names {name}, which is missing, and no other checkpoint is "
+                              "complete: restore it, or set resume=false to start afresh (which "
+                              "replaces the run's metrics)")
+    warnings.warn(f"{path} names {name}, which is missing: resuming from {left[-1][1]}", stacklevel=2)
+    return left[-1][1]
+
+
+def _check_layouts(ckpt: str, host: dict, layouts: dict | None):
+    """Shards are keyed by their ranges, so a checkpoint loads only into the layouts it was saved
+    from: say so, naming the model, before DCP fails on a missing key."""
+    saved = host.get("layouts")
+    if layouts is None or saved is None:
+        return
+    for name, now in layouts.items():
+        if name in saved and saved[name] != now:
+            raise CheckpointError(f"{ckpt} holds model {name} in layout {_describe(saved[name])}; "
+                                  f"this run places it in {_describe(now)}: resume with the saved "
+                                  "layout (its calls' ranks, tp, pp), or give a new run_dir")
+
+
+def _describe(layout: dict) -> str:
+    r = layout["ranks"]
+    span = f"{r[0]}-{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else str(r)
+    return f"tp={layout['tp']} pp={layout['pp']} dp={layout['dp']} on ranks {span}"
 
 
 @torch.no_grad()
-def load(ckpt: str, models: dict, trainers: dict) -> dict:
-    """Restore models and optimizers in place (same layouts as saved); return the host state."""
+def load(ckpt: str, models: dict, trainers: dict, layouts: dict | None = None) -> dict:
+    """Restore models and optimizers in place (same layouts as saved, which ``layouts`` — as
+    ``save`` records them in the host state — checks first); return the host state."""
+    with open(os.path.join(ckpt, "host_state.json")) as f:
+        host = json.load(f)
+    _check_layouts(ckpt, host, layouts)
     state = _state(models, trainers)
-    dcp.load(state, checkpoint_id=ckpt)
+    try:
+        dcp.load(state, checkpoint_id=ckpt)
+    except (RuntimeError, CheckpointException) as e:  # a checkpoint from before layouts were recorded
+        if "Missing key" not in str(e):
+            raise
+        raise CheckpointError(f"{ckpt} does not hold this run's shards (saved with other models or "
+                              "layouts): resume with the saved config, or give a new run_dir") from None
     for name, trainer in trainers.items():
         prefix = f"optim/{name}/"
         trainer.opt.load_state_dict({k[len(prefix):]: v for k, v in state.items()
                                      if k.startswith(prefix)})
-    with open(os.path.join(ckpt, "host_state.json")) as f:
-        host = json.load(f)
     for name, trainer in trainers.items():
         trainer.steps = int(host["trainer_steps"][name])
     return host

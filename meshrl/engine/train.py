@@ -19,6 +19,8 @@ from meshrl.parallel.pipeline import broadcast_from_last_stage, forward_only, to
 
 from .batch import PackedBatch
 
+SCHEDULES = ("constant", "cosine", "linear")  # learning-rate schedules after warm-up
+
 
 @dataclass(kw_only=True)
 class OptimConfig:
@@ -29,7 +31,7 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
     zero1: bool = True
     warmup_steps: int = 0
-    schedule: str = "constant"  # constant | cosine | linear
+    schedule: str = "constant"  # one of SCHEDULES
     total_steps: int | None = None
     min_lr_ratio: float = 0.0
 

@@ -37,13 +37,13 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.expm1(d) - d
 
 
-_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+KL_ESTIMATORS = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    if estimator not in _ESTIMATORS:
-        raise ValueError(f"estimator must be one of {sorted(_ESTIMATORS)}, got {estimator!r}")
-    return _ESTIMATORS[estimator](logp, ref_logp)
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {sorted(KL_ESTIMATORS)}, got {estimator!r}")
+    return KL_ESTIMATORS[estimator](logp, ref_logp)
 
 
 @torch.no_grad()

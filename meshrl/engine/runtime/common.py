@@ -7,6 +7,7 @@ import torch
 
 from meshrl.engine.data.datasets import load_prompts
 
+from .config import RunConfigError
 from .rollout import sample, sampling_params, score
 
 
@@ -67,11 +68,16 @@ def evaluate_pass_rate(ctx, call: str, step: int) -> dict:
     return out
 
 
-def run_loop(ctx, total: int, step_fn, *, desc: str, eval_fn=None, show=("loss",),
+def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=None, show=("loss",),
              updates_per_step: int = 1):
     """Steps ``ctx.start_step .. total-1``: log, evaluate and checkpoint on schedule; a progress
     bar on the main rank. ``step_fn(step) -> metrics``. Learning-rate schedules without an explicit
-    length span the whole run (``total × updates_per_step`` optimizer steps)."""
+    length span the whole run (``total × updates_per_step`` optimizer steps). ``limit_key`` names
+    the config key that sets ``total``, for the error a resumed run past it gets."""
+    if ctx.start_step > total:  # saving at `total` would overwrite that checkpoint with later weights
+        raise RunConfigError(f"{limit_key}: this run stops after {total} steps but {ctx.cfg.run_dir} "
+                             f"holds a checkpoint at step {ctx.start_step}: raise it to continue, or "
+                             "give a new run_dir")
     cfg = ctx.cfg.logging
     for m in ctx.trained_models().values():
         if m.trainer is not None and m.trainer.cfg.total_steps is None:

@@ -16,6 +16,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from meshrl.engine.generate import ENGINES as GENERATION_ENGINES
 
+from .config_ranges import check_values
+
 ALGORITHMS = ("sft", "rm", "dpo", "ppo", "grpo")
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -223,6 +225,7 @@ def load_run_config(path: str | None, overrides: list[str] = (), base: dict | No
 def validate(cfg: RunConfig) -> None:
     if cfg.algorithm not in ALGORITHMS:
         raise RunConfigError(f"algorithm={cfg.algorithm}: use one of {', '.join(ALGORITHMS)}")
+    check_values(cfg, RunConfigError)
     for name, m in cfg.models.items():
         if sum(x is not None for x in (m.path, m.init_from, m.scratch)) != 1:
             raise RunConfigError(f"models.{name}: give exactly one of path, init_from, scratch")

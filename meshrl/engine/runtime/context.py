@@ -272,8 +272,14 @@ class RunContext:
         trainers = {n: m.trainer for n, m in self.models.items() if m.trainer is not None}
         return models, trainers
 
+    def _home_layouts(self) -> dict:
+        """Each model's home layout, as checkpoints record it (shards load only into it)."""
+        return {n: {"ranks": list(m.layout.ranks), "tp": m.layout.tp_size, "pp": m.layout.pp_size,
+                    "dp": m.layout.dp_size} for n, m in self.models.items()}
+
     def save(self, step: int):
-        checkpoint.save(self.cfg.run_dir, step, *self._held(), self.host_state)
+        checkpoint.save(self.cfg.run_dir, step, *self._held(),
+                        dict(self.host_state, layouts=self._home_layouts()))
 
     def _maybe_resume(self) -> int:
         if not self.cfg.resume:
@@ -281,7 +287,7 @@ class RunContext:
         ckpt = checkpoint.latest(self.cfg.run_dir)
         if ckpt is None:
             return 0
-        self.host_state = checkpoint.load(ckpt, *self._held())
+        self.host_state = checkpoint.load(ckpt, *self._held(), layouts=self._home_layouts())
         for m in self.models.values():
             m.version += 1  # views refill from the restored weights
         if self.main:

@@ -60,8 +60,8 @@ class DPO:
             return self.train_step([data[i] for i in global_batch(len(data), D.batch_size, s, cfg.seed)])
 
         total = step_count(len(data), D.batch_size, D.epochs, D.steps)
-        return run_loop(ctx, total, step, desc="dpo", eval_fn=self.evaluate,
-                        show=("loss", "rewards_accuracy", "rewards_margin"))
+        return run_loop(ctx, total, step, desc="dpo", limit_key="dpo.steps (or dpo.epochs)",
+                        eval_fn=self.evaluate, show=("loss", "rewards_accuracy", "rewards_margin"))
 
     def evaluate(self, step: int) -> dict:
         out = evaluate_pass_rate(self.ctx, "actor_gen" if self.ctx.has("actor_gen") else "actor_train",
@@ -122,8 +122,8 @@ class DPO:
             stats.update({k: v / max(n, 1) for k, v in totals.items()}, pairs=float(len(pairs)))
             return stats
 
-        return run_loop(ctx, D.rounds, round_step, desc="dpo-iter", eval_fn=self.evaluate,
-                        show=("score", "pairs", "loss"))
+        return run_loop(ctx, D.rounds, round_step, desc="dpo-iter", limit_key="dpo.rounds",
+                        eval_fn=self.evaluate, show=("score", "pairs", "loss"))
 
 
 def _batches(order: list, size: int) -> list[list]:

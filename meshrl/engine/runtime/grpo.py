@@ -57,6 +57,6 @@ class GRPO:
 
 def run(ctx) -> dict:
     grpo = GRPO(ctx)
-    return run_loop(ctx, grpo.G.iterations, grpo.step, desc="grpo",
+    return run_loop(ctx, grpo.G.iterations, grpo.step, desc="grpo", limit_key="grpo.iterations",
                     eval_fn=lambda step: evaluate_pass_rate(ctx, "actor_gen", step),
                     show=("score", "kl_seq"), updates_per_step=grpo.G.epochs * grpo.G.minibatches)

@@ -37,30 +37,32 @@ def _scalar(name: str, value: Any) -> int | float | None:
     return value if math.isfinite(value) else None
 
 
-def _step_of(line: str) -> int | None:
-    """The step of one JSONL line, or None for a line a killed writer left half-written."""
+def _kept_before(line: str, resume_step: int) -> bool:
+    """Whether a line was logged before checkpoint ``resume_step``: train lines carry the step's
+    0-based index (steps 0..N-1 precede checkpoint N), other phases the count of steps done
+    (evaluation at N runs before checkpoint N is saved)."""
     try:
-        return int(json.loads(line)["step"])
+        record = json.loads(line)
+        step = int(record["step"])
     except (ValueError, KeyError, TypeError):
-        return None
+        return False  # a line a killed writer left half-written
+    return step < resume_step if record.get("phase", "train") == "train" else step <= resume_step
 
 
-def _truncate_after(path: str, last_step: int | None) -> None:
-    """Keep only lines with step <= last_step (all lines dropped when None), atomically.
+def _truncate_after(path: str, resume_step: int | None) -> list[str]:
+    """Keep only the lines logged before checkpoint ``resume_step`` (none when None), atomically;
+    returns them.
 
     Written to a temporary file and renamed over the original, so a crash here leaves either
     the old file or the new one, never a half-rewritten log.
     """
     if not os.path.exists(path):
-        return
+        return []
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     kept = []
-    if last_step is not None:
-        for line in lines:
-            step = _step_of(line)
-            if step is not None and step <= last_step:
-                kept.append(line + "\n")
+    if resume_step is not None:
+        kept = [line + "\n" for line in lines if _kept_before(line, resume_step)]
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -72,14 +74,16 @@ def _truncate_after(path: str, last_step: int | None) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return kept
 
 
 class MetricsLogger:
     """Appends metrics to `run_dir/metrics.jsonl` and TensorBoard; a no-op where `enabled` is False.
 
     Callers pass `enabled=(rank == 0)` so one process writes. `resume_step=N` continues a run
-    whose checkpoint is at step N: lines with step > N (logged after that checkpoint by the
-    killed run) are dropped, and TensorBoard purges its events from step N+1 on. Without
+    whose checkpoint is at step N (N steps done): what the killed run logged after that checkpoint
+    is dropped (train lines from step index N, other phases after N), TensorBoard purges its
+    events from step N on, and the kept evaluation at N is written to it again. Without
     `resume_step` the run starts afresh: an existing metrics.jsonl is emptied, since the new
     run logs the same steps again and interleaving the two would corrupt every curve.
     """
@@ -94,13 +98,17 @@ class MetricsLogger:
             return
         os.makedirs(self.run_dir, exist_ok=True)
         path = metrics_path(self.run_dir)
-        _truncate_after(path, resume_step)
+        kept = _truncate_after(path, resume_step)
         self._file = open(path, "a", encoding="utf-8")
         if tensorboard:
             # Imported here: tensorboard's import costs ~1 s, and non-zero ranks never need it.
             from torch.utils.tensorboard import SummaryWriter
-            purge = 0 if resume_step is None else resume_step + 1  # purge hides steps >= purge
+            purge = resume_step or 0  # purge hides steps >= purge, of every tag
             self._writer = SummaryWriter(os.path.join(self.run_dir, TENSORBOARD_DIR), purge_step=purge)
+            for line in kept:  # the evaluation at the checkpoint's step, hidden by the purge
+                record = json.loads(line)
+                if record["step"] == resume_step:
+                    self._add_scalars(record["step"], record["phase"], record)
 
     def log(self, step: int, metrics: Mapping[str, Any], *, phase: str = "train") -> None:
         if not self.enabled:
@@ -117,10 +125,13 @@ class MetricsLogger:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if self._writer is not None:
-            for name, value in values.items():
-                if value is not None:
-                    self._writer.add_scalar(f"{phase}/{name}", value, int(step))
-            self._writer.flush()
+            self._add_scalars(step, phase, values)
+
+    def _add_scalars(self, step: int, phase: str, values: Mapping[str, Any]) -> None:
+        for name, value in values.items():
+            if value is not None and name not in RESERVED_KEYS:
+                self._writer.add_scalar(f"{phase}/{name}", value, int(step))
+        self._writer.flush()
 
     def close(self) -> None:
         if self._file is not None:

@@ -7,6 +7,7 @@ directly.
 """
 from __future__ import annotations
 
+import difflib
 import os
 
 import torch
@@ -27,14 +28,22 @@ DEFAULT_CALLS = {
             "critic_train": "critic"},
     "grpo": {"actor_gen": "actor", "actor_train": "actor", "ref_inf": "ref"},
 }
+REWARD_CALL = {alg: ("rew_inf",) for alg in ("ppo", "grpo", "dpo")}  # scoring by a reward model
 
 
 def complete_calls(cfg: RunConfig, world: int) -> dict[str, CallSpec]:
     """The run's calls: the algorithm's defaults (every rank, tp=pp=1) overlaid by the config's."""
     calls = {name: CallSpec(model=model) for name, model in DEFAULT_CALLS[cfg.algorithm].items()
              if model in cfg.models}
-    if cfg.algorithm in ("ppo", "grpo", "dpo") and cfg.reward.model:
+    if cfg.algorithm in REWARD_CALL and cfg.reward.model:
         calls["rew_inf"] = CallSpec(model=cfg.reward.model)
+    known = set(DEFAULT_CALLS[cfg.algorithm]) | set(REWARD_CALL.get(cfg.algorithm, ()))
+    for name in cfg.calls:
+        if name not in known:
+            near = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise RunConfigError(f"calls.{name}: {cfg.algorithm} runs no such call; {hint}its calls "
+                                 f"are {', '.join(sorted(known))}")
     calls.update(cfg.calls)
     for name, c in calls.items():
         ranks = parse_ranks(c.ranks) if c.ranks is not None else list(range(world))

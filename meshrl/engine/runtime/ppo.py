@@ -134,7 +134,7 @@ class PPO:
 
 def run(ctx) -> dict:
     ppo = PPO(ctx)
-    return run_loop(ctx, ppo.P.iterations, ppo.step, desc="ppo",
+    return run_loop(ctx, ppo.P.iterations, ppo.step, desc="ppo", limit_key="ppo.iterations",
                     eval_fn=lambda step: evaluate_pass_rate(ctx, "actor_gen", step),
                     show=("score", "kl_seq", "actor/actor_loss"),
                     updates_per_step=ppo.P.epochs * ppo.P.minibatches)

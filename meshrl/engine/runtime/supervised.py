@@ -94,7 +94,7 @@ def run_sft(ctx) -> dict:
         return out
 
     return run_loop(ctx, step_count(len(data), S.batch_size, S.epochs, S.steps), step, desc="sft",
-                    eval_fn=evaluate, show=("loss",))
+                    limit_key="sft.steps (or sft.epochs)", eval_fn=evaluate, show=("loss",))
 
 
 def _load_pairs(ctx, path):
@@ -139,4 +139,4 @@ def run_rm(ctx) -> dict:
         return out
 
     return run_loop(ctx, step_count(len(data), R.batch_size, R.epochs, R.steps), step, desc="rm",
-                    eval_fn=evaluate, show=("loss", "accuracy"))
+                    limit_key="rm.steps (or rm.epochs)", eval_fn=evaluate, show=("loss", "accuracy"))

@@ -122,4 +122,25 @@ def test_config_errors_are_one_line(workdir):
         load_run_config(None, ["algorithm=xyz"], base=base)
     with pytest.raises(RunConfigError, match="ppo.kl_coef"):
         load_run_config(None, ["ppo.kl_coef=abc"], base=base)
+    # values out of range are refused before anything loads, naming the key and the bound
+    for override, message in [
+            ("models.actor.optim.lr=-0.1", "models.actor.optim.lr=-0.1: must not be negative"),
+            ("ppo.minibatches=0", "ppo.minibatches=0: must be at least 1"),
+            ("sft.steps=-3", "sft.steps=-3: must be at least 1"),
+            ("calls.actor_train.tp=0", "calls.actor_train.tp=0: must be at least 1"),
+            ("logging.save_every=-1", "logging.save_every=-1: must not be negative"),
+            ("generation.top_k=-5", "generation.top_k=-5: must not be negative"),
+            ("generation.temperature=0", "generation.temperature=0.0: must be greater than 0"),
+            ("generation.top_p=1.5", r"generation.top_p=1.5: must lie in \(0, 1\]"),
+            ("grpo.group_size=1", "grpo.group_size=1: must be at least 2"),
+            ("ppo.kl_estimator=k4", "ppo.kl_estimator=k4: use one of k1, k2, k3"),
+            ("models.critic.optim.schedule=cosin", "schedule=cosin: use one of constant, cosine, linear"),
+            ("dpo.loss_type=hinge", "dpo.loss_type=hinge: use one of sigmoid, ipo")]:
+        with pytest.raises(RunConfigError, match=message):
+            load_run_config(None, [override], base=base)
+    from meshrl.engine.runtime.models import complete_calls
+    typo = load_run_config(None, ["calls.actor_trian.model=actor"], base=base)
+    with pytest.raises(RunConfigError, match="calls.actor_trian: ppo runs no such call; did you mean "
+                                             "actor_train"):
+        complete_calls(typo, 1)
     assert os.path.exists(model) and json.load(open(os.path.join(model, "config.json")))

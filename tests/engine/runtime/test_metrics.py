@@ -93,11 +93,13 @@ def test_tensorboard_scalars_tagged_phase_slash_name(tmp_path):
 
 
 def _log_range(run_dir, steps, offset=0.0, resume_step=None):
+    """As the runtime logs: train lines at the step's 0-based index s, an evaluation after every
+    second step at the count of steps done (s + 1), before that step's checkpoint."""
     with MetricsLogger(run_dir, resume_step=resume_step) as log:
         for s in steps:
             log.log(s, {"x": s + offset})
-            if s % 2 == 0:
-                log.log(s, {"acc": s + offset}, phase="eval")
+            if (s + 1) % 2 == 0:
+                log.log(s + 1, {"acc": s + 1 + offset}, phase="eval")
 
 
 def test_resume_truncates_after_checkpoint_step_and_purges_tensorboard(tmp_path):
@@ -105,15 +107,17 @@ def test_resume_truncates_after_checkpoint_step_and_purges_tensorboard(tmp_path)
     before = _lines(tmp_path)
     with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"step": 10, "phase": "tr')  # the killed run died mid-write
-    _log_range(tmp_path, range(5, 8), offset=100.0, resume_step=4)
+    # checkpoint 4: steps 0..3 done and the evaluation at 4; the resumed run logs step 4 again
+    _log_range(tmp_path, range(4, 8), offset=100.0, resume_step=4)
 
     lines = _lines(tmp_path)
-    kept = [ln for ln in before if json.loads(ln)["step"] <= 4]
+    kept = before[:6]  # train 0, 1, eval 2, train 2, 3, eval 4
+    assert [json.loads(ln)["step"] for ln in kept] == [0, 1, 2, 2, 3, 4]
     assert lines[:len(kept)] == kept  # kept lines are byte-identical
     train = [(r["step"], r["x"]) for r in read_metrics(tmp_path) if r["phase"] == "train"]
-    assert train == [(s, float(s)) for s in range(5)] + [(s, s + 100.0) for s in range(5, 8)]
+    assert train == [(s, float(s)) for s in range(4)] + [(s, s + 100.0) for s in range(4, 8)]
     evals = [(r["step"], r["acc"]) for r in read_metrics(tmp_path) if r["phase"] == "eval"]
-    assert evals == [(0, 0.0), (2, 2.0), (4, 4.0), (6, 106.0)]
+    assert evals == [(2, 2.0), (4, 4.0), (6, 106.0), (8, 108.0)]
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "tensorboard"]  # no temp file left
 
     assert _scalars(tmp_path, "train/x") == train

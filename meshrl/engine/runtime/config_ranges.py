@@ -1,0 +1,70 @@
+"""Value checks on a run config, made before anything loads: counts at least 1, coefficients not
+negative, probabilities in range, names from their lists. Each failure is one line naming the key,
+its value and what it must be. ``None`` (an unset optional field) always passes."""
+from __future__ import annotations
+
+from meshrl.engine.algorithms.dpo_losses import LOSS_TYPES
+from meshrl.engine.algorithms.ppo_losses import KL_ESTIMATORS
+from meshrl.engine.train import SCHEDULES
+
+AT_LEAST_1 = ("sft.batch_size", "sft.epochs", "sft.steps", "rm.batch_size", "rm.epochs", "rm.steps",
+              "dpo.batch_size", "dpo.epochs", "dpo.steps", "dpo.prompts_per_round",
+              "ppo.iterations", "ppo.batch_size", "ppo.minibatches", "ppo.epochs", "ppo.kl_horizon",
+              "grpo.iterations", "grpo.batch_size", "grpo.minibatches", "grpo.epochs",
+              "generation.max_new_tokens", "generation.batch_size", "data.max_prompt_len",
+              "data.max_len", "cluster.nodes", "cluster.gpus_per_node", "calls.*.tp", "calls.*.pp",
+              "calls.*.dp", "calls.*.microbatch_tokens")
+AT_LEAST_2 = ("dpo.samples_per_prompt", "grpo.group_size")  # a pair, a group's spread
+NOT_NEGATIVE = ("dpo.rounds", "dpo.sft_coef", "ppo.kl_coef", "ppo.value_clip", "grpo.kl_coef",
+                "logging.eval_every", "logging.save_every", "logging.dump_rollouts",
+                "generation.min_new_tokens", "generation.top_k", "data.eval_samples",
+                "models.*.optim.lr", "models.*.optim.weight_decay", "models.*.optim.warmup_steps")
+POSITIVE = ("generation.temperature", "dpo.beta", "ppo.clip_eps", "ppo.reward_clip", "ppo.kl_target",
+            "grpo.clip_eps", "models.*.optim.eps", "models.*.optim.max_grad_norm", "cluster.gpu_mem_gb",
+            "cluster.intra_node_gbps", "cluster.inter_node_gbps")
+# (low, high, low included, high included)
+INTERVALS = {"generation.top_p": (0, 1, False, True), "ppo.gamma": (0, 1, True, True),
+             "ppo.lam": (0, 1, True, True), "ppo.ema_alpha": (0, 1, True, True),
+             "dpo.label_smoothing": (0, 0.5, True, False), "models.*.optim.min_lr_ratio": (0, 1, True, True)}
+CHOICES = {"models.*.optim.schedule": SCHEDULES, "ppo.kl_estimator": tuple(KL_ESTIMATORS),
+           "dpo.loss_type": LOSS_TYPES}
+
+
+def values(cfg, pattern: str):
+    """(key, value) for every field the dotted pattern names; ``*`` spans a dict's entries."""
+    found = [("", cfg)]
+    for part in pattern.split("."):
+        step = []
+        for key, obj in found:
+            items = obj.items() if part == "*" else [(part, getattr(obj, part))]
+            step += [(f"{key}.{k}" if key else str(k), v) for k, v in items]
+        found = step
+    return [(k, v) for k, v in found if v is not None]
+
+
+def check_values(cfg, error) -> None:
+    """Raise ``error`` (one line) at the first value out of range."""
+    def fail(key, value, need):
+        raise error(f"{key}={value}: {need}")
+
+    for least, patterns in ((1, AT_LEAST_1), (2, AT_LEAST_2)):
+        for pattern in patterns:
+            for key, v in values(cfg, pattern):
+                if v < least:
+                    fail(key, v, f"must be at least {least}")
+    for pattern in NOT_NEGATIVE:
+        for key, v in values(cfg, pattern):
+            if v < 0:
+                fail(key, v, "must not be negative")
+    for pattern in POSITIVE:
+        for key, v in values(cfg, pattern):
+            if not v > 0:
+                fail(key, v, "must be greater than 0")
+    for pattern, (lo, hi, lo_in, hi_in) in INTERVALS.items():
+        for key, v in values(cfg, pattern):
+            if not ((lo <= v if lo_in else lo < v) and (v <= hi if hi_in else v < hi)):
+                fail(key, v, f"must lie in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}")
+    for pattern, allowed in CHOICES.items():
+        for key, v in values(cfg, pattern):
+            if v not in allowed:
+                fail(key, v, f"use one of {', '.join(allowed)}")

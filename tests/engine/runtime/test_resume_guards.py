@@ -1,0 +1,65 @@
+"""What a resume refuses, so a checkpoint is never overwritten or silently ignored: a missing
+checkpoint that ``latest`` names, shards saved in another layout, a run shorter than its checkpoint."""
+import json
+import types
+import warnings
+
+import pytest
+
+from meshrl.engine import checkpoint
+from meshrl.engine.runtime.common import run_loop
+from meshrl.engine.runtime.config import RunConfigError
+
+
+def _fake_checkpoint(run_dir, step, layouts=None):
+    folder = run_dir / "checkpoints" / f"step_{step}"
+    folder.mkdir(parents=True)
+    host = {"step": step, "trainer_steps": {}}
+    if layouts is not None:
+        host["layouts"] = layouts
+    (folder / "host_state.json").write_text(json.dumps(host))
+    (run_dir / "checkpoints" / "latest").write_text(f"step_{step}")
+    return folder
+
+
+def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    _fake_checkpoint(tmp_path, 2)
+    four = _fake_checkpoint(tmp_path, 4)
+    (tmp_path / "checkpoints" / "step_8.tmp").mkdir()  # an interrupted save is no candidate
+    assert checkpoint.latest(str(tmp_path)) == str(four)
+    (tmp_path / "checkpoints" / "latest").write_text("step_6")
+    with pytest.warns(UserWarning, match="names step_6, which is missing: resuming from .*step_4"):
+        assert checkpoint.latest(str(tmp_path)) == str(four)
+
+
+def test_latest_naming_nothing_left_is_an_error_not_a_fresh_start(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    assert checkpoint.latest(str(tmp_path)) is None  # no checkpoint yet: a fresh start
+    (tmp_path / "checkpoints" / "latest").write_text("step_9")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(checkpoint.CheckpointError, match="names step_9, which is missing, and no "
+                                                             "other checkpoint is complete"):
+            checkpoint.latest(str(tmp_path))
+
+
+def test_a_checkpoint_loads_only_into_its_saved_layouts(tmp_path):
+    tp2 = {"ranks": [0, 1], "tp": 2, "pp": 1, "dp": 1}
+    ckpt = _fake_checkpoint(tmp_path, 3, layouts={"actor": tp2})
+    tp1 = {"ranks": [0], "tp": 1, "pp": 1, "dp": 1}
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="holds model actor in layout tp=2 pp=1 dp=1 on ranks 0-1; this run places "
+                             "it in tp=1 pp=1 dp=1 on ranks 0-0"):
+        checkpoint.load(str(ckpt), {}, {}, layouts={"actor": tp1})
+    host = json.loads((ckpt / "host_state.json").read_text())
+    checkpoint._check_layouts(str(ckpt), host, {"actor": tp2, "critic": tp1})  # same layout: loads
+    checkpoint._check_layouts(str(ckpt), {"step": 3}, {"actor": tp1})  # saved before layouts were kept
+
+
+def test_a_run_shorter_than_its_checkpoint_stops_before_saving(tmp_path):
+    ctx = types.SimpleNamespace(start_step=6, cfg=types.SimpleNamespace(run_dir=str(tmp_path)))
+    steps = []
+    with pytest.raises(RunConfigError, match="sft.steps: this run stops after 4 steps but .* holds a "
+                                             "checkpoint at step 6"):
+        run_loop(ctx, 4, steps.append, desc="sft", limit_key="sft.steps")
+    assert steps == []
