@@ -64,3 +64,20 @@ def test_bad_jsonl_is_one_line_error(setup, tmp_path, line, needle):
     assert r.returncode == 2
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--top-k", "-3"], "top_k=-3: must not be negative"),
+    (["--batch-size", "0"], "--batch-size=0: must be at least 1"),
+    (["--tp", "0"], "--tp=0: must be at least 1"),
+    (["--stop-ids", "99999"], "--stop-ids [99999]: outside the vocabulary"),
+    (["--max-new-tokens", "100000"], "prompts.jsonl:1: the prompt's 3 tokens and --max-new-tokens=100000 "
+                                     "pass the model's context"),
+])
+def test_bad_flags_are_one_line_errors(setup, tmp_path, flags, needle):
+    _, model, prompts, _ = setup
+    r = _run(["generate", "--model", model, "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+              "--max-new-tokens", "2", *flags])
+    assert r.returncode == 2
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o.jsonl").exists()

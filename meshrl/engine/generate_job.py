@@ -66,7 +66,26 @@ def _prompt_ids(records, path, tokenizer, chat_template, vocab_size):
     return out
 
 
+def _check_args(args):
+    for flag in ("tp", "pp", "batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be at least 1")
+
+
+def _check_fits(prompts, records, path, args, cfg):
+    """Every prompt plus --max-new-tokens within the model's context; stop ids in its vocabulary."""
+    bad = [t for t in args.stop_ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"--stop-ids {bad}: outside the vocabulary of {cfg.vocab_size}")
+    for ids, (lineno, _) in zip(prompts, records):
+        if len(ids) + args.max_new_tokens > cfg.max_position_embeddings:
+            raise DataError(f"{path}:{lineno}: the prompt's {len(ids)} tokens and --max-new-tokens="
+                            f"{args.max_new_tokens} pass the model's context of "
+                            f"{cfg.max_position_embeddings}: shorten the prompt or lower --max-new-tokens")
+
+
 def run(args) -> int:
+    _check_args(args)
     device = init_distributed()
     n = world()
     if n % (args.tp * args.pp):
@@ -81,6 +100,7 @@ def run(args) -> int:
         tokenizer = None
     records = read_jsonl(args.prompts)
     prompts = _prompt_ids(records, args.prompts, tokenizer, args.chat_template, cfg.vocab_size)
+    _check_fits(prompts, records, args.prompts, args, cfg)
     eos = set(cfg.eos_ids) | ({tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None)
                               is not None else set())
     params = SamplingParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,

@@ -32,6 +32,10 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature}: must be > 0 (or use greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must not be negative (0 turns the filter off)")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens={self.min_new_tokens}: must not be negative")
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"min_new_tokens={self.min_new_tokens} exceeds max_new_tokens="
                              f"{self.max_new_tokens}")
