@@ -6,10 +6,6 @@ import os
 import sys
 
 
-class CommandError(Exception):
-    """Raised for bad input anywhere below; printed as one line."""
-
-
 # (command, module with add_arguments/run, help)
 COMMANDS = [
     ("run", "meshrl.engine.runtime.run", "train with a YAML config (sft, rm, dpo, ppo, grpo)"),
@@ -23,24 +19,36 @@ COMMANDS = [
 ]
 
 
-def _parser(argv) -> argparse.ArgumentParser:
-    """Only the chosen command's module is imported (the lent GPU image lacks some dependencies of
-    the others, e.g. omegaconf for `run`); ``--help`` lists them all."""
+def _parser(argv) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser and its commands' parsers. Only the chosen command's module is imported (the lent
+    GPU image lacks some dependencies of the others, e.g. omegaconf for `run`); ``--help`` lists
+    them all."""
     import importlib
     p = argparse.ArgumentParser(prog="meshrl", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     chosen = [c for c in COMMANDS if argv and argv[0] == c[0]] or COMMANDS
+    commands = {}
     for name, module, help_text in chosen:
         mod = importlib.import_module(module)
-        cmd = sub.add_parser(name, help=help_text)
+        commands[name] = cmd = sub.add_parser(name, help=help_text)
         mod.add_arguments(cmd)
-        cmd.set_defaults(func=mod.run)
-    return p
+        cmd.set_defaults(func=mod.run, command=name)
+    return p, commands
+
+
+def parse(argv) -> argparse.Namespace:
+    """``key=value`` overrides may come before or after options (``plan X.yaml --device cpu a=1``):
+    a command's own parser reads its arguments intermixed, which argparse cannot do through
+    subcommands."""
+    p, commands = _parser(argv)
+    if argv and argv[0] in commands:
+        return commands[argv[0]].parse_intermixed_args(argv[1:])
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = _parser(argv).parse_args(argv)
+    args = parse(argv)
     from meshrl.engine.data.jsonl import DataError
     from meshrl.engine.model.config import ConfigError
     from meshrl.engine.runtime.config import RunConfigError

@@ -165,7 +165,8 @@ def add_arguments(p):
     p.add_argument("overrides", nargs="*", help="key=value overrides (omegaconf dotlist)")
     p.add_argument("--iterations", type=int, default=3,
                    help="iterations (ppo, grpo) or steps (sft, rm, dpo) to run (default 3)")
-    p.add_argument("--run-dir", help="where the run writes (default: a fresh temporary directory)")
+    p.add_argument("--run-dir", help="where the run writes (or a run_dir= override; default: a fresh "
+                   "temporary directory, never the config file's run_dir)")
     p.add_argument("--device", help="whose rates the estimate uses (default: this machine's device)")
     p.add_argument("--rates", help="rates file (default benchmarks/rates.json or $MESHRL_RATES)")
 
@@ -173,7 +174,10 @@ def add_arguments(p):
 def run(args) -> int:
     from meshrl.engine.distributed import shutdown
     cfg = load_run_config(args.config, args.overrides)
-    result = bench_config(cfg, iterations=args.iterations, run_dir=args.run_dir, device=args.device,
+    # the config file's run_dir is the real run's, left alone; a run_dir= override is a request
+    asked = any(o.split("=", 1)[0].strip() == "run_dir" for o in args.overrides)
+    run_dir = args.run_dir or (cfg.run_dir if asked else None)
+    result = bench_config(cfg, iterations=args.iterations, run_dir=run_dir, device=args.device,
                           rates_path=args.rates)
     if result is not None:
         print(format_bench(result))
