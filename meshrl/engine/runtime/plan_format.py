@@ -17,7 +17,9 @@ def _gb(x: float) -> str:
 def _fmt(x: float, digits=3) -> str:
     if x is None or not math.isfinite(x):
         return "-"
-    return f"{x:,.{digits}g}" if x < 1e4 else f"{x:,.0f}"
+    if x < 1e4:
+        return f"{x:,.{digits}g}"
+    return f"{x:,.0f}" if x < 1e7 else f"{x:.{digits}g}"  # fits the tables' columns either way
 
 
 def _memory_table(report: PlanReport) -> list[str]:
@@ -103,7 +105,5 @@ def format_report(report: PlanReport) -> str:
     if any(p.time for p in report.calls):
         out += _time_table(report)
     out += ["", "rates:"] + [f"  {k} = {_fmt(getattr(r, k))}  ({v})" for k, v in r.sources.items()]
-    out += report.notes
-    if report.fit_error:
-        out += ["", "does not fit: " + report.fit_error]
+    out += report.notes  # a layout that does not fit is the error `meshrl plan` ends with
     return "\n".join(out)
