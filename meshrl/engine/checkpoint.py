@@ -8,6 +8,7 @@ renamed, and ``latest`` is updated last, so a run killed mid-save resumes from t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -43,20 +44,33 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every save and load that it assumes one process when torch.distributed is not
+    initialised; one process is what a plain `meshrl run` is, so that warning says nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
 
 
-def save(run_dir: str, step: int, models: dict, trainers: dict, host_state: dict) -> str:
-    """Collective over every rank that holds any of ``models``. Returns the checkpoint path."""
+def save(run_dir: str, step: int, models: dict, trainers: dict, host_state: dict, *,
+         keep: int = 0) -> str:
+    """Collective over every rank that holds any of ``models``. Returns the checkpoint path. With
+    ``keep`` > 0, older complete checkpoints beyond the newest ``keep`` are removed once this one
+    is in place and ``latest`` names it."""
     final = os.path.join(run_dir, "checkpoints", f"step_{step}")
     tmp = final + ".tmp"
     if _rank0():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     _barrier()
-    dcp.save(_state(models, trainers), checkpoint_id=tmp)
+    with _single_process_quiet():
+        dcp.save(_state(models, trainers), checkpoint_id=tmp)
     steps = {n: t.steps for n, t in trainers.items()}
     if dist.is_initialized():  # rank 0 writes the host state but may hold none of the trainers
         parts = [None] * dist.get_world_size()
@@ -72,6 +86,10 @@ def save(run_dir: str, step: int, models: dict, trainers: dict, host_state: dict
             f.write(os.path.basename(final))
         os.replace(os.path.join(run_dir, "checkpoints", "latest.tmp"),
                    os.path.join(run_dir, "checkpoints", "latest"))
+        if keep > 0:
+            older = [path for s, path in _complete(os.path.dirname(final)) if s < step]
+            for path in older[:max(0, len(older) - (keep - 1))]:
+                shutil.rmtree(path, ignore_errors=True)
     _barrier()
     return final
 
@@ -139,7 +157,8 @@ def load(ckpt: str, models: dict, trainers: dict, layouts: dict | None = None) -
     _check_layouts(ckpt, host, layouts)
     state = _state(models, trainers)
     try:
-        dcp.load(state, checkpoint_id=ckpt)
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=ckpt)
     except (RuntimeError, CheckpointException) as e:  # a checkpoint from before layouts were recorded
         if "Missing key" not in str(e):
             raise

@@ -175,6 +175,7 @@ class LogSpec:
     eval_every: int = 0  # iterations/steps; 0: only at the end
     dump_rollouts: int = 0  # write this many sampled sequences per step to run_dir/rollouts/
     save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 0  # the newest this many stay, older ones are removed; 0: keep all
     tensorboard: bool = True
     progress: bool = True
 

@@ -16,7 +16,8 @@ AT_LEAST_1 = ("sft.batch_size", "sft.epochs", "sft.steps", "rm.batch_size", "rm.
               "calls.*.dp", "calls.*.microbatch_tokens")
 AT_LEAST_2 = ("dpo.samples_per_prompt", "grpo.group_size")  # a pair, a group's spread
 NOT_NEGATIVE = ("dpo.rounds", "dpo.sft_coef", "ppo.kl_coef", "ppo.value_clip", "grpo.kl_coef",
-                "logging.eval_every", "logging.save_every", "logging.dump_rollouts",
+                "logging.eval_every", "logging.save_every", "logging.keep_checkpoints",
+                "logging.dump_rollouts",
                 "generation.min_new_tokens", "generation.top_k", "data.eval_samples",
                 "models.*.optim.lr", "models.*.optim.weight_decay", "models.*.optim.warmup_steps")
 POSITIVE = ("generation.temperature", "dpo.beta", "ppo.clip_eps", "ppo.reward_clip", "ppo.kl_target",

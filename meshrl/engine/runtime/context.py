@@ -279,7 +279,8 @@ class RunContext:
 
     def save(self, step: int):
         checkpoint.save(self.cfg.run_dir, step, *self._held(),
-                        dict(self.host_state, layouts=self._home_layouts()))
+                        dict(self.host_state, layouts=self._home_layouts()),
+                        keep=self.cfg.logging.keep_checkpoints)
 
     def _maybe_resume(self) -> int:
         if not self.cfg.resume:

@@ -63,3 +63,14 @@ def test_a_run_shorter_than_its_checkpoint_stops_before_saving(tmp_path):
                                              "checkpoint at step 6"):
         run_loop(ctx, 4, steps.append, desc="sft", limit_key="sft.steps")
     assert steps == []
+
+
+def test_keep_checkpoints_removes_only_older_ones(tmp_path):
+    stale = _fake_checkpoint(tmp_path, 9)  # from a run that went further: newer, never removed
+    for step in range(1, 5):
+        checkpoint.save(str(tmp_path), step, {}, {}, {}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step_3", "step_4", "step_9"] and stale.exists()
+    assert checkpoint.latest(str(tmp_path)).endswith("step_4")
+    checkpoint.save(str(tmp_path), 5, {}, {}, {})  # keep=0: nothing removed
+    assert (tmp_path / "checkpoints" / "step_3").exists()
