@@ -8,6 +8,7 @@ import torch
 from meshrl.engine.data.datasets import load_prompts
 
 from .config import RunConfigError
+from .metrics import RESERVED_KEYS, read_metrics
 from .rollout import sample, sampling_params, score
 
 
@@ -68,6 +69,19 @@ def evaluate_pass_rate(ctx, call: str, step: int) -> dict:
     return out
 
 
+def final_evaluation(run_dir: str, step: int) -> dict:
+    """The evaluation a finished run logged at its last step (what ``run_loop`` returned then)."""
+    try:
+        records = read_metrics(run_dir)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for r in records:
+        if r.get("phase") == "eval" and r["step"] == step:
+            out.update({k: v for k, v in r.items() if k not in RESERVED_KEYS and v is not None})
+    return out
+
+
 def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=None, show=("loss",),
              updates_per_step: int = 1):
     """Steps ``ctx.start_step .. total-1``: log, evaluate and checkpoint on schedule; a progress
@@ -78,6 +92,10 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
         raise RunConfigError(f"{limit_key}: this run stops after {total} steps but {ctx.cfg.run_dir} "
                              f"holds a checkpoint at step {ctx.start_step}: raise it to continue, or "
                              "give a new run_dir")
+    if ctx.start_step == total and total > 0:  # a finished run started again: nothing to redo
+        if ctx.main:
+            print(f"{desc}: {ctx.cfg.run_dir} is complete at step {total}; nothing to run")
+        return final_evaluation(ctx.cfg.run_dir, total)
     cfg = ctx.cfg.logging
     for m in ctx.trained_models().values():
         if m.trainer is not None and m.trainer.cfg.total_steps is None:

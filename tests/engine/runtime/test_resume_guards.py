@@ -63,6 +63,12 @@ def test_a_run_shorter_than_its_checkpoint_stops_before_saving(tmp_path):
                                              "checkpoint at step 6"):
         run_loop(ctx, 4, steps.append, desc="sft", limit_key="sft.steps")
     assert steps == []
+    ctx.main = True  # a finished run started again returns its last evaluation, runs nothing
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 5, "phase": "train", "time": 1, "loss": 2.0}\n'
+        '{"step": 6, "phase": "eval", "time": 2, "pass_rate": 0.5}\n')
+    assert run_loop(ctx, 6, steps.append, desc="sft", limit_key="sft.steps") == {"pass_rate": 0.5}
+    assert steps == []
 
 
 def test_keep_checkpoints_removes_only_older_ones(tmp_path):
