@@ -21,6 +21,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; one line saying why and what to do."""
+
+
 def _model_state(prefix: str, stage) -> dict:
     out = {}
     for p in stage.parameters():
@@ -92,10 +96,6 @@ def save(run_dir: str, step: int, models: dict, trainers: dict, host_state: dict
                 shutil.rmtree(path, ignore_errors=True)
     _barrier()
     return final
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from; one line saying why and what to do."""
 
 
 def _complete(folder: str) -> list[tuple[int, str]]:
