@@ -28,6 +28,7 @@ bench: .installed
 	$(PYTHON) benchmarks/kernels.py --small
 	$(PYTHON) benchmarks/train_throughput.py --small
 	$(PYTHON) benchmarks/generate.py --small --check
+	$(PYTHON) benchmarks/decode_attention.py --small
 	$(PYTHON) benchmarks/realloc.py --small
 
 clean:
