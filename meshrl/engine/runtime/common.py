@@ -6,17 +6,48 @@ import time
 import torch
 
 from meshrl.engine.data.datasets import load_prompts
+from meshrl.engine.data.jsonl import DataError
 
 from .config import RunConfigError
 from .metrics import RESERVED_KEYS, read_metrics
 from .rollout import sample, sampling_params, score
 
 
+def load_prompt_file(ctx, path):
+    """Prompts of a JSONL file in the verifier's terms: its prompt field (``question`` for code
+    tasks), and every record checked by it now, with file and line, rather than mid-run."""
+    d, verifier = ctx.cfg.data, ctx.verifier
+    prompts = load_prompts(path, ctx.tokenizer, max_prompt_len=d.max_prompt_len,
+                           chat_template=d.chat_template,
+                           prompt_field=getattr(verifier, "prompt_field", "prompt"))
+    check = getattr(verifier, "check_record", None)
+    for p in prompts if check else ():
+        try:
+            check(p.record)
+        except (ValueError, KeyError) as e:
+            raise DataError(f"{path}:{p.lineno}: {e}") from None
+    return prompts
+
+
 def train_prompts(ctx):
     """The run's training prompts (PPO, GRPO, iterative DPO)."""
-    d = ctx.cfg.data
-    return load_prompts(d.train, ctx.tokenizer, max_prompt_len=d.max_prompt_len,
-                        chat_template=d.chat_template)
+    return load_prompt_file(ctx, ctx.cfg.data.train)
+
+
+def held_out(ctx, kind: str, load):
+    """The run's held-out data of one kind (``load(path)``), loaded once and cut to
+    ``data.eval_samples``; ``run_loop`` asks for it before the first step, so a bad eval file
+    stops a run before it trains, not after."""
+    if kind not in ctx.held_out:
+        ctx.held_out[kind] = load(ctx.cfg.data.eval)[:ctx.cfg.data.eval_samples]
+    return ctx.held_out[kind]
+
+
+def held_out_prompts(ctx):
+    """The prompts ``evaluate_pass_rate`` decodes (None without a verifier: no pass rate)."""
+    if ctx.verifier:
+        return held_out(ctx, "prompts", lambda path: load_prompt_file(ctx, path))
+    return None
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -57,12 +88,8 @@ def evaluate_pass_rate(ctx, call: str, step: int) -> dict:
     cfg = ctx.cfg
     if not (cfg.data.eval and ctx.verifier):
         return {}
-    if getattr(ctx, "eval_prompts", None) is None:
-        ctx.eval_prompts = load_prompts(cfg.data.eval, ctx.tokenizer,
-                                        max_prompt_len=cfg.data.max_prompt_len,
-                                        chat_template=cfg.data.chat_template)[:cfg.data.eval_samples]
     params = sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, 0, greedy=True)
-    roll = sample(ctx, call, ctx.eval_prompts, params)
+    roll = sample(ctx, call, held_out_prompts(ctx), params)
     out = {"pass_rate": score(ctx, call, roll).mean().item()}
     ctx.pop_timings()  # evaluation is not part of the step being timed
     ctx.log(step, out, phase="eval")
@@ -82,12 +109,15 @@ def final_evaluation(run_dir: str, step: int) -> dict:
     return out
 
 
-def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=None, show=("loss",),
-             updates_per_step: int = 1):
-    """Steps ``ctx.start_step .. total-1``: log, evaluate and checkpoint on schedule; a progress
+def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=None, eval_data=None,
+             show=("loss",), updates_per_step: int = 1):
+    """Steps ``ctx.start_step .. total-1``: log, checkpoint and evaluate on schedule; a progress
     bar on the main rank. ``step_fn(step) -> metrics``. Learning-rate schedules without an explicit
     length span the whole run (``total × updates_per_step`` optimizer steps). ``limit_key`` names
-    the config key that sets ``total``, for the error a resumed run past it gets."""
+    the config key that sets ``total``, for the error a resumed run past it gets. ``eval_data()``
+    loads the held-out data ``eval_fn`` uses, before the first step. A checkpoint (and at the end
+    the HF export) is written before the evaluation beside it, so a failing evaluation loses no
+    training."""
     if ctx.start_step > total:  # saving at `total` would overwrite that checkpoint with later weights
         raise RunConfigError(f"{limit_key}: this run stops after {total} steps but {ctx.cfg.run_dir} "
                              f"holds a checkpoint at step {ctx.start_step}: raise it to continue, or "
@@ -97,6 +127,8 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
             print(f"{desc}: {ctx.cfg.run_dir} is complete at step {total}; nothing to run")
         return final_evaluation(ctx.cfg.run_dir, total)
     cfg = ctx.cfg.logging
+    if eval_fn and eval_data and ctx.cfg.data.eval:
+        eval_data()
     for m in ctx.trained_models().values():
         if m.trainer is not None and m.trainer.cfg.total_steps is None:
             m.trainer.cfg.total_steps = total * updates_per_step
@@ -109,16 +141,16 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
         metrics.update(ctx.pop_timings())
         ctx.log(step, metrics)
         done = step + 1
-        if eval_fn and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-            last.update(eval_fn(done))
         if cfg.save_every and done % cfg.save_every == 0 and done < total:
             ctx.save(done)
+        if eval_fn and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+            last.update(eval_fn(done))
         bar.update(1)
         bar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics}, refresh=False)
     bar.close()
-    if eval_fn:
-        last.update(eval_fn(total))
     ctx.save(total)
     if ctx.cfg.save_hf:
         ctx.save_hf_models()
+    if eval_fn:
+        last.update(eval_fn(total))
     return last

@@ -84,6 +84,7 @@ class RunContext:
             os.makedirs(cfg.run_dir, exist_ok=True)
         self.barrier()
         self.host_state: dict = {}
+        self.held_out: dict = {}  # held-out data by kind, loaded once (common.held_out)
         self.timings: dict[str, float] = {}
         self.realloc_bytes: dict[str, int] = {}
         self.start_step = self._maybe_resume()

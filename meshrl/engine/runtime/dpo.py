@@ -10,8 +10,8 @@ import torch
 
 from meshrl.engine.algorithms.calls import dpo_call
 
-from .common import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, run_loop,
-                     step_count, train_prompts)
+from .common import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, held_out,
+                     held_out_prompts, run_loop, step_count, train_prompts)
 from .rollout import sample, sampling_params, score
 from .supervised import _load_pairs, pair_microbatches, pair_position_logps
 
@@ -61,13 +61,19 @@ class DPO:
 
         total = step_count(len(data), D.batch_size, D.epochs, D.steps)
         return run_loop(ctx, total, step, desc="dpo", limit_key="dpo.steps (or dpo.epochs)",
-                        eval_fn=self.evaluate, show=("loss", "rewards_accuracy", "rewards_margin"))
+                        eval_fn=self.evaluate, eval_data=self.eval_data,
+                        show=("loss", "rewards_accuracy", "rewards_margin"))
+
+    def eval_data(self):
+        """Held-out prompts (with a verifier: the pass rate) or pairs (the implicit margins)."""
+        return held_out_prompts(self.ctx) or held_out(self.ctx, "pairs",
+                                                      lambda path: _load_pairs(self.ctx, path))
 
     def evaluate(self, step: int) -> dict:
         out = evaluate_pass_rate(self.ctx, "actor_gen" if self.ctx.has("actor_gen") else "actor_train",
                                  step)
         if self.cfg.data.eval and not self.ctx.verifier:
-            m = self.implicit_margins(_load_pairs(self.ctx, self.cfg.data.eval)[:self.cfg.data.eval_samples])
+            m = self.implicit_margins(self.eval_data())
             out = {"accuracy": (m > 0).float().mean().item(), "margin": m.mean().item()}
             self.ctx.log(step, out, phase="eval")
         return out
@@ -123,7 +129,7 @@ class DPO:
             return stats
 
         return run_loop(ctx, D.rounds, round_step, desc="dpo-iter", limit_key="dpo.rounds",
-                        eval_fn=self.evaluate, show=("score", "pairs", "loss"))
+                        eval_fn=self.evaluate, eval_data=self.eval_data, show=("score", "pairs", "loss"))
 
 
 def _batches(order: list, size: int) -> list[list]:

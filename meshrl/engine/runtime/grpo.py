@@ -7,7 +7,8 @@ from meshrl.engine.algorithms.calls import grpo_actor_call
 from meshrl.engine.batch import split_even
 from meshrl.engine.train import global_token_count
 
-from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop, train_prompts
+from .common import (epoch_order, evaluate_pass_rate, global_batch, held_out_prompts, run_loop,
+                     train_prompts)
 from .rollout import dump, flatten, logprobs_job, microbatches, sample, sampling_params, score
 
 
@@ -59,4 +60,5 @@ def run(ctx) -> dict:
     grpo = GRPO(ctx)
     return run_loop(ctx, grpo.G.iterations, grpo.step, desc="grpo", limit_key="grpo.iterations",
                     eval_fn=lambda step: evaluate_pass_rate(ctx, "actor_gen", step),
+                    eval_data=lambda: held_out_prompts(ctx),
                     show=("score", "kl_seq"), updates_per_step=grpo.G.epochs * grpo.G.minibatches)

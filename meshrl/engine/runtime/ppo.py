@@ -15,7 +15,8 @@ from meshrl.engine.batch import split_even
 from meshrl.engine.train import global_token_count
 from meshrl.kernels import gae, masked_whiten
 
-from .common import epoch_order, evaluate_pass_rate, global_batch, run_loop, train_prompts
+from .common import (epoch_order, evaluate_pass_rate, global_batch, held_out_prompts, run_loop,
+                     train_prompts)
 from .rollout import (dump, flatten, logprobs_job, microbatches, sample, sampling_params, score,
                       split_values, unflatten, values_job)
 
@@ -136,5 +137,6 @@ def run(ctx) -> dict:
     ppo = PPO(ctx)
     return run_loop(ctx, ppo.P.iterations, ppo.step, desc="ppo", limit_key="ppo.iterations",
                     eval_fn=lambda step: evaluate_pass_rate(ctx, "actor_gen", step),
+                    eval_data=lambda: held_out_prompts(ctx),
                     show=("score", "kl_seq", "actor/actor_loss"),
                     updates_per_step=ppo.P.epochs * ppo.P.minibatches)

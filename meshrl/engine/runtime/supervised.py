@@ -8,7 +8,8 @@ from meshrl.engine.data.datasets import load_sft
 from meshrl.engine.data.preference import load_pairs
 from meshrl.engine.train import global_token_count, infer
 
-from .common import data_lengths, evaluate_pass_rate, global_batch, run_loop, step_count
+from .common import (data_lengths, evaluate_pass_rate, global_batch, held_out, held_out_prompts,
+                     run_loop, step_count)
 
 
 def sft_microbatches(examples, max_tokens: int, pad: int = 1):
@@ -75,11 +76,15 @@ def run_sft(ctx) -> dict:
                                      lambda mbs: sft_call(global_token_count(mbs, layout)))
         return {**metrics, **data_lengths(batch)}
 
+    def eval_data():
+        return held_out_prompts(ctx) or held_out(
+            ctx, "sft", lambda path: load_sft(path, ctx.tokenizer, max_len=d.max_len,
+                                              chat_template=d.chat_template, format=d.format))
+
     def evaluate(s):
         out = evaluate_pass_rate(ctx, "actor_train", s)
         if d.eval and not ctx.verifier:
-            ev = load_sft(d.eval, ctx.tokenizer, max_len=d.max_len, chat_template=d.chat_template,
-                          format=d.format)[:d.eval_samples]
+            ev = eval_data()
 
             def fn(stage, local, first):
                 mbs = sft_microbatches(local, mt, pad)
@@ -94,7 +99,8 @@ def run_sft(ctx) -> dict:
         return out
 
     return run_loop(ctx, step_count(len(data), S.batch_size, S.epochs, S.steps), step, desc="sft",
-                    limit_key="sft.steps (or sft.epochs)", eval_fn=evaluate, show=("loss",))
+                    limit_key="sft.steps (or sft.epochs)", eval_fn=evaluate, eval_data=eval_data,
+                    show=("loss",))
 
 
 def _load_pairs(ctx, path):
@@ -129,14 +135,18 @@ def run_rm(ctx) -> dict:
                                      lambda mbs: reward_model_call(float(len(batch))))
         return {**metrics, **data_lengths(batch)}
 
+    def eval_data():
+        return held_out(ctx, "pairs", lambda path: _load_pairs(ctx, path))
+
     def evaluate(s):
         if not cfg.data.eval:
             return {}
-        sc = pair_scores(ctx, "rm_train", _load_pairs(ctx, cfg.data.eval)[:cfg.data.eval_samples])
+        sc = pair_scores(ctx, "rm_train", eval_data())
         out = {"accuracy": sum(c > r for c, r in sc) / len(sc),
                "margin": sum(c - r for c, r in sc) / len(sc)}
         ctx.log(s, out, phase="eval")
         return out
 
     return run_loop(ctx, step_count(len(data), R.batch_size, R.epochs, R.steps), step, desc="rm",
-                    limit_key="rm.steps (or rm.epochs)", eval_fn=evaluate, show=("loss", "accuracy"))
+                    limit_key="rm.steps (or rm.epochs)", eval_fn=evaluate, eval_data=eval_data,
+                    show=("loss", "accuracy"))

@@ -108,6 +108,11 @@ def score(record: dict, completion: str) -> float:
 class ArithmeticVerifier:
     """Verifier over arithmetic records: exact-answer reward per completion."""
 
+    @staticmethod
+    def check_record(record: dict):
+        if "answer" not in record:
+            raise ValueError("missing field 'answer' (the arithmetic verifier scores against it)")
+
     def __call__(self, records: Sequence[dict], completions: Sequence[str]) -> list[float]:
         if len(records) != len(completions):
             raise ValueError(f"arithmetic: {len(records)} records but {len(completions)} completions")

@@ -123,6 +123,12 @@ class CodeVerifier:
         self.max_workers = max_workers
         self.max_tests = max_tests
 
+    prompt_field = "question"  # APPS-style records
+
+    @staticmethod
+    def check_record(record: dict):
+        parse_tests(record)
+
     def __call__(self, records: Sequence[dict], completions: Sequence[str]) -> list[float]:
         if len(records) != len(completions):
             raise ValueError(f"code task: {len(records)} records but {len(completions)} completions")

@@ -8,7 +8,11 @@ from typing import Protocol, runtime_checkable
 
 @runtime_checkable
 class Verifier(Protocol):
-    """Scores completions against their records: one float reward per (record, completion) pair."""
+    """Scores completions against their records: one float reward per (record, completion) pair.
+
+    Optional, read with getattr by the data loading: ``prompt_field`` (the record's text to prompt
+    with, "prompt" when absent) and ``check_record(record)``, raising ValueError for a record the
+    verifier could not score, so a bad file stops the run at load, not mid-run."""
 
     def __call__(self, records: Sequence[dict], completions: Sequence[str]) -> list[float]: ...
 

@@ -1,0 +1,56 @@
+"""Prompt files are read in the verifier's terms and checked by it at load, with file and line; held-out
+data is loaded before the first step, so a bad eval file costs no training."""
+import json
+import string
+import types
+
+import pytest
+
+from meshrl.engine.data.jsonl import DataError
+from meshrl.engine.runtime.common import load_prompt_file, run_loop
+from meshrl.engine.tasks.arithmetic import ArithmeticVerifier
+from meshrl.engine.tasks.char_tokenizer import CharTokenizer
+from meshrl.engine.tasks.code import CodeVerifier
+
+TOK = CharTokenizer(string.ascii_letters + string.digits + " .,?!:'\n+-=()")
+
+
+def _ctx(verifier):
+    data = types.SimpleNamespace(max_prompt_len=64, chat_template=False, eval="eval.jsonl", eval_samples=8)
+    return types.SimpleNamespace(cfg=types.SimpleNamespace(data=data), tokenizer=TOK, verifier=verifier)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_code_tasks_prompt_with_their_question(tmp_path):
+    io = {"inputs": ["1\n"], "outputs": ["2\n"]}
+    path = _write(tmp_path / "code.jsonl", [{"question": "Add one.", "input_output": io}])
+    (p,) = load_prompt_file(_ctx(CodeVerifier()), path)
+    assert p.prompt_ids == TOK("Add one.")["input_ids"] and p.record["input_output"] == io
+    bad = _write(tmp_path / "bad.jsonl", [{"question": "Add one.", "input_output": io},
+                                          {"question": "No tests."}])
+    with pytest.raises(DataError, match="bad.jsonl:2: code task: record has no 'input_output' field"):
+        load_prompt_file(_ctx(CodeVerifier()), bad)
+
+
+def test_arithmetic_records_need_their_answer_at_load(tmp_path):
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])
+    with pytest.raises(DataError, match="p.jsonl:2: missing field 'answer'"):
+        load_prompt_file(_ctx(ArithmeticVerifier()), path)
+    assert len(load_prompt_file(_ctx(None), path)) == 2  # no verifier, nothing to check
+
+
+def test_held_out_data_loads_before_the_first_step(tmp_path):
+    steps = []
+
+    def eval_data():
+        raise DataError("eval.jsonl:3: missing field 'response'")
+    ctx = types.SimpleNamespace(start_step=0, cfg=types.SimpleNamespace(
+        run_dir=str(tmp_path), data=types.SimpleNamespace(eval="eval.jsonl"), logging=None))
+    with pytest.raises(DataError, match="eval.jsonl:3"):
+        run_loop(ctx, 4, steps.append, desc="sft", limit_key="sft.steps", eval_fn=lambda s: {},
+                 eval_data=eval_data)
+    assert steps == []
