@@ -14,7 +14,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file: check the path")
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark some editors write is skipped
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

@@ -239,6 +239,9 @@ def validate(cfg: RunConfig) -> None:
             raise RunConfigError(f"calls.{name}.model={c.model}: no such model in models")
     if cfg.reward.model is not None and cfg.reward.model not in cfg.models:
         raise RunConfigError(f"reward.model={cfg.reward.model}: no such model in models")
+    if cfg.reward.model and cfg.reward.verifier:
+        raise RunConfigError(f"reward: both model={cfg.reward.model} and verifier={cfg.reward.verifier} "
+                             "are set, and one scores: keep one (reward.verifier=null or reward.model=null)")
     if cfg.algorithm in ("ppo", "grpo") and not (cfg.reward.model or cfg.reward.verifier):
         raise RunConfigError(f"{cfg.algorithm} needs reward.model or reward.verifier")
     if cfg.ppo.truncated not in ("score", "bootstrap"):

@@ -74,6 +74,8 @@ class RunContext:
         self.views = {call: View(self.model(call), self.layouts[call], node_of=self.node_of)
                       for call in sorted(self.calls)
                       if self.layouts[call] is not self.model(call).layout}
+        self._check_vocabularies()
+        self._check_context()
         self.tokenizer = self._tokenizer()
         eos = set(self.actor_config().eos_ids)
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
@@ -218,8 +220,39 @@ class RunContext:
         name = "actor" if "actor" in self.models else next(iter(self.models))
         return self.models[name].stage_config
 
+    def _check_vocabularies(self):
+        """Every model reads the actor's token ids (the reward model scores its samples), so none
+        may have a smaller vocabulary."""
+        if "actor" not in self.models:
+            return
+        need = self.models["actor"].stage_config.vocab_size
+        for name, m in self.models.items():
+            if m.stage_config.vocab_size < need:
+                raise RunConfigError(f"models.{name}: its vocabulary of {m.stage_config.vocab_size} is "
+                                     f"smaller than models.actor's {need}; it reads the actor's token "
+                                     "ids, so it needs a model with the actor's tokenizer")
+
+    def _check_context(self):
+        """The longest sequence a model will read fits its context (positions past
+        max_position_embeddings were never trained)."""
+        d, g, alg = self.cfg.data, self.cfg.generation, self.cfg.algorithm
+        if alg in ("ppo", "grpo") or (alg == "dpo" and self.cfg.dpo.rounds):
+            need = d.max_prompt_len + g.max_new_tokens
+            keys = "data.max_prompt_len + generation.max_new_tokens"
+        else:
+            need, keys = d.max_len, "data.max_len"
+        for name, m in self.models.items():
+            limit = m.stage_config.max_position_embeddings
+            if need > limit:
+                raise RunConfigError(f"{keys} = {need} passes models.{name}'s context of {limit} "
+                                     "(max_position_embeddings): lower it")
+
     def _tokenizer(self):
-        for m in self.models.values():
+        """The policy's tokenizer (actor, else the reward model being trained), else the first
+        model directory holding one: the data is tokenized for the model that reads it."""
+        order = ("actor", "reward")
+        for m in sorted(self.models.values(), key=lambda m: order.index(m.name) if m.name in order
+                        else len(order)):
             if m.source_dir is not None:
                 try:
                     return load_tokenizer(m.source_dir)

@@ -354,3 +354,10 @@ def test_hf_ids_beyond_the_model_vocabulary(tmp_path, hf_tok):
         load_sft(path, hf_tok, max_len=64, vocab_size=bound)
     with raises("v.jsonl:1", "field 'prompt'", "outside the vocabulary of 10"):
         load_sft(path, hf_tok, max_len=64, vocab_size=10)
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    from meshrl.engine.data.jsonl import read_jsonl
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert read_jsonl(path) == [(1, {"prompt": "a"}), (2, {"prompt": "b"})]

@@ -138,9 +138,28 @@ def test_config_errors_are_one_line(workdir):
             ("dpo.loss_type=hinge", "dpo.loss_type=hinge: use one of sigmoid, ipo")]:
         with pytest.raises(RunConfigError, match=message):
             load_run_config(None, [override], base=base)
+    with pytest.raises(RunConfigError, match="reward: both model=critic and verifier=.* are set"):
+        load_run_config(None, ["reward.model=critic"], base=base)
     from meshrl.engine.runtime.models import complete_calls
     typo = load_run_config(None, ["calls.actor_trian.model=actor"], base=base)
     with pytest.raises(RunConfigError, match="calls.actor_trian: ppo runs no such call; did you mean "
                                              "actor_train"):
         complete_calls(typo, 1)
     assert os.path.exists(model) and json.load(open(os.path.join(model, "config.json")))
+
+
+def test_models_that_cannot_read_the_data_are_refused_before_training(workdir):
+    from meshrl.engine.runtime.config import RunConfigError
+    d, model = workdir
+    ctx_len = json.load(open(os.path.join(model, "config.json")))["max_position_embeddings"]
+    sft = _base(d, model, "sft", (1, 1), data={"train": str(d / "sft.jsonl"), "max_len": ctx_len + 1},
+                sft={"batch_size": 16, "steps": 2})
+    with pytest.raises(RunConfigError, match=f"data.max_len = {ctx_len + 1} passes models.actor's context "
+                                             f"of {ctx_len}"):
+        run_config(load_run_config(None, [], base=sft))
+    ppo = _base(d, model, "ppo", (1, 1), ppo={"iterations": 1, "batch_size": 16, "minibatches": 2})
+    ppo["models"]["critic"] = {"scratch": dict(TINY, vocab_size=8), "optim": {"lr": 1e-3}}
+    with pytest.raises(RunConfigError, match="models.critic: its vocabulary of 8 is smaller than "
+                                             "models.actor's"):
+        run_config(load_run_config(None, [], base=ppo))
+    assert not os.path.exists(os.path.join(ppo["run_dir"], "checkpoints"))

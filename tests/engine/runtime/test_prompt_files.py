@@ -54,3 +54,14 @@ def test_held_out_data_loads_before_the_first_step(tmp_path):
         run_loop(ctx, 4, steps.append, desc="sft", limit_key="sft.steps", eval_fn=lambda s: {},
                  eval_data=eval_data)
     assert steps == []
+
+
+def test_the_data_is_tokenized_for_the_actor_whatever_the_model_order(monkeypatch):
+    from meshrl.engine.runtime import context
+    monkeypatch.setattr(context, "load_tokenizer", lambda path: f"tokenizer of {path}")
+    model = lambda name: types.SimpleNamespace(name=name, source_dir=f"/models/{name}")  # noqa: E731
+    fake = types.SimpleNamespace(models={n: model(n) for n in ("reward", "critic", "actor")},
+                                 cfg=types.SimpleNamespace(extra={}))
+    assert context.RunContext._tokenizer(fake) == "tokenizer of /models/actor"
+    del fake.models["actor"]
+    assert context.RunContext._tokenizer(fake) == "tokenizer of /models/reward"
