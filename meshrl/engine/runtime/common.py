@@ -13,13 +13,24 @@ from .metrics import RESERVED_KEYS, read_metrics
 from .rollout import sample, sampling_params, score
 
 
+def loaded(ctx, examples):
+    """A loader's examples, after saying what it dropped (too long under data.too_long=skip,
+    identical pairs, safety filters); none left is an error naming the reasons."""
+    report = examples.report
+    if not examples:
+        raise DataError(f"{report.summary()}: no records left to use")
+    if report.dropped and ctx.main:
+        print(f"data: {report.summary()}")
+    return examples
+
+
 def load_prompt_file(ctx, path):
     """Prompts of a JSONL file in the verifier's terms: its prompt field (``question`` for code
     tasks), and every record checked by it now, with file and line, rather than mid-run."""
     d, verifier = ctx.cfg.data, ctx.verifier
-    prompts = load_prompts(path, ctx.tokenizer, max_prompt_len=d.max_prompt_len,
-                           chat_template=d.chat_template,
-                           prompt_field=getattr(verifier, "prompt_field", "prompt"))
+    prompts = loaded(ctx, load_prompts(path, ctx.tokenizer, max_prompt_len=d.max_prompt_len,
+                                       chat_template=d.chat_template, too_long=d.too_long,
+                                       prompt_field=getattr(verifier, "prompt_field", "prompt")))
     check = getattr(verifier, "check_record", None)
     for p in prompts if check else ():
         try:

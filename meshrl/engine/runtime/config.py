@@ -72,6 +72,7 @@ class DataSpec:
     preference: str = "better"  # saferlhf: better | safer
     safety_filter: Optional[str] = None  # saferlhf: dual_safe | dual_unsafe
     eval_samples: int = 256
+    too_long: str = "error"  # a record over max_len / max_prompt_len: error | skip (counted, reported)
 
 
 @dataclass(kw_only=True)

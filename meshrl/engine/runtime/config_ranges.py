@@ -28,7 +28,7 @@ INTERVALS = {"generation.top_p": (0, 1, False, True), "ppo.gamma": (0, 1, True, 
              "ppo.lam": (0, 1, True, True), "ppo.ema_alpha": (0, 1, True, True),
              "dpo.label_smoothing": (0, 0.5, True, False), "models.*.optim.min_lr_ratio": (0, 1, True, True)}
 CHOICES = {"models.*.optim.schedule": SCHEDULES, "ppo.kl_estimator": tuple(KL_ESTIMATORS),
-           "dpo.loss_type": LOSS_TYPES}
+           "dpo.loss_type": LOSS_TYPES, "data.too_long": ("error", "skip")}
 
 
 def values(cfg, pattern: str):

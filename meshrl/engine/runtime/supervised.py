@@ -9,7 +9,7 @@ from meshrl.engine.data.preference import load_pairs
 from meshrl.engine.train import global_token_count, infer
 
 from .common import (data_lengths, evaluate_pass_rate, global_batch, held_out, held_out_prompts,
-                     run_loop, step_count)
+                     loaded, run_loop, step_count)
 
 
 def sft_microbatches(examples, max_tokens: int, pad: int = 1):
@@ -64,8 +64,7 @@ def pair_position_logps(ctx, call: str, pairs) -> list:
 
 def run_sft(ctx) -> dict:
     cfg, S, d = ctx.cfg, ctx.cfg.sft, ctx.cfg.data
-    data = load_sft(d.train, ctx.tokenizer, max_len=d.max_len, chat_template=d.chat_template,
-                    format=d.format)
+    data = _load_sft(ctx, d.train)
     mt, pad = ctx.max_tokens("actor_train"), ctx.sp_pad("actor_train")
     layout = ctx.layout("actor_train")
 
@@ -77,9 +76,7 @@ def run_sft(ctx) -> dict:
         return {**metrics, **data_lengths(batch)}
 
     def eval_data():
-        return held_out_prompts(ctx) or held_out(
-            ctx, "sft", lambda path: load_sft(path, ctx.tokenizer, max_len=d.max_len,
-                                              chat_template=d.chat_template, format=d.format))
+        return held_out_prompts(ctx) or held_out(ctx, "sft", lambda path: _load_sft(ctx, path))
 
     def evaluate(s):
         out = evaluate_pass_rate(ctx, "actor_train", s)
@@ -103,11 +100,17 @@ def run_sft(ctx) -> dict:
                     show=("loss",))
 
 
+def _load_sft(ctx, path):
+    d = ctx.cfg.data
+    return loaded(ctx, load_sft(path, ctx.tokenizer, max_len=d.max_len, chat_template=d.chat_template,
+                                format=d.format, too_long=d.too_long))
+
+
 def _load_pairs(ctx, path):
     d = ctx.cfg.data
-    return load_pairs(path, ctx.tokenizer, max_len=d.max_len, format=d.format,
-                      chat_template=d.chat_template, preference=d.preference,
-                      safety_filter=d.safety_filter)
+    return loaded(ctx, load_pairs(path, ctx.tokenizer, max_len=d.max_len, format=d.format,
+                                  chat_template=d.chat_template, preference=d.preference,
+                                  safety_filter=d.safety_filter, too_long=d.too_long))
 
 
 def pair_scores(ctx, call: str, pairs) -> list:

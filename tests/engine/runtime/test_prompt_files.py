@@ -16,8 +16,10 @@ TOK = CharTokenizer(string.ascii_letters + string.digits + " .,?!:'\n+-=()")
 
 
 def _ctx(verifier):
-    data = types.SimpleNamespace(max_prompt_len=64, chat_template=False, eval="eval.jsonl", eval_samples=8)
-    return types.SimpleNamespace(cfg=types.SimpleNamespace(data=data), tokenizer=TOK, verifier=verifier)
+    data = types.SimpleNamespace(max_prompt_len=64, chat_template=False, eval="eval.jsonl", eval_samples=8,
+                                 too_long="error")
+    return types.SimpleNamespace(cfg=types.SimpleNamespace(data=data), tokenizer=TOK, verifier=verifier,
+                                 main=False)
 
 
 def _write(path, rows):
@@ -65,3 +67,14 @@ def test_the_data_is_tokenized_for_the_actor_whatever_the_model_order(monkeypatc
     assert context.RunContext._tokenizer(fake) == "tokenizer of /models/actor"
     del fake.models["actor"]
     assert context.RunContext._tokenizer(fake) == "tokenizer of /models/reward"
+
+
+def test_dropped_records_are_reported_and_none_left_is_an_error(tmp_path, capsys):
+    path = _write(tmp_path / "p.jsonl", [{"prompt": "1+1="}, {"prompt": "1+1=" * 30}])
+    ctx = _ctx(None)
+    ctx.cfg.data.too_long, ctx.main = "skip", True
+    assert len(load_prompt_file(ctx, path)) == 1
+    assert "data: " + path + ": kept 1 of 2 records (dropped 1 too_long)" in capsys.readouterr().out
+    only_long = _write(tmp_path / "long.jsonl", [{"prompt": "1+1=" * 30}])
+    with pytest.raises(DataError, match="kept 0 of 1 records \\(dropped 1 too_long\\): no records left"):
+        load_prompt_file(ctx, only_long)
