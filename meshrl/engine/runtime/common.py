@@ -54,9 +54,19 @@ def held_out(ctx, kind: str, load):
     return ctx.held_out[kind]
 
 
-def held_out_prompts(ctx):
-    """The prompts ``evaluate_pass_rate`` decodes (None without a verifier: no pass rate)."""
+def held_out_metric(ctx) -> str | None:
+    """What greedy samples on held-out prompts are scored as: the verifier's pass rate, or under
+    PPO and GRPO the reward model's mean score; None when neither applies."""
     if ctx.verifier:
+        return "pass_rate"
+    if ctx.cfg.algorithm in ("ppo", "grpo") and ctx.cfg.reward.model:
+        return "score"
+    return None
+
+
+def held_out_prompts(ctx):
+    """The prompts ``evaluate_pass_rate`` decodes (None when it does not run)."""
+    if held_out_metric(ctx):
         return held_out(ctx, "prompts", lambda path: load_prompt_file(ctx, path))
     return None
 
@@ -95,13 +105,14 @@ def data_lengths(items) -> dict:
 
 
 def evaluate_pass_rate(ctx, call: str, step: int) -> dict:
-    """Greedy decoding on held-out prompts scored by the verifier: the held-out pass rate."""
-    cfg = ctx.cfg
-    if not (cfg.data.eval and ctx.verifier):
+    """Greedy decoding on held-out prompts scored by the verifier (the held-out pass rate) or, in
+    PPO and GRPO without one, by the reward model (the held-out mean score)."""
+    cfg, metric = ctx.cfg, held_out_metric(ctx)
+    if not (cfg.data.eval and metric):
         return {}
     params = sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, 0, greedy=True)
     roll = sample(ctx, call, held_out_prompts(ctx), params)
-    out = {"pass_rate": score(ctx, call, roll).mean().item()}
+    out = {metric: score(ctx, call, roll).mean().item()}
     ctx.pop_timings()  # evaluation is not part of the step being timed
     ctx.log(step, out, phase="eval")
     return out

@@ -78,3 +78,15 @@ def test_dropped_records_are_reported_and_none_left_is_an_error(tmp_path, capsys
     only_long = _write(tmp_path / "long.jsonl", [{"prompt": "1+1=" * 30}])
     with pytest.raises(DataError, match="kept 0 of 1 records \\(dropped 1 too_long\\): no records left"):
         load_prompt_file(ctx, only_long)
+
+
+def test_held_out_prompts_are_scored_by_the_verifier_else_the_reward_model():
+    from meshrl.engine.runtime.common import held_out_metric
+
+    def ctx(alg, verifier, reward_model):
+        return types.SimpleNamespace(verifier=verifier, cfg=types.SimpleNamespace(
+            algorithm=alg, reward=types.SimpleNamespace(model=reward_model)))
+    assert held_out_metric(ctx("ppo", ArithmeticVerifier(), None)) == "pass_rate"
+    assert held_out_metric(ctx("grpo", None, "reward")) == "score"
+    assert held_out_metric(ctx("dpo", None, "reward")) is None  # DPO's held-out data are pairs
+    assert held_out_metric(ctx("ppo", None, None)) is None
