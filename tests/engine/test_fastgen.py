@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from meshrl.engine.fastgen import FastGenerator, FastOptions, generate_fast
-from meshrl.engine.fastgen.attention import attend, attend_oracle, attend_torch, kernel_meta
+from meshrl.engine.fastgen.attention import attend, attend_oracle, kernel_meta
 from meshrl.engine.fastgen.sampling import Sampler, gumbel_columns, noise_keys
 from meshrl.engine.fastgen.schedule import Schedule
 from meshrl.engine.generate import generate
