@@ -134,7 +134,14 @@ def run_case(name, make, device, tokens, iters, warmup):
 VARIANTS = {"autotune": dict(compile_mode="max-autotune-no-cudagraphs"),
             "unfused_mlp": dict(fuse_mlp=False), "torch_attention": dict(attention="torch"),
             "eager_pieces": dict(compile=False), "no_graphs": dict(cuda_graphs=False),
-            "stage_prefill": dict(prefill_pieces=False)}
+            "stage_prefill": dict(prefill_pieces=False),
+            # decode attention launches: programs per (sequence, KV head), positions per loop step
+            # (b), warps (w); benchmarks/decode_attention.py sweeps the kernel alone
+            "splits2": dict(attention_splits=2), "splits4": dict(attention_splits=4),
+            "b32w4": dict(attention_block=32), "b128w4": dict(attention_block=128),
+            "b64w8": dict(attention_warps=8), "b128w8": dict(attention_block=128, attention_warps=8),
+            "b32w2": dict(attention_block=32, attention_warps=2),
+            "splits2_b32w2": dict(attention_splits=2, attention_block=32, attention_warps=2)}
 
 
 def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled, variants=()):

@@ -166,7 +166,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny model on CPU (smoke test)")
     ap.add_argument("--ranks", type=int, default=4, help="gloo ranks for --small")
-    ap.add_argument("--copy-launch-sweep", default="1,16,inf",
+    ap.add_argument("--copy-launch-sweep", default="1,8,32,inf",
                     help="also time local copies with these sizes (MiB) from which a copy gets "
                          "its own launch ('' for none)")
     args = ap.parse_args()

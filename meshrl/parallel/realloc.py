@@ -25,10 +25,11 @@ from .realloc_plan import (Box, PlanError, ReallocPlan, Transfer, plan, slices, 
 # and vectorised copies want more than the element size.
 _ALIGN = 16
 # A local copy gets a launch of its own from this size up. A launch costs the host ~10 µs, the time
-# an H100 takes to copy ~15 MB, so smaller copies leave the device waiting on the host; on the H100
-# the 1.1B shape's copies (1-22 MiB each) ran at 60% of copy bandwidth with one launch each above
-# 1 MiB. `benchmarks/realloc.py --copy-launch-sweep` times the choice.
-LARGE_COPY_MB = 64.0
+# an H100 takes to copy ~15 MB, so smaller copies leave the device waiting on the host. On the H100
+# (2026-11-27) the 1.1B shape's copies (1-22 MiB each) ran at 75%, 82%, 64% and 61% of copy
+# bandwidth with own launches from 1, 16, 64 MiB and none; the 7B shape's at 93%, 93%, 88% and 68%.
+# `benchmarks/realloc.py --copy-launch-sweep` times the choice.
+LARGE_COPY_MB = 16.0
 
 
 def tensors_by_spec(module) -> dict[str, torch.Tensor]:
@@ -92,9 +93,11 @@ def _region(t: torch.Tensor, index: Box) -> torch.Tensor:
 
 
 def _copy_local(transfers, src_tensors, dst_tensors, me, alpha, large: float) -> int:
-    """Large copies launch at once, so the host's per-tensor work overlaps the device copying;
-    smaller contiguous ones go in multi-tensor launches per dtype pair, where launches, not bytes,
-    are the cost."""
+    """Large copies launch as the loop meets them, so the device copies while the host works
+    through the rest; smaller contiguous ones go in multi-tensor launches per dtype pair, where
+    launches, not bytes, are the cost. (Launching every large copy first ran slower in one H100
+    run, 72% of copy bandwidth against 82%: the device then waits while the host gathers the
+    small ones.)"""
     small: dict[tuple, tuple[list, list]] = {}
     for t in transfers:
         src = _region(_tensor(src_tensors, t.name, me, "send"), t.src_index)

@@ -48,15 +48,16 @@ def uses_triton(x, backend=None) -> bool:
 
 
 def attend(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, backend=None, rope=None,
-           splits=None):
+           splits=None, block_n=BLOCK_N, num_warps=NUM_WARPS):
     """q [B, Hq, D]; k_new/v_new [B, Hkv, D]; caches [B, Hkv, capacity, D]; lengths [B] (the new
     token's position); ``rope`` None (q and k_new already rotated) or the step's (cos, sin)
     [B, D]. Writes the (rotated) new key/value into the caches; returns [B, Hq, D]. ``splits``
-    (Triton only): programs per (sequence, KV head), None to choose from the device. Every length
+    (Triton only): programs per (sequence, KV head), None to choose from the device; ``block_n``
+    and ``num_warps`` (Triton only): cached positions per loop step and warps per program. Every length
     must be below the capacity: the engine sizes the cache so, and checking here would sync."""
     if uses_triton(q, backend):
         return attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, window=window, rope=rope,
-                             splits=splits)
+                             splits=splits, block_n=block_n, num_warps=num_warps)
     if rope is not None:
         q, k_new = apply_rope(q, *rope), apply_rope(k_new, *rope)
     return attend_torch(q, k_new, v_new, k_cache, v_cache, lengths, window=window)
@@ -250,7 +251,7 @@ def _interpreted() -> bool:
 
 
 def attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, rope=None,
-                  splits=None):
+                  splits=None, block_n=BLOCK_N, num_warps=NUM_WARPS):
     cos, sin = rope if rope is not None else (q, q)  # unread without ROPE
     for t in (q, k_new, v_new, k_cache, v_cache, cos, sin):
         if t.stride(-1) != 1:
@@ -264,7 +265,17 @@ def attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, ro
     splits = auto_splits(k_cache) if splits is None else int(splits)
     if not 1 <= splits <= MAX_SPLITS:
         raise ValueError(f"attention splits={splits}: use 1 to {MAX_SPLITS} (None chooses)")
-    return launch(q, k_new, v_new, k_cache, v_cache, lengths, window, rope, splits)
+    check_launch(block_n, num_warps)
+    return launch(q, k_new, v_new, k_cache, v_cache, lengths, window, rope, splits,
+                  block_n=block_n, num_warps=num_warps)
+
+
+def check_launch(block_n: int, num_warps: int) -> None:
+    """Block sizes Triton takes (tl.arange needs a power of two; tl.dot at least 16 rows)."""
+    if block_n not in (16, 32, 64, 128, 256):
+        raise ValueError(f"attention block_n={block_n}: use 16, 32, 64, 128 or 256")
+    if num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"attention num_warps={num_warps}: use 1, 2, 4, 8 or 16")
 
 
 def launch(q, k_new, v_new, k_cache, v_cache, lengths, window, rope, splits, *, block_n=BLOCK_N,

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from ..generate import GenerationResult, stage_pass
 from ..model.attention import PackedMeta
 from ..sampling import SamplingParams
-from .attention import MAX_SPLITS
+from .attention import BLOCK_N as ATTN_BLOCK_N
+from .attention import MAX_SPLITS, check_launch
+from .attention import NUM_WARPS as ATTN_NUM_WARPS
 from .sampling import Sampler, record_step, shard_sample
 from .schedule import Schedule
 from .session import Session
@@ -46,6 +48,9 @@ class FastOptions:
     # Triton decode attention: programs per (sequence, KV head); None chooses from the shapes and
     # the GPU's SM count (1 unless batch × KV heads leaves SMs idle)
     attention_splits: int | None = None
+    # Triton decode attention: cached positions per loop step and warps per program
+    attention_block: int = ATTN_BLOCK_N
+    attention_warps: int = ATTN_NUM_WARPS
     fuse_mlp: bool = True  # one gate+up matmul; costs a copy of those weights while held
     prefill_pieces: bool = True  # prefill through the decode pieces; False: the stage's own forward
     max_sessions: int = 2
@@ -58,6 +63,7 @@ class FastOptions:
         if self.attention_splits is not None and not 1 <= self.attention_splits <= MAX_SPLITS:
             raise ValueError(f"attention_splits={self.attention_splits}: use 1 to {MAX_SPLITS}, "
                              "or None to choose from the GPU")
+        check_launch(self.attention_block, self.attention_warps)
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES} (the "
                              "step is captured by this engine, so modes with cudagraphs are refused)")
@@ -195,7 +201,9 @@ class FastGenerator:
             else sess.hidden_in[m]
         h = decode_layers(stage, self.weights, self.fns, x, pos, sess.cache_rows[m],
                           attention=None if self.opts.attention == "auto" else self.opts.attention,
-                          splits=self.opts.attention_splits)
+                          splits=self.opts.attention_splits,
+                          launch=dict(block_n=self.opts.attention_block,
+                                      num_warps=self.opts.attention_warps))
         pos += 1
         if not layout.is_last_stage:
             return h

@@ -227,10 +227,10 @@ def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *
 
 
 def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None,
-                  splits=None):
+                  splits=None, launch=None):
     """One new token per row: x [b, H]; pos [b] the tokens' positions; caches per layer (K, V)
     views of the same rows. The Triton attention rotates q and k itself; ``splits`` as for
-    ``attention.attend``."""
+    ``attention.attend``, ``launch`` its other Triton settings (block_n, num_warps)."""
     backend = "triton" if uses_triton(x, attention) else "torch"  # chosen once for all layers
     if backend == "triton" and splits is None:
         splits = auto_splits(caches[0][0])
@@ -238,7 +238,7 @@ def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *
     def attend_cached(j, a, q, k, v, rope):
         kc, vc = caches[j]
         return attend(q, k, v, kc, vc, pos, window=a.window, backend=backend, rope=rope,
-                      splits=splits)
+                      splits=splits, **(launch or {}))
     return run_layers(stage, weights, fns, x, pos, attend_cached, rotate=backend == "torch")
 
 
