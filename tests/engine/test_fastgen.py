@@ -399,6 +399,12 @@ def test_interpreted_split_attention(dtype):
             # split's own running max, so a few output ulps): close to the unsplit kernel
             close = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=8e-3, rtol=2 ** -7)
             assert torch.allclose(got.float(), one.float(), **close), (got.float() - one.float()).abs().max()
+        for block_n in (32, 128):  # FastOptions(attention_block=): other blocks per loop step
+            got = attend_triton(q, kn, vn, kc.clone(), vc.clone(), n, window=window, rope=rope,
+                                splits=3, block_n=block_n, num_warps=2)
+            # fp32 scores in the hundreds (the scaled case) carry ~1e-5 of rounding into each weight
+            tol = (1e-4 if i == len(SPLIT_CASES) - 1 else 1e-5) if dtype == torch.float32 else 3e-2
+            assert torch.allclose(got.double(), want, atol=tol), (block_n, (got.double() - want).abs().max())
 
 
 @pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_attention_interpreted")
@@ -496,3 +502,7 @@ def test_split_count_is_checked():
         attend_triton(q, kn, vn, kc, vc, n, window=0)
     with pytest.raises(ValueError, match="attention_splits=17: use 1 to 16"):
         FastOptions(attention_splits=17)
+    with pytest.raises(ValueError, match="attention block_n=48: use 16, 32, 64, 128 or 256"):
+        FastOptions(attention_block=48)
+    with pytest.raises(ValueError, match="attention num_warps=3: use 1, 2, 4, 8 or 16"):
+        attend_triton(q, kn, vn, kc, vc, n, num_warps=3)
