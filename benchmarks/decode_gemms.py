@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import anchor, bench_device, print_table, time_fn, write_results  # noqa: E402
+from meshrl.engine.fastgen.engine import preferred_blas  # noqa: E402
 
 # (name, out features N, in features K) of the 1.1B Llama's decode matmuls, per layer
 SHAPES = [("qkv (fused)", 3072, 2048), ("o", 2048, 2048), ("gate+up (fused)", 16384, 2048),
@@ -50,11 +51,8 @@ def products(x, weights):
 def timed(fn, device, backend):
     """Seconds per call of ``fn`` with ``backend`` as cuBLAS's front end (replays of a CUDA graph
     on a GPU, captured under that backend); the output for the check."""
-    prefs = torch.backends.cuda
-    before = prefs.preferred_blas_library() if device.type == "cuda" else None
-    try:
+    with preferred_blas("cublaslt" if backend == "cublaslt" else "cublas", device):
         if device.type == "cuda":
-            prefs.preferred_blas_library("cublaslt" if backend == "cublaslt" else "cublas")
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -65,9 +63,6 @@ def timed(fn, device, backend):
                 out = fn()
             return time_fn(graph.replay, device, warmup=3, iters=20), out.clone()
         return time_fn(fn, device, warmup=1, iters=5), fn()
-    finally:
-        if before is not None:
-            prefs.preferred_blas_library(before)
 
 
 def main():

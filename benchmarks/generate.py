@@ -23,7 +23,6 @@ rounding differs between the engines' kernels, so long greedy runs may part ways
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import os
 import sys
@@ -143,24 +142,9 @@ VARIANTS = {"autotune": dict(compile_mode="max-autotune-no-cudagraphs"),
             "b64w8": dict(attention_warps=8), "b128w8": dict(attention_block=128, attention_warps=8),
             "b32w2": dict(attention_block=32, attention_warps=2),
             "splits2_b32w2": dict(attention_splits=2, attention_block=32, attention_warps=2),
-            # cuBLAS's other front end for every matmul of the row (a process-wide torch setting,
-            # set for the row and restored; benchmarks/decode_gemms.py times the matmuls alone)
-            "cublaslt": dict(blas="cublaslt")}
-
-
-@contextlib.contextmanager
-def blas_library(name):
-    """torch's preferred cuBLAS front end set to ``name`` (None: unchanged) for the block."""
-    if name is None:
-        yield
-        return
-    prefs = torch.backends.cuda
-    before = prefs.preferred_blas_library()
-    prefs.preferred_blas_library(name)
-    try:
-        yield
-    finally:
-        prefs.preferred_blas_library(before)
+            # cuBLAS's other front end for every matmul of the call (the default is cuBLASLt);
+            # benchmarks/decode_gemms.py times the matmuls alone
+            "cublas": dict(blas="cublas")}
 
 
 def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled, variants=()):
@@ -177,18 +161,14 @@ def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled, variants=()):
     rows, gens = [], {}
     for i, (name, sp, opts) in enumerate(cases):
         key = tuple(sorted(opts.items()))
-        opts = dict(opts)
-        blas = opts.pop("blas", None)
-        blas = blas if device.type == "cuda" else None  # CPU rows: the setting means nothing
         if key not in gens:
             for other in gens.values():
                 other.release()
             gens[key] = FastGenerator(stage, FastOptions(**opts))
         gen = gens[key]
         try:
-            with blas_library(blas):  # graphs captured (first call) and replayed under it
-                row, out = run_case(name, lambda sp=sp: (lambda: gen.generate(prompts, sp)), device,
-                                    len(prompts) * new, iters, 1)
+            row, out = run_case(name, lambda sp=sp: (lambda: gen.generate(prompts, sp)), device,
+                                len(prompts) * new, iters, 1)
         except Exception:
             if i == 0:
                 raise

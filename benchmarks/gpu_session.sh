@@ -34,7 +34,7 @@ step attention_bench 150 python benchmarks/decode_attention.py
 step gemm_bench 90 python benchmarks/decode_gemms.py
 # not in the default STEPS (the session would pass 10 minutes): where a decode step's time goes, and
 # engine settings side by side; max-autotune on its own, as it compiles for minutes
-step generate_profile 300 python benchmarks/generate.py --skip-hf --no-sampled --profile --variants ${GEN_VARIANTS:-cublaslt,stage_prefill}
+step generate_profile 300 python benchmarks/generate.py --skip-hf --no-sampled --profile --variants ${GEN_VARIANTS:-cublas,stage_prefill}
 step generate_autotune 420 python benchmarks/generate.py --skip-hf --no-sampled --variants autotune
 step runtime_check 240 python benchmarks/gpu_runtime_check.py
 # only the results this session wrote (the device tool returns at most 8 files)

@@ -18,3 +18,14 @@ def test_decode_attention_benchmark_smoke(tmp_path):
     rows = json.loads(result.read_text())["rows"]
     assert len(rows) == 2 and all(r["splits"] == 2 and r["max_err"] < 1e-4 for r in rows)
     assert all(r["meshrl_s"] > 0 and r["torch_s"] > 0 for r in rows)
+
+
+def test_decode_gemms_benchmark_smoke(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MESHRL_BENCH_RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_gemms.py"), "--small"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = tmp_path.glob("decode_gemms-small-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"cublas", "cublaslt", "W @ xT"} and len(rows) == 6
+    assert all(r["us_per_layer"] > 0 and r["max_err"] < 1e-3 for r in rows)

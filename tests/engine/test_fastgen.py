@@ -506,3 +506,24 @@ def test_split_count_is_checked():
         FastOptions(attention_block=48)
     with pytest.raises(ValueError, match="attention num_warps=3: use 1, 2, 4, 8 or 16"):
         attend_triton(q, kn, vn, kc, vc, n, num_warps=3)
+
+
+def test_blas_preference_is_scoped_to_cuda_calls(monkeypatch):
+    from meshrl.engine.fastgen.engine import preferred_blas
+    state = {"lib": "cublas"}
+
+    def fake(name=None):
+        if name is not None:
+            state["lib"] = name
+        return state["lib"]
+    monkeypatch.setattr(torch.backends.cuda, "preferred_blas_library", fake)
+    with preferred_blas("cublaslt", torch.device("cpu")):
+        assert state["lib"] == "cublas"  # CPU matmuls: nothing to choose
+    with pytest.raises(KeyError), preferred_blas("cublaslt", "cuda"):
+        assert state["lib"] == "cublaslt"
+        raise KeyError("a failing generate call")
+    assert state["lib"] == "cublas"  # restored, even after an error
+    with preferred_blas(None, "cuda"):
+        assert state["lib"] == "cublas"
+    with pytest.raises(ValueError, match="blas='mkl': use one of"):
+        FastOptions(blas="mkl")
