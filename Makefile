@@ -29,6 +29,7 @@ bench: .installed
 	$(PYTHON) benchmarks/train_throughput.py --small
 	$(PYTHON) benchmarks/generate.py --small --check
 	$(PYTHON) benchmarks/decode_attention.py --small
+	$(PYTHON) benchmarks/decode_gemms.py --small
 	$(PYTHON) benchmarks/realloc.py --small
 
 clean:
