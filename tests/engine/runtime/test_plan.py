@@ -309,7 +309,11 @@ def test_changing_the_results_changes_the_estimate(tmp_path, monkeypatch):
     # the generation benchmark's model shape comes from its result when the result records it
     gen = tmp_path / "results" / "generate-NVIDIA-H100-80GB-HBM3.json"
     doc = json.loads(gen.read_text())
-    assert "layers" not in doc  # the committed result predates the field: the fallback (16) holds
+    assert doc.get("layers", 16) == 16  # the 1.1B case; older results lack the field (fallback 16)
+    doc.pop("layers", None)
+    gen.write_text(json.dumps(doc))
+    fallback = load_rates("h100", str(tmp_path / "rates.json"))
+    assert fallback.decode_layer_s == pytest.approx(before.rates.decode_layer_s)
     doc["layers"] = 8
     gen.write_text(json.dumps(doc))
     halved = load_rates("h100", str(tmp_path / "rates.json"))  # 8 layers: twice the overhead each
