@@ -53,12 +53,19 @@ def main(argv=None) -> int:
     from meshrl.engine.model.config import ConfigError
     from meshrl.engine.runtime.config import RunConfigError
     from meshrl.parallel.layout import LayoutError
+    # Every rank checks the same config, data and layouts, so under torchrun those errors are
+    # reported once per node (files can differ between nodes), by its first local rank; other
+    # errors may be a rank's own, and each rank reports its own.
+    same_everywhere = (DataError, ConfigError, LayoutError, RunConfigError)
     try:
         return args.func(args) or 0
-    except (DataError, ConfigError, LayoutError, RunConfigError, ValueError, FileNotFoundError) as e:
+    except (*same_everywhere, ValueError, FileNotFoundError) as e:
         if os.environ.get("MESHRL_DEBUG"):
             raise
-        print(f"meshrl {args.command}: error: {e}", file=sys.stderr)
+        rank = int(os.environ.get("RANK", "0"))
+        if not isinstance(e, same_everywhere) or int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            who = "" if rank == 0 else f" (rank {rank})"
+            print(f"meshrl {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
 
 

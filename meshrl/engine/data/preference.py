@@ -129,10 +129,13 @@ def load_pairs(path, tokenizer, *, max_len: int, format: str = "auto", chat_temp
         if chosen_ids == rejected_ids:
             report.drop("identical")
             continue
-        # all() stops at the first pair member that is too long, so a skipped pair is counted once.
-        if all(check_too_long(len(prompt_ids) + len(ids), max_len, report, too_long, where, name,
-                              f"prompt + {name}", "max_len")
-               for name, ids in ((cname, chosen_ids), (rname, rejected_ids))):
+        # A prompt that leaves no room for a response is the prompt's fault, not a response's;
+        # all() stops at the first member that is too long, so a skipped pair is counted once.
+        n_prompt = len(prompt_ids)
+        if all(check_too_long(n, max_len, report, too_long, where, name, what, "max_len")
+               for n, name, what in ((n_prompt + 1, pname, "the prompt with one response token"),
+                                     *((n_prompt + len(ids), name, f"prompt + {name} ({n_prompt} + {len(ids)})")
+                                       for name, ids in ((cname, chosen_ids), (rname, rejected_ids))))):
             out.append(PairExample(lineno, prompt_ids, chosen_ids, rejected_ids, rec, str(path)))
     return out
 

@@ -243,6 +243,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.reward.model and cfg.reward.verifier:
         raise RunConfigError(f"reward: both model={cfg.reward.model} and verifier={cfg.reward.verifier} "
                              "are set, and one scores: keep one (reward.verifier=null or reward.model=null)")
+    if cfg.data.safety_filter is not None and cfg.algorithm in ("sft", "ppo", "grpo"):
+        raise RunConfigError(f"data.safety_filter={cfg.data.safety_filter}: {cfg.algorithm} reads no "
+                             "preference pairs, so it would be ignored: remove it (it filters SafeRLHF "
+                             "pairs for rm and dpo)")
     if cfg.algorithm in ("ppo", "grpo") and not (cfg.reward.model or cfg.reward.verifier):
         raise RunConfigError(f"{cfg.algorithm} needs reward.model or reward.verifier")
     if cfg.ppo.truncated not in ("score", "bootstrap"):

@@ -98,17 +98,12 @@ class DPO:
         roll = sample(ctx, "actor_gen", batch, sampling_params(cfg.generation, ctx.eos_ids, cfg.seed,
                                                                round_), k=k)
         scores = score(ctx, "actor_gen", roll)
-        pairs, skipped = [], 0
-        for g in range(len(batch)):
-            s = scores[g * k:(g + 1) * k]
-            best, worst = int(torch.argmax(s)), int(torch.argmin(s))
-            margin = float(s[best] - s[worst])
-            if margin <= 0 or (D.min_margin is not None and margin < D.min_margin):
-                skipped += 1
-                continue
-            pairs.append(OnlinePair(roll.prompts[g * k], roll.responses[g * k + best],
-                                    roll.responses[g * k + worst], margin))
-        return pairs, {"score": scores.mean().item(), "skipped_prompts": skipped / len(batch)}
+        picks = best_worst(scores, k, D.min_margin)
+        if not picks and ctx.main:
+            print(no_pairs_message(round_, len(batch), D.min_margin))
+        pairs = [OnlinePair(roll.prompts[g * k], roll.responses[g * k + best],
+                            roll.responses[g * k + worst], margin) for g, best, worst, margin in picks]
+        return pairs, {"score": scores.mean().item(), "skipped_prompts": 1 - len(picks) / len(batch)}
 
     def run_iterative(self) -> dict:
         ctx, cfg, D = self.ctx, self.cfg, self.D
@@ -130,6 +125,27 @@ class DPO:
 
         return run_loop(ctx, D.rounds, round_step, desc="dpo-iter", limit_key="dpo.rounds",
                         eval_fn=self.evaluate, eval_data=self.eval_data, show=("score", "pairs", "loss"))
+
+
+def best_worst(scores: torch.Tensor, k: int, min_margin: float | None) -> list[tuple[int, int, int, float]]:
+    """(group, best, worst, margin) per group of ``k`` consecutive scores whose best beats its
+    worst, by at least ``min_margin`` when set; ties and smaller margins are skipped."""
+    picks = []
+    for g in range(len(scores) // k):
+        s = scores[g * k:(g + 1) * k]
+        best, worst = int(torch.argmax(s)), int(torch.argmin(s))
+        margin = float(s[best] - s[worst])
+        if margin > 0 and (min_margin is None or margin >= min_margin):
+            picks.append((g, best, worst, margin))
+    return picks
+
+
+def no_pairs_message(round_: int, prompts: int, min_margin: float | None) -> str:
+    why = "every prompt's samples scored alike" + (
+        f" or differed by less than dpo.min_margin={min_margin:g}" if min_margin is not None else "")
+    return (f"dpo round {round_}: no pairs from {prompts} prompts ({why}), so the actor did not train "
+            "this round: raise dpo.samples_per_prompt or generation.temperature"
+            + (", or lower dpo.min_margin" if min_margin is not None else ""))
 
 
 def _batches(order: list, size: int) -> list[list]:

@@ -70,12 +70,14 @@ def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1)
 
 
 def dump(ctx, step: int, roll: Rollout):
-    """Rank 0 writes the first ``logging.dump_rollouts`` samples of a step (ids, text, score)."""
+    """Rank 0 writes the first ``logging.dump_rollouts`` samples of a step (ids, prompt and
+    completion text, score)."""
     n = ctx.cfg.logging.dump_rollouts
     if not n or not ctx.main:
         return
     from meshrl.engine.data.jsonl import write_jsonl
     rows = [{"prompt_ids": roll.prompts[i], "output_ids": roll.responses[i],
+             "prompt": ctx.tokenizer.decode(roll.prompts[i], skip_special_tokens=True),
              "completion": ctx.tokenizer.decode(roll.responses[i], skip_special_tokens=True),
              "finish_reason": roll.finish[i],
              "score": None if roll.scores is None else float(roll.scores[i])}

@@ -174,9 +174,12 @@ def test_pair_errors_and_identical_skip(tmp_path):
                    max_len=10, format="pairs")
     with raises("pr.jsonl:1", "field 'chosen' is empty"):
         load_pairs(write(tmp_path, [pair("1=", "", "2")], "pr.jsonl"), TOK, max_len=10)
-    with raises("pr.jsonl:1: field 'rejected': prompt + rejected has 9 tokens, longer than the context "
-                "limit 8"):
+    with raises("pr.jsonl:1: field 'rejected': prompt + rejected (3 + 6) has 9 tokens, longer than the "
+                "context limit 8"):
         load_pairs(write(tmp_path, [pair("1=", "1", "22222")], "pr.jsonl"), TOK, max_len=8)
+    # a prompt with no room for a response is blamed on the prompt, not on the first response
+    with raises("pr.jsonl:1: field 'prompt': the prompt with one response token has 13 tokens"):
+        load_pairs(write(tmp_path, [pair("1=123456789", "1", "2")], "pr.jsonl"), TOK, max_len=8)
     with raises("pr.jsonl:1", "cannot tell the pair format"):
         load_pairs(write(tmp_path, [{"prompt": "1="}], "pr.jsonl"), TOK, max_len=8)
     path = write(tmp_path, [pair("1=", "1", "1"), pair("1=", "1", "22222"), pair("1=", "1", "2")])

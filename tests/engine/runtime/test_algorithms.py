@@ -140,6 +140,9 @@ def test_config_errors_are_one_line(workdir):
             load_run_config(None, [override], base=base)
     with pytest.raises(RunConfigError, match="reward: both model=critic and verifier=.* are set"):
         load_run_config(None, ["reward.model=critic"], base=base)
+    with pytest.raises(RunConfigError, match="data.safety_filter=dual_safe: ppo reads no preference "
+                                             "pairs, so it would be ignored"):
+        load_run_config(None, ["data.safety_filter=dual_safe"], base=base)
     from meshrl.engine.runtime.models import complete_calls
     typo = load_run_config(None, ["calls.actor_trian.model=actor"], base=base)
     with pytest.raises(RunConfigError, match="calls.actor_trian: ppo runs no such call; did you mean "

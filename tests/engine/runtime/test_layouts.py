@@ -72,6 +72,8 @@ def _compare(d, a, b):
         ra = [r["output_ids"] for _, r in read_jsonl(d / a / "rollouts" / f"step_{step}.jsonl")]
         rb = [r["output_ids"] for _, r in read_jsonl(d / b / "rollouts" / f"step_{step}.jsonl")]
         assert ra == rb, f"tokens differ at iteration {step}"
+    rows = [r for _, r in read_jsonl(d / a / "rollouts" / "step_0.jsonl")]
+    assert all(r["prompt"] and isinstance(r["prompt"], str) and r["prompt_ids"] for r in rows)
     ma = [r for r in read_metrics(d / a) if r["phase"] == "train"]
     mb = [r for r in read_metrics(d / b) if r["phase"] == "train"]
     assert len(ma) == len(mb) == 2
