@@ -132,10 +132,11 @@ def load_pairs(path, tokenizer, *, max_len: int, format: str = "auto", chat_temp
         # A prompt that leaves no room for a response is the prompt's fault, not a response's;
         # all() stops at the first member that is too long, so a skipped pair is counted once.
         n_prompt = len(prompt_ids)
+        lengths = [(n_prompt + 1, pname, "the prompt with one response token")]
+        lengths += [(n_prompt + len(ids), name, f"prompt + {name} ({n_prompt} + {len(ids)})")
+                    for name, ids in ((cname, chosen_ids), (rname, rejected_ids))]
         if all(check_too_long(n, max_len, report, too_long, where, name, what, "max_len")
-               for n, name, what in ((n_prompt + 1, pname, "the prompt with one response token"),
-                                     *((n_prompt + len(ids), name, f"prompt + {name} ({n_prompt} + {len(ids)})")
-                                       for name, ids in ((cname, chosen_ids), (rname, rejected_ids))))):
+               for n, name, what in lengths):
             out.append(PairExample(lineno, prompt_ids, chosen_ids, rejected_ids, rec, str(path)))
     return out
 
