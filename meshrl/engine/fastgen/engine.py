@@ -125,6 +125,9 @@ class FastGenerator:
         self.compile_failed = None  # the exception, when compiling fell back to eager pieces
         self.capture_failed = None  # the exception, when capturing fell back to eager steps
         self.weights = DecodeWeights(stage, fuse_mlp=self.opts.fuse_mlp)
+        self.attention_launch = dict(splits=self.opts.attention_splits,
+                                     block_n=self.opts.attention_block,
+                                     num_warps=self.opts.attention_warps)
         self._sessions: OrderedDict = OrderedDict()
         self._fingerprint = None
 
@@ -236,9 +239,7 @@ class FastGenerator:
             else sess.hidden_in[m]
         h = decode_layers(stage, self.weights, self.fns, x, pos, sess.cache_rows[m],
                           attention=None if self.opts.attention == "auto" else self.opts.attention,
-                          splits=self.opts.attention_splits,
-                          launch=dict(block_n=self.opts.attention_block,
-                                      num_warps=self.opts.attention_warps))
+                          launch=self.attention_launch)
         pos += 1
         if not layout.is_last_stage:
             return h

@@ -227,18 +227,18 @@ def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *
 
 
 def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None,
-                  splits=None, launch=None):
+                  launch=None):
     """One new token per row: x [b, H]; pos [b] the tokens' positions; caches per layer (K, V)
-    views of the same rows. The Triton attention rotates q and k itself; ``splits`` as for
-    ``attention.attend``, ``launch`` its other Triton settings (block_n, num_warps)."""
+    views of the same rows. The Triton attention rotates q and k itself; ``launch`` holds its
+    Triton settings as ``attention.attend`` takes them (splits, block_n, num_warps)."""
     backend = "triton" if uses_triton(x, attention) else "torch"  # chosen once for all layers
-    if backend == "triton" and splits is None:
-        splits = auto_splits(caches[0][0])
+    launch = dict(launch or {})
+    if backend == "triton" and launch.get("splits") is None:
+        launch["splits"] = auto_splits(caches[0][0])
 
     def attend_cached(j, a, q, k, v, rope):
         kc, vc = caches[j]
-        return attend(q, k, v, kc, vc, pos, window=a.window, backend=backend, rope=rope,
-                      splits=splits, **(launch or {}))
+        return attend(q, k, v, kc, vc, pos, window=a.window, backend=backend, rope=rope, **launch)
     return run_layers(stage, weights, fns, x, pos, attend_cached, rotate=backend == "torch")
 
 
