@@ -32,15 +32,18 @@ def _paths(out_dir: str) -> dict:
     return {k: os.path.join(out_dir, f"{k}.jsonl") for k in ("sft", "prompts", "eval")}
 
 
-def init_scratch_model(out_dir: str, *, seed: int, overrides: dict | None = None) -> str:
-    """A randomly initialised HF-format model with the task's tokenizer (what SFT starts from)."""
+def init_scratch_model(out_dir: str, *, seed: int, overrides: dict | None = None,
+                       std: float = 0.02) -> str:
+    """A randomly initialised HF-format model with the task's tokenizer (what SFT starts from).
+    ``std`` is the matrices' init scale: tests raise it (e.g. 0.2) so that next-token distributions
+    are far from uniform and temperature, attention and rotary bugs change the numbers."""
     if os.path.exists(os.path.join(out_dir, "config.json")):
         return out_dir
     tok = make_tokenizer(("+",))
     cfg = config_from_hf_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": tok.vocab_size,
                                "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                                "pad_token_id": tok.pad_token_id, **TINY_MODEL, **(overrides or {})})
-    stage = build_stage(ParallelLayout(ranks=[0]), config=cfg, seed=seed)
+    stage = build_stage(ParallelLayout(ranks=[0]), config=cfg, seed=seed, init_std=std)
     os.makedirs(out_dir, exist_ok=True)
     tok.save_pretrained(out_dir)
     save_hf(stage, out_dir)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from meshrl.engine.algorithms import losses as L
+from meshrl.engine.algorithms.reductions import masked_mean
 
 
 def _share(metrics: dict, local: torch.Tensor | float, total: float) -> dict:
@@ -95,16 +96,20 @@ def dpo_call(num_pairs: float, num_chosen_tokens: float, *, beta: float, loss_ty
 
 
 # ---- PPO and GRPO -----------------------------------------------------------------------------
-def ppo_actor_call(num_tokens: float, *, clip_eps: float, entropy_coef: float = 0.0):
+def ppo_actor_call(num_tokens: float, *, clip_eps: float, temperature: float,
+                   entropy_coef: float = 0.0):
+    """The clipped surrogate (and entropy bonus) with the current log-probs and entropies taken at
+    the sampling ``temperature``, as the old and reference log-probs are: on policy, ρ = 1."""
     def fn(stage, hidden, mb):
         mask = mb.tokens["action_mask"].bool()
-        out = stage.token_logprobs(hidden, mb.tokens["labels"], return_entropy=entropy_coef > 0)
+        out = stage.token_logprobs(hidden, mb.tokens["labels"], temperature=temperature,
+                                   return_entropy=entropy_coef > 0)
         logp, ent = out if entropy_coef > 0 else (out, None)
         loss, m = L.ppo_policy_loss(logp, mb.tokens["old_logp"], mb.tokens["advantages"], mask,
                                     clip_eps=clip_eps, num_tokens=num_tokens)
         if ent is not None:
             loss = loss + L.entropy_bonus(ent, mask, coef=entropy_coef, num_tokens=num_tokens)
-            m["entropy"] = L.masked_mean(ent.detach(), mask)
+            m["entropy"] = masked_mean(ent.detach(), mask)
         n = mask.sum()
         return loss, {"actor_loss": loss.detach(), **_share(m, n, num_tokens)}
     return fn
@@ -120,10 +125,11 @@ def ppo_critic_call(num_tokens: float, *, value_clip: float | None):
     return fn
 
 
-def grpo_actor_call(num_tokens: float, *, clip_eps: float, kl_coef: float):
+def grpo_actor_call(num_tokens: float, *, clip_eps: float, kl_coef: float, temperature: float):
+    """GRPO's loss; current log-probs at the sampling ``temperature`` (see ``ppo_actor_call``)."""
     def fn(stage, hidden, mb):
         mask = mb.tokens["action_mask"].bool()
-        logp = stage.token_logprobs(hidden, mb.tokens["labels"])
+        logp = stage.token_logprobs(hidden, mb.tokens["labels"], temperature=temperature)
         loss, m = L.grpo_policy_loss(logp, mb.tokens["old_logp"], mb.tokens["ref_logp"],
                                      mb.tokens["advantages"], mask, clip_eps=clip_eps,
                                      kl_coef=kl_coef, num_tokens=num_tokens)

@@ -32,8 +32,9 @@ def init_weights_(stage: LlamaStage, seed: int, std: float = 0.02) -> None:
 def build_stage(layout: ParallelLayout, *, model_dir: str | None = None,
                 config: ModelConfig | None = None, head: str = "lm", dtype=torch.float32,
                 device=None, seed: int = 0, sequence_parallel: bool = False,
-                activation_checkpointing: bool = False) -> LlamaStage:
-    """This rank's stage of a model: loaded from ``model_dir`` or freshly initialised from ``seed``."""
+                activation_checkpointing: bool = False, init_std: float = 0.02) -> LlamaStage:
+    """This rank's stage of a model: loaded from ``model_dir`` or freshly initialised from ``seed``
+    (matrices N(0, init_std²))."""
     if config is None:
         if model_dir is None:
             raise ConfigError("build_stage needs model_dir or config")
@@ -43,5 +44,5 @@ def build_stage(layout: ParallelLayout, *, model_dir: str | None = None,
     if model_dir is not None:
         stage.load_report = load_hf_weights(stage, model_dir, seed=seed)
     else:
-        init_weights_(stage, seed)
+        init_weights_(stage, seed, init_std)
     return stage

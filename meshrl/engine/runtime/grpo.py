@@ -39,7 +39,7 @@ class GRPO:
                         "actor_train", mb_idx, lambda local: microbatches(roll, local, mt, fields, pad),
                         lambda mbs: grpo_actor_call(
                             global_token_count(mbs, ctx.layout("actor_train"), "action_mask"),
-                            clip_eps=G.clip_eps, kl_coef=G.kl_coef))
+                            clip_eps=G.clip_eps, kl_coef=G.kl_coef, temperature=T))
                 for k, v in m.items():
                     totals[f"actor/{k}"] = totals.get(f"actor/{k}", 0.0) + v
                 n += 1

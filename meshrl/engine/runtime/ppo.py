@@ -89,7 +89,7 @@ class PPO:
         return out
 
     def train(self, roll, it: int) -> dict:
-        ctx, P = self.ctx, self.P
+        ctx, P, T = self.ctx, self.P, self.cfg.generation.temperature
         fields = {k: roll.extra[k] for k in TRAIN_FIELDS}
 
         def batches(call):
@@ -103,7 +103,7 @@ class PPO:
             for mb_idx in split_even(epoch_order(len(roll), self.cfg.seed + it, epoch), P.minibatches):
                 with ctx.timed("actor_train"):
                     am = ctx.train_call("actor_train", mb_idx, batches("actor_train"), loss_of(
-                        "actor_train", lambda t: ppo_actor_call(t, clip_eps=P.clip_eps,
+                        "actor_train", lambda t: ppo_actor_call(t, clip_eps=P.clip_eps, temperature=T,
                                                                 entropy_coef=P.entropy_coef)))
                 if P.ema_ref:
                     with ctx.timed("ema_ref"):
