@@ -98,6 +98,13 @@ def _own_address() -> str:
         return s.getsockname()[0]
 
 
+def default_store() -> dist.Store | None:
+    """The default process group's store (None in a single process): the watchdog's channel."""
+    if not dist.is_initialized():
+        return None
+    return dist.distributed_c10d._get_default_store()
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -157,6 +157,7 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
     bar = ctx.progress(total, desc, initial=ctx.start_step)
     last = {}
     for step in range(ctx.start_step, total):
+        ctx.watchdog.mark(step)
         t0 = time.perf_counter()
         metrics = step_fn(step)
         metrics["step_seconds"] = time.perf_counter() - t0
@@ -166,7 +167,8 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
         if cfg.save_every and done % cfg.save_every == 0 and done < total:
             ctx.save(done)
         if eval_fn and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-            last.update(eval_fn(done))
+            with ctx.watchdog.inside("evaluation"):
+                last.update(eval_fn(done))
         bar.update(1)
         bar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics}, refresh=False)
     bar.close()
@@ -174,5 +176,6 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
     if ctx.cfg.save_hf:
         ctx.save_hf_models()
     if eval_fn:
-        last.update(eval_fn(total))
+        with ctx.watchdog.inside("evaluation"):
+            last.update(eval_fn(total))
     return last

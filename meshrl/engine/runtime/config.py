@@ -182,6 +182,14 @@ class LogSpec:
 
 
 @dataclass(kw_only=True)
+class DistSpec:
+    """Process-group settings (under torchrun)."""
+    # no rank making progress for this long is a hang: every rank reports where it is and exits
+    # (code 3) so torchrun can restart; collectives themselves time out a grace period later
+    timeout_s: float = 1800.0
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     algorithm: str = MISSING
     seed: int = 1
@@ -199,6 +207,7 @@ class RunConfig:
     grpo: GRPOSpec = field(default_factory=GRPOSpec)
     logging: LogSpec = field(default_factory=LogSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    dist: DistSpec = field(default_factory=DistSpec)
     save_hf: bool = True  # write the trained models as HF directories under run_dir/hf/
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -22,7 +22,7 @@ NOT_NEGATIVE = ("dpo.rounds", "dpo.sft_coef", "ppo.kl_coef", "ppo.value_clip", "
                 "models.*.optim.lr", "models.*.optim.weight_decay", "models.*.optim.warmup_steps")
 POSITIVE = ("generation.temperature", "dpo.beta", "ppo.clip_eps", "ppo.reward_clip", "ppo.kl_target",
             "grpo.clip_eps", "models.*.optim.eps", "models.*.optim.max_grad_norm", "cluster.gpu_mem_gb",
-            "cluster.intra_node_gbps", "cluster.inter_node_gbps")
+            "cluster.intra_node_gbps", "cluster.inter_node_gbps", "dist.timeout_s")
 # (low, high, low included, high included)
 INTERVALS = {"generation.top_p": (0, 1, False, True), "ppo.gamma": (0, 1, True, True),
              "ppo.lam": (0, 1, True, True), "ppo.ema_alpha": (0, 1, True, True),

@@ -16,9 +16,10 @@ import torch.distributed as dist
 
 from meshrl.engine import checkpoint
 from meshrl.engine.data.tokenizer import load_tokenizer
-from meshrl.engine.distributed import init_distributed, is_main, world
+from meshrl.engine.distributed import default_store, init_distributed, is_main, world
 from meshrl.engine.model import save_hf
 from meshrl.engine.tasks import get_verifier
+from meshrl.engine.watchdog import Watchdog
 
 from .config import RunConfig, RunConfigError, to_yaml
 from .metrics import MetricsLogger, progress
@@ -56,8 +57,17 @@ class Job:
 class RunContext:
     def __init__(self, cfg: RunConfig, *, optim_steps: dict[str, int] | None = None):
         self.cfg = cfg
-        self.device = init_distributed()
+        self.device = init_distributed(cfg.dist.timeout_s)
         self.world, self.main = world(), is_main()
+        self.watchdog = Watchdog(cfg.dist.timeout_s, rank=dist.get_rank() if dist.is_initialized() else 0,
+                                 world=self.world, store=default_store()).start()
+        try:
+            self._setup(cfg, optim_steps)
+        except BaseException:
+            self.watchdog.close()
+            raise
+
+    def _setup(self, cfg: RunConfig, optim_steps: dict[str, int] | None):
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.calls = complete_calls(cfg, self.world)
@@ -174,7 +184,8 @@ class RunContext:
             if not layout.is_member or (job.reporter_only and not is_reporter(layout)):
                 continue
             local, first = share(job.items, layout)
-            with self.timed(job.timer or job.call):
+            timer = job.timer or job.call
+            with self.timed(timer, label=job.call if timer == job.call else f"{job.call} ({timer})"):
                 res = job.fn(self.stage(job.call), local, first)
             if is_reporter(layout):
                 mine.append((k, first, list(res)))
@@ -266,12 +277,14 @@ class RunContext:
 
     # ---- run services ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def timed(self, call: str):
+    def timed(self, call: str, label: str | None = None):
         """Accumulate this block's wall time (device work included) under ``time/<call>``; the
-        loop logs the sums every step, which is what `meshrl bench` and `meshrl plan` compare."""
+        loop logs the sums every step, which is what `meshrl bench` and `meshrl plan` compare.
+        The watchdog reports a stall inside it as ``label`` (default: ``call``)."""
         t0 = time.perf_counter()
         try:
-            yield
+            with self.watchdog.inside(label or call):
+                yield
         finally:
             if self.device.type != "cpu":
                 torch.accelerator.synchronize()
@@ -312,6 +325,10 @@ class RunContext:
                     "dp": m.layout.dp_size} for n, m in self.models.items()}
 
     def save(self, step: int):
+        with self.watchdog.inside(f"checkpoint step {step}"):
+            self._save(step)
+
+    def _save(self, step: int):
         checkpoint.save(self.cfg.run_dir, step, *self._held(),
                         dict(self.host_state, layouts=self._home_layouts()),
                         keep=self.cfg.logging.keep_checkpoints)
@@ -339,4 +356,5 @@ class RunContext:
         self.barrier()
 
     def close(self):
+        self.watchdog.close()
         self.logger.close()

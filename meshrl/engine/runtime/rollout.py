@@ -58,6 +58,7 @@ def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1)
         # one session (and CUDA graph capture) for all batches
         with generator(stage, None if engine == "auto" else engine) as gen:
             for b in range(0, len(flat), batch):
+                ctx.watchdog.mark()
                 r = gen(flat[b:b + batch], params, seq_offset=first * k + b, device=ctx.device)
                 out += list(zip(r.output_ids, r.logprobs, r.finish_reason))
         return [out[i * k:(i + 1) * k] for i in range(len(local))]
@@ -105,7 +106,9 @@ def score(ctx, call: str, roll: Rollout) -> torch.Tensor:
         job = Job("rew_inf", idx, fn)
     scores = ctx.run_sharded_many([job])[0]
     out = torch.tensor(scores, dtype=torch.float32)
-    check_scores(out, "verifier" if ctx.verifier is not None else "reward model")
+    r = ctx.cfg.reward  # name the source as configured, e.g. reward.verifier=pkg.mod:fn
+    check_scores(out, f"reward.verifier={r.verifier}" if ctx.verifier is not None
+                 else f"reward.model={r.model}")
     return out
 
 
