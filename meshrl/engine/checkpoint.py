@@ -2,19 +2,23 @@
 
 Model tensors are keyed by their ShardSpec (name and range), so shards of one tensor never collide
 and replicated copies share a key and are written once. Optimizer states carry their own per-rank
-keys. Host-side state (step counters, data order, RNG, controllers) travels as a JSON file written
-by rank 0. A checkpoint becomes visible only when complete: it is written to ``step_N.tmp`` and
-renamed, and ``latest`` is updated last, so a run killed mid-save resumes from the previous one.
+keys. Host-side state (step counters, the training data's record count, KL controller, running
+moments) travels as a JSON file written by rank 0; each rank's random generators (torch, CUDA,
+numpy, Python) as ``rng/rank_R.pt``. A checkpoint becomes visible only when complete: it is
+written to ``step_N.tmp`` and renamed, and ``latest`` is updated last, so a run killed mid-save
+resumes from the previous one.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -57,6 +61,32 @@ def _single_process_quiet():
         yield
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _save_rng(folder: str):
+    """This rank's generators: nothing meshrl samples depends on them (sampling noise and data
+    order are counter-based), but a user's verifier or reward function may."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
+    torch.save(state, os.path.join(folder, "rng", f"rank_{_rank()}.pt"))
+
+
+def _load_rng(folder: str):
+    path = os.path.join(folder, "rng", f"rank_{_rank()}.pt")
+    if not os.path.exists(path):  # saved before generators were kept
+        return
+    state = torch.load(path, weights_only=False)
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _barrier():
     if dist.is_initialized():
         dist.barrier()
@@ -75,6 +105,7 @@ def save(run_dir: str, step: int, models: dict, trainers: dict, host_state: dict
     _barrier()
     with _single_process_quiet():
         dcp.save(_state(models, trainers), checkpoint_id=tmp)
+    _save_rng(tmp)
     steps = {n: t.steps for n, t in trainers.items()}
     if dist.is_initialized():  # rank 0 writes the host state but may hold none of the trainers
         parts = [None] * dist.get_world_size()
@@ -170,4 +201,5 @@ def load(ckpt: str, models: dict, trainers: dict, layouts: dict | None = None) -
                                      if k.startswith(prefix)})
     for name, trainer in trainers.items():
         trainer.steps = int(host["trainer_steps"][name])
+    _load_rng(ckpt)
     return host

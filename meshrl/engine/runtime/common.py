@@ -42,7 +42,21 @@ def load_prompt_file(ctx, path):
 
 def train_prompts(ctx):
     """The run's training prompts (PPO, GRPO, iterative DPO)."""
-    return load_prompt_file(ctx, ctx.cfg.data.train)
+    return training_data(ctx, load_prompt_file(ctx, ctx.cfg.data.train))
+
+
+def training_data(ctx, examples):
+    """The run's training examples, their count kept in the checkpoint. Data order is a pure
+    function of (seed, step, count) (``global_batch``), so a resumed run sees the uninterrupted
+    run's batches exactly when the file still holds as many usable records: refuse otherwise."""
+    saved, n = ctx.host_state.get("data"), len(examples)
+    if saved is not None and saved["records"] != n:
+        raise RunConfigError(f"data.train: {ctx.cfg.data.train} now gives {n} records, but the run "
+                             f"in {ctx.cfg.run_dir} was trained on {saved['records']} (from "
+                             f"{saved['train']}), so a resumed run would see other batches: restore "
+                             "the file, or give a new run_dir")
+    ctx.host_state["data"] = {"train": ctx.cfg.data.train, "records": n}
+    return examples
 
 
 def held_out(ctx, kind: str, load):

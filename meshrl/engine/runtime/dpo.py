@@ -11,7 +11,7 @@ import torch
 from meshrl.engine.algorithms.calls import dpo_call
 
 from .common import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, held_out,
-                     held_out_prompts, run_loop, step_count, train_prompts)
+                     held_out_prompts, run_loop, step_count, train_prompts, training_data)
 from .rollout import sample, sampling_params, score
 from .supervised import _load_pairs, pair_microbatches, pair_position_logps
 
@@ -54,7 +54,7 @@ class DPO:
     # ---- offline --------------------------------------------------------------------------------
     def run_offline(self) -> dict:
         ctx, cfg, D = self.ctx, self.cfg, self.D
-        data = _load_pairs(ctx, cfg.data.train)
+        data = training_data(ctx, _load_pairs(ctx, cfg.data.train))
 
         def step(s):
             return self.train_step([data[i] for i in global_batch(len(data), D.batch_size, s, cfg.seed)])

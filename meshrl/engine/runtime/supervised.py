@@ -9,7 +9,7 @@ from meshrl.engine.data.preference import load_pairs
 from meshrl.engine.train import global_token_count, infer
 
 from .common import (data_lengths, evaluate_pass_rate, global_batch, held_out, held_out_prompts,
-                     loaded, run_loop, step_count)
+                     loaded, run_loop, step_count, training_data)
 
 
 def sft_microbatches(examples, max_tokens: int, pad: int = 1):
@@ -64,7 +64,7 @@ def pair_position_logps(ctx, call: str, pairs) -> list:
 
 def run_sft(ctx) -> dict:
     cfg, S, d = ctx.cfg, ctx.cfg.sft, ctx.cfg.data
-    data = _load_sft(ctx, d.train)
+    data = training_data(ctx, _load_sft(ctx, d.train))
     mt, pad = ctx.max_tokens("actor_train"), ctx.sp_pad("actor_train")
     layout = ctx.layout("actor_train")
 
@@ -128,7 +128,7 @@ def pair_scores(ctx, call: str, pairs) -> list:
 
 def run_rm(ctx) -> dict:
     cfg, R = ctx.cfg, ctx.cfg.rm
-    data = _load_pairs(ctx, cfg.data.train)
+    data = training_data(ctx, _load_pairs(ctx, cfg.data.train))
     mt, pad = ctx.max_tokens("rm_train"), ctx.sp_pad("rm_train")
 
     def step(s):

@@ -80,3 +80,31 @@ def test_keep_checkpoints_removes_only_older_ones(tmp_path):
     assert checkpoint.latest(str(tmp_path)).endswith("step_4")
     checkpoint.save(str(tmp_path), 5, {}, {}, {})  # keep=0: nothing removed
     assert (tmp_path / "checkpoints" / "step_3").exists()
+
+
+def test_a_checkpoint_restores_every_random_generator(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    checkpoint.save(str(tmp_path), 1, {}, {}, {})
+    after_save = draws()
+    draws()  # the generators move on (a killed run's later steps)
+    checkpoint.load(checkpoint.latest(str(tmp_path)), {}, {})
+    assert draws() == after_save
+
+
+def test_a_resume_on_other_training_data_is_refused(tmp_path):
+    from meshrl.engine.runtime.common import training_data
+    ctx = types.SimpleNamespace(host_state={}, cfg=types.SimpleNamespace(
+        run_dir=str(tmp_path), data=types.SimpleNamespace(train="train.jsonl")))
+    assert training_data(ctx, [1, 2, 3]) == [1, 2, 3]
+    assert ctx.host_state["data"] == {"train": "train.jsonl", "records": 3}  # saved with the state
+    assert training_data(ctx, [4, 5, 6]) == [4, 5, 6]  # as many records: the same batch indices
+    with pytest.raises(RunConfigError, match="data.train: train.jsonl now gives 2 records, but the run "
+                                             "in .* was trained on 3"):
+        training_data(ctx, [1, 2])
