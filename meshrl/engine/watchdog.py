@@ -98,7 +98,7 @@ class Watchdog:
                     "step": self._step, "pid": os.getpid(), "host": socket.gethostname()}
 
     def _loop(self):
-        while not self._stop.wait(self.interval_s):
+        while True:  # the first beat at once: every rank is known (with its pid) from the start
             self._beats += 1
             mine = self._state()
             self._observe(self.rank, mine)
@@ -107,6 +107,8 @@ class Watchdog:
             stalled = time.monotonic() - max(s[3] for s in self._seen.values())
             if stalled > self.timeout_s:
                 self._fire(stalled)
+                return
+            if self._stop.wait(self.interval_s):
                 return
 
     def _exchange(self, mine: dict):

@@ -74,3 +74,19 @@ def test_a_single_process_reports_its_own_stall():
         assert _wait(lambda: exited == [EXIT_CODE])
     dog.close()
     assert "rank 0 of 1" in out.getvalue() and "this rank is in actor_train" in out.getvalue()
+
+
+def _heartbeats_through_the_process_groups_store():
+    from meshrl.engine.distributed import default_store
+    rank = dist.get_rank()
+    dog = Watchdog(60, rank=rank, world=2, store=default_store(), interval_s=0.05).start()
+    with dog.inside(f"call_{rank}"):
+        dog.mark(step=rank + 4)
+        ok = _wait(lambda: dog._seen[1 - rank][4].get("where") == f"call_{1 - rank}")
+        dist.barrier()
+    dog.close()
+    return ok, dog._seen[1 - rank][4].get("step")
+
+
+def test_heartbeats_travel_through_the_process_groups_store(dist_pool):
+    assert dist_pool(2).run(_heartbeats_through_the_process_groups_store) == [(True, 5), (True, 4)]

@@ -162,12 +162,18 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
         if ctx.main:
             print(f"{desc}: {ctx.cfg.run_dir} is complete at step {total}; nothing to run")
         return final_evaluation(ctx.cfg.run_dir, total)
-    cfg = ctx.cfg.logging
     if eval_fn and eval_data and ctx.cfg.data.eval:
         eval_data()
     for m in ctx.trained_models().values():
         if m.trainer is not None and m.trainer.cfg.total_steps is None:
             m.trainer.cfg.total_steps = total * updates_per_step
+    with ctx.watchdog.inside(f"the {desc} loop"):
+        return _loop(ctx, total, step_fn, desc=desc, eval_fn=eval_fn, show=show)
+
+
+def _loop(ctx, total, step_fn, *, desc, eval_fn, show):
+    """``run_loop``'s steps, from the resumed step to the end."""
+    cfg = ctx.cfg.logging
     bar = ctx.progress(total, desc, initial=ctx.start_step)
     last = {}
     for step in range(ctx.start_step, total):

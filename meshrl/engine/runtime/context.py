@@ -190,7 +190,9 @@ class RunContext:
             if is_reporter(layout):
                 mine.append((k, first, list(res)))
         outs = [[None] * len(job.items) for job in jobs]
-        for part in all_gather_objects(mine):
+        with self.watchdog.inside("the gather after " + ", ".join(job.call for job in jobs)):
+            parts = all_gather_objects(mine)
+        for part in parts:
             for k, first, res in part:
                 outs[k][first:first + len(res)] = res
         return outs
@@ -325,7 +327,7 @@ class RunContext:
                     "dp": m.layout.dp_size} for n, m in self.models.items()}
 
     def save(self, step: int):
-        with self.watchdog.inside(f"checkpoint step {step}"):
+        with self.watchdog.inside(f"saving checkpoints/step_{step}"):
             self._save(step)
 
     def _save(self, step: int):
