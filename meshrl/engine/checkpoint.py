@@ -140,8 +140,9 @@ def _complete(folder: str) -> list[tuple[int, str]]:
 
 
 def latest(run_dir: str) -> str | None:
-    """The checkpoint ``latest`` names; if it has gone, the newest complete one left (with a
-    warning), and an error when none is, rather than a silent fresh start over the run's logs."""
+    """The checkpoint ``latest`` names; if it has gone or is incomplete (copied or removed in part
+    by hand), the newest complete one left (with a warning), and an error when none is, rather
+    than a silent fresh start over the run's logs."""
     folder = os.path.join(run_dir, "checkpoints")
     path = os.path.join(folder, "latest")
     if not os.path.exists(path):
@@ -149,14 +150,15 @@ def latest(run_dir: str) -> str | None:
     with open(path) as f:
         name = f.read().strip()
     ckpt = os.path.join(folder, name)
-    if os.path.isdir(ckpt):
+    if os.path.isfile(os.path.join(ckpt, "host_state.json")):
         return ckpt
+    why = "incomplete (no host_state.json)" if os.path.isdir(ckpt) else "missing"
     left = _complete(folder)
     if not left:
-        raise CheckpointError(f"{path} names {name}, which is missing, and no other checkpoint is "
+        raise CheckpointError(f"{path} names {name}, which is {why}, and no other checkpoint is "
                               "complete: restore it, or set resume=false to start afresh (which "
                               "replaces the run's metrics)")
-    warnings.warn(f"{path} names {name}, which is missing: resuming from {left[-1][1]}", stacklevel=2)
+    warnings.warn(f"{path} names {name}, which is {why}: resuming from {left[-1][1]}", stacklevel=2)
     return left[-1][1]
 
 

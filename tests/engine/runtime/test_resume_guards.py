@@ -30,6 +30,9 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step_6")
     with pytest.warns(UserWarning, match="names step_6, which is missing: resuming from .*step_4"):
         assert checkpoint.latest(str(tmp_path)) == str(four)
+    (tmp_path / "checkpoints" / "step_6").mkdir()  # a folder without its host state: incomplete
+    with pytest.warns(UserWarning, match="names step_6, which is incomplete .*: resuming from .*step_4"):
+        assert checkpoint.latest(str(tmp_path)) == str(four)
 
 
 def test_latest_naming_nothing_left_is_an_error_not_a_fresh_start(tmp_path):
