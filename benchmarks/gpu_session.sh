@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU session: correctness first, then the benchmarks. Run from the repo root on the
 # lent machine (PYTHONPATH-based: no installs). Logs and new result JSON go to $OUT (or ./gpu_out).
-#   bash benchmarks/gpu_session.sh                                  # everything (~6 min on an H100)
+#   bash benchmarks/gpu_session.sh                                  # everything (~8 min on an H100)
 #   STEPS="gpu_check generate_bench" bash benchmarks/gpu_session.sh # a subset
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
@@ -24,12 +24,15 @@ step() {  # name, seconds, command...
   grep -v -e "Warning" -e "warn(" -e "it/s]" "$OUT/$name.log" | tail -n 25
   echo "=== $name rc=$rc in $((SECONDS - t0)) s"
 }
-step gpu_check 90 python benchmarks/gpu_check.py
+# the correctness checks (benchmarks/gpu_check.py: ~30 named checks; torch.compile, graph capture and
+# Triton JIT for a dozen kernel shapes take most of its 2–3 minutes on a fresh machine)
+step gpu_check 300 python benchmarks/gpu_check.py
 step kernel_tests 150 python -m pytest -q -x tests/kernels -k cuda -p no:cacheprovider
 step kernels_bench 150 python benchmarks/kernels.py ${KERNEL_FLAGS:-}
 step train_bench 200 python benchmarks/train_throughput.py ${TRAIN_FLAGS:-}
 step realloc_bench 120 python benchmarks/realloc.py
-step generate_bench 240 python benchmarks/generate.py --check ${GEN_FLAGS:-}
+# no --check: gpu_check's fastgen checks compare the same engine on the same model (GEN_FLAGS=--check adds it)
+step generate_bench 240 python benchmarks/generate.py ${GEN_FLAGS:-}
 step attention_bench 150 python benchmarks/decode_attention.py
 step gemm_bench 90 python benchmarks/decode_gemms.py
 # not in the default STEPS (the session would pass 10 minutes): where a decode step's time goes, and

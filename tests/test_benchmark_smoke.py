@@ -29,3 +29,23 @@ def test_decode_gemms_benchmark_smoke(tmp_path):
     rows = json.loads(result.read_text())["rows"]
     assert {r["variant"] for r in rows} == {"cublas", "cublaslt", "W @ xT"} and len(rows) == 6
     assert all(r["us_per_layer"] > 0 and r["max_err"] < 1e-3 for r in rows)
+
+
+def test_gpu_check_cpu_smoke():
+    """benchmarks/gpu_check.py on CPU: what needs no CUDA runs (engines' CPU paths, the kernels'
+    torch paths at small sizes) and passes; every CUDA-only check says it was skipped."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="")  # the CPU run, on any host
+    for var in ("MESHRL_KERNELS", "TRITON_INTERPRET", "MESHRL_GENERATE"):
+        env.pop(var, None)
+    script = str(ROOT / "benchmarks" / "gpu_check.py")
+    names = subprocess.run([sys.executable, script, "--list"], env=env, capture_output=True, text=True,
+                           timeout=120, check=True).stdout.splitlines()
+    assert len(names) >= 25 and len(set(names)) == len(names)
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for name in names:
+        assert f"skip (needs CUDA): {name}" in lines or any(
+            line.startswith(f"ok   {name}: ") for line in lines), f"{name}: neither ok nor skipped"
+    assert not any(line.startswith("FAIL") for line in lines)
+    assert sum(line.startswith("skip (needs CUDA): ") for line in lines) >= 5
