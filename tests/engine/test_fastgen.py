@@ -44,8 +44,10 @@ def _same(ref, got, where=""):
     assert got.output_ids == ref.output_ids, f"tokens differ {where}"
     assert got.finish_reason == ref.finish_reason, f"finish reasons differ {where}"
     for a, b in zip(ref.logprobs, got.logprobs):
-        # fp32 both sides; the step differs from the stage forward only in summation order
-        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0), where
+        # fp32 both sides; the step differs from the stage forward only in summation order. With
+        # the tiny models' 0.2 init (logits up to |6.5|) the measured max |diff| is 1.65e-5 (llama,
+        # case 3; about 35 fp32 ulps of the largest logit): 3e-5 allows about 2x
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=3e-5, rtol=0), where
 
 
 def _both(stage, prompts, params, every, offset=0, **opts):

@@ -39,14 +39,24 @@ def _merge(results):
     return [got[i] for i in sorted(got)]
 
 
+# Greedy token equality holds only where the top two logits are further apart than the engines'
+# fp32 differences (<= 1.2e-5, test_model_parity.py). The seed and prompts here give a smallest
+# top-1 minus top-2 gap of 1.2e-2 along transformers' greedy paths (measured with the 0.2 init);
+# a change that creates a near-tie fails on this bound, not as a puzzling token mismatch.
+MIN_GREEDY_GAP = 1e-3
+
+
 def _hf_greedy(path, prompts, n):
     import transformers
     m = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     outs = []
     for p in prompts:
         g = m.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=2,
-                       pad_token_id=0)
-        outs.append(g[0, len(p):].tolist())
+                       pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        outs.append(g.sequences[0, len(p):].tolist())
+        for step in g.logits:
+            top2 = step[0].topk(2).values
+            assert top2[0] - top2[1] > MIN_GREEDY_GAP, f"near-tie in the greedy path of {p}: {top2}"
     return m, outs
 
 
@@ -72,7 +82,8 @@ def test_sampling_is_layout_independent_and_logprobs_teacher_forced(dist_pool, l
         with torch.no_grad():
             logits = m(torch.tensor([p + toks])).logits[0].float() / 0.8
         ref = torch.log_softmax(logits, -1)[len(p) - 1:-1].gather(-1, torch.tensor(toks)[:, None])
-        # fp32 both sides; 1e-5 is the acceptance bound
+        # fp32 both sides, log-probs down to about -5: measured max |diff| 4.8e-6 (about 10 fp32
+        # ulps), under the 1e-5 the acceptance asks for
         assert torch.allclose(torch.tensor(logps), ref.squeeze(-1), atol=1e-5, rtol=0)
 
 

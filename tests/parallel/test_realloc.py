@@ -164,8 +164,9 @@ def _check(results, src_spec, dst_spec, check_outputs, label):
         assert torch.equal(after, direct), f"{label}: outputs differ from a directly loaded layout"
         if src_spec[1] == dst_spec[1]:
             assert torch.equal(after, before), f"{label}: same tp, outputs must be bit-equal"
-        else:  # fp32; a different tp sums matmul partials in another order
-            torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
+        else:  # fp32; a different tp sums matmul partials in another order: measured max |diff|
+            # 1.34e-5 (heads6, tp3 -> tp2) on logits up to |6.2| from the tiny models' 0.2 init
+            torch.testing.assert_close(after, before, rtol=0, atol=3e-5)
     sent = [c["counts"]["sent"] for c in results if c["counts"]["sent"]]
     recv = [(r["counts"]["received"], stats["min_recv_bytes"][r["rank"]]) for r in results
             if r["rank"] in dst_spec[0]]

@@ -9,11 +9,14 @@ from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
 
 KINDS = ["llama", "mistral", "qwen2"]
-LENGTHS = [5, 40, 1, 17]  # 40 > mistral's window of 16, so the window is exercised
+LENGTHS = [5, 40, 1, 17]  # 40 > mistral's window of 16 and llama3 rope's original 32 positions
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 2, 2), (4, 1, 1)]
 # fp32 end to end; the only differences from transformers are summation orders (tp all-reduce,
-# per-sequence vs batched attention), well under the 1e-4 the acceptance asks for.
-ATOL = 1e-4
+# per-sequence vs batched attention). With the tiny models' 0.2 init (logits up to |6.4|, attention
+# far from uniform) the measured max |diff| over all kinds, layouts and sequences is 1.22e-5
+# (qwen2 at tp=2; llama 1.14e-5, mistral 1.06e-5): about 25 fp32 ulps of the largest logit after
+# 4 layers. 2e-5 leaves room for another CPU's BLAS; a rope-scaling bug moves logits by 0.1-1.3.
+ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
