@@ -135,3 +135,11 @@ def infer(stage, microbatches: list[PackedBatch], fn) -> list:
 def global_token_count(microbatches: list[PackedBatch], layout, key: str = "loss_mask") -> float:
     local = sum(float(mb.tokens[key].sum()) for mb in microbatches)
     return global_sum(local, layout.dp_group)
+
+
+def global_seq_count(microbatches: list[PackedBatch], layout, key: str = "loss_mask") -> float:
+    """Sequences with at least one counted token (``key``) over every microbatch and dp rank: the
+    normaliser of a sequence-mean loss."""
+    from meshrl.engine.algorithms.reductions import segment_sum
+    local = sum(float((segment_sum(mb.tokens[key], mb.meta.cu_seqlens) > 0).sum()) for mb in microbatches)
+    return global_sum(local, layout.dp_group)

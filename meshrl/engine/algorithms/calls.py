@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from meshrl.engine.algorithms import losses as L
-from meshrl.engine.algorithms.reductions import masked_mean
+from meshrl.engine.algorithms.policy_losses import LossCounts, aggregate, policy_terms
+from meshrl.engine.algorithms.reductions import masked_mean, zero_masked
 
 
 def _share(metrics: dict, local: torch.Tensor | float, total: float) -> dict:
@@ -95,23 +96,34 @@ def dpo_call(num_pairs: float, num_chosen_tokens: float, *, beta: float, loss_ty
     return fn
 
 
-# ---- PPO and GRPO -----------------------------------------------------------------------------
-def ppo_actor_call(num_tokens: float, *, clip_eps: float, temperature: float,
-                   entropy_coef: float = 0.0):
-    """The clipped surrogate (and entropy bonus) with the current log-probs and entropies taken at
-    the sampling ``temperature``, as the old and reference log-probs are: on policy, ρ = 1."""
+# ---- PPO and the critic-free family -------------------------------------------------------------
+def policy_call(counts: LossCounts, *, kind: str = "clip", agg: str = "token-mean", temperature: float,
+                clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, clip_ratio_c: float = 3.0,
+                entropy_coef: float = 0.0, kl_coef: float = 0.0, kl_estimator: str = "k3"):
+    """The actor's update: objective ``kind`` on the old log-probs and advantages in the batch,
+    plus kl_coef·KL(π‖π_ref) per token when the KL is in the loss (``mb.tokens['ref_logp']``) and
+    the entropy bonus, reduced by ``agg`` over the step's global ``counts``. Current log-probs and
+    entropies are taken at the sampling ``temperature``, as the old and reference ones are: on
+    policy, ρ = 1."""
     def fn(stage, hidden, mb):
         mask = mb.tokens["action_mask"].bool()
+        cu = mb.meta.cu_seqlens
         out = stage.token_logprobs(hidden, mb.tokens["labels"], temperature=temperature,
                                    return_entropy=entropy_coef > 0)
         logp, ent = out if entropy_coef > 0 else (out, None)
-        loss, m = L.ppo_policy_loss(logp, mb.tokens["old_logp"], mb.tokens["advantages"], mask,
-                                    clip_eps=clip_eps, num_tokens=num_tokens)
+        per_token, m = policy_terms(logp, mb.tokens["old_logp"], mb.tokens["advantages"], mask, cu,
+                                    kind=kind, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+                                    clip_ratio_c=clip_ratio_c)
+        if kl_coef:
+            kl = L.kl_estimate(zero_masked(logp, mask), zero_masked(mb.tokens["ref_logp"], mask),
+                               kl_estimator)
+            per_token = per_token + kl_coef * kl
+            m["kl"] = masked_mean(kl.detach(), mask)
         if ent is not None:
-            loss = loss + L.entropy_bonus(ent, mask, coef=entropy_coef, num_tokens=num_tokens)
+            per_token = per_token - entropy_coef * ent.to(per_token.dtype)
             m["entropy"] = masked_mean(ent.detach(), mask)
-        n = mask.sum()
-        return loss, {"actor_loss": loss.detach(), **_share(m, n, num_tokens)}
+        loss = aggregate(per_token, mask, cu, agg, counts)
+        return loss, {"actor_loss": loss.detach(), **_share(m, mask.sum(), counts.tokens)}
     return fn
 
 
@@ -122,16 +134,4 @@ def ppo_critic_call(num_tokens: float, *, value_clip: float | None):
                                    mb.tokens["returns"], mask, value_clip=value_clip,
                                    num_tokens=num_tokens)
         return loss, {"critic_loss": loss.detach(), **_share(m, mask.sum(), num_tokens)}
-    return fn
-
-
-def grpo_actor_call(num_tokens: float, *, clip_eps: float, kl_coef: float, temperature: float):
-    """GRPO's loss; current log-probs at the sampling ``temperature`` (see ``ppo_actor_call``)."""
-    def fn(stage, hidden, mb):
-        mask = mb.tokens["action_mask"].bool()
-        logp = stage.token_logprobs(hidden, mb.tokens["labels"], temperature=temperature)
-        loss, m = L.grpo_policy_loss(logp, mb.tokens["old_logp"], mb.tokens["ref_logp"],
-                                     mb.tokens["advantages"], mask, clip_eps=clip_eps,
-                                     kl_coef=kl_coef, num_tokens=num_tokens)
-        return loss, {"actor_loss": loss.detach(), **_share(m, mask.sum(), num_tokens)}
     return fn

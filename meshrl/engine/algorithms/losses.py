@@ -1,4 +1,6 @@
 """Losses and RL math for SFT, reward models, DPO, PPO and GRPO: pure functions on tensors.
+(The critic-free estimators are in ``advantages``, the policy objectives and aggregations in
+``policy_losses``.)
 
 This module holds SFT and the Bradley–Terry reward-model loss and re-exports the rest, so callers
 import every loss from one place. Conventions shared by all of them:
@@ -17,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from meshrl.engine.algorithms.dpo_losses import dpo_loss
-from meshrl.engine.algorithms.grpo_losses import group_normalize, grpo_policy_loss
+from meshrl.engine.algorithms.advantages import group_normalize
+from meshrl.engine.algorithms.grpo_losses import grpo_policy_loss
 from meshrl.engine.algorithms.ppo_losses import (AdaptiveKLController, FixedKLController,
                                                  entropy_bonus, kl_estimate, kl_k1, kl_k2, kl_k3,
                                                  ppo_policy_loss, ppo_value_loss, shape_rewards)

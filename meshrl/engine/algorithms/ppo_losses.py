@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from meshrl.engine.algorithms.policy_losses import policy_terms
 from meshrl.engine.algorithms.reductions import (Count, acc_dtype, check_nonempty,
                                                  last_token_index, masked_mean, token_mean,
                                                  zero_masked)
@@ -126,23 +127,6 @@ class AdaptiveKLController:
         self.horizon = int(state["horizon"])
 
 
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      clip_eps: float, mask: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token −min(ρ·A, clip(ρ, 1−ε, 1+ε)·A) -> (loss_t, clipped_t, log ρ_t).
-
-    clipped_t marks tokens where the clipped branch is strictly smaller, i.e. the tokens whose
-    gradient the clip removed (ρ beyond 1+ε with A > 0, or below 1−ε with A < 0). Masked-out
-    tokens get ρ = 1, A = 0, so whatever they hold cannot reach the gradient as NaN.
-    """
-    log_ratio = zero_masked(_log_ratio(logp, old_logp.detach()), mask)
-    ratio = torch.exp(log_ratio)
-    adv = zero_masked(advantages.detach().to(ratio.dtype), mask)
-    unclipped = ratio * adv
-    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
-    return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach(), log_ratio.detach()
-
-
 def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor | None = None, *, clip_eps: float = 0.2,
                     num_tokens: Count | None = None
@@ -154,17 +138,11 @@ def ppo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
     Metrics over this shard: ``clip_frac`` (tokens whose gradient the clip removed),
     ``ratio_out_frac`` (|ρ − 1| > ε, regardless of the advantage's sign), ``approx_kl``
     (k3 estimate of KL(π_old‖π): exp(log ρ) − 1 − log ρ, averaged), ``ratio_mean``.
+    The other objectives and aggregations: ``policy_losses``.
     """
-    per_token, clipped, log_ratio = clipped_surrogate(logp, old_logp, advantages, clip_eps, mask)
-    loss = token_mean(per_token, mask, num_tokens=num_tokens)
-    ratio = log_ratio.exp()
-    metrics = {
-        "clip_frac": masked_mean(clipped.to(ratio.dtype), mask),
-        "ratio_out_frac": masked_mean(((ratio - 1).abs() > clip_eps).to(ratio.dtype), mask),
-        "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-        "ratio_mean": masked_mean(ratio, mask),
-    }
-    return loss, metrics
+    per_token, metrics = policy_terms(logp, old_logp, advantages, mask, kind="clip",
+                                      clip_eps_low=clip_eps, clip_eps_high=clip_eps)
+    return token_mean(per_token, mask, num_tokens=num_tokens), metrics
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

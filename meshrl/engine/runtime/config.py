@@ -124,15 +124,35 @@ class DPOSpec:
 
 
 @dataclass(kw_only=True)
-class PPOSpec:
+class PolicyGradientSpec:
+    """What PPO and the critic-free family share: one loop, one advantage estimator and one policy
+    loss per run (see README, "The RL algorithm menu")."""
     iterations: int = 100
-    batch_size: int = 512  # prompts per iteration
+    batch_size: int = 64  # prompts per iteration
     minibatches: int = 4
     epochs: int = 1
+    advantage: str = "gae"  # ppo: gae; grpo: grpo | dr_grpo | rloo | reinforce_pp | reinforce_pp_baseline | remax
+    policy_loss: str = "clip"  # clip | dual_clip | gspo
     clip_eps: float = 0.2
-    value_clip: float = 0.2
+    clip_eps_low: Optional[float] = None  # default clip_eps
+    clip_eps_high: Optional[float] = None  # default clip_eps; DAPO's clip-higher: 0.28
+    clip_ratio_c: float = 3.0  # dual_clip: a negative advantage's loss is capped at c·|A|
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_agg_len: Optional[int] = None  # seq-mean-token-sum-norm's constant (default generation.max_new_tokens)
+    entropy_coef: float = 0.0
     kl_coef: float = 0.1
     kl_estimator: str = "k1"
+    # DAPO's length handling: leave truncated responses out of the loss, and/or lower the score
+    # linearly over the last overlong_buffer tokens before generation.max_new_tokens (to −penalty)
+    overlong_filter: bool = False
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+
+
+@dataclass(kw_only=True)
+class PPOSpec(PolicyGradientSpec):
+    batch_size: int = 512  # prompts per iteration
+    value_clip: float = 0.2
     adaptive_kl: bool = False
     kl_target: float = 6.0
     kl_horizon: int = 10000
@@ -141,7 +161,6 @@ class PPOSpec:
     lam: float = 1.0
     adv_norm: bool = True
     value_norm: bool = True
-    entropy_coef: float = 0.0
     ema_ref: bool = False
     ema_alpha: float = 0.999
     truncated: str = "score"  # score | bootstrap
@@ -149,14 +168,18 @@ class PPOSpec:
 
 
 @dataclass(kw_only=True)
-class GRPOSpec:
-    iterations: int = 100
-    batch_size: int = 64  # prompts per iteration
-    group_size: int = 8
-    minibatches: int = 4
-    epochs: int = 1
-    clip_eps: float = 0.2
+class GRPOSpec(PolicyGradientSpec):
+    """The critic-free family: ``advantage`` picks the estimator (GRPO by default)."""
+    advantage: str = "grpo"
+    group_size: int = 8  # samples per prompt (remax and reinforce_pp may use 1)
     kl_coef: float = 0.04
+    kl_estimator: str = "k3"
+    kl_in: str = "loss"  # loss (GRPO: k3 in the loss) | reward (REINFORCE++, RLOO: −β·KL per token)
+    gamma: float = 1.0  # discount of the per-token returns (REINFORCE++)
+    # DAPO's dynamic sampling: groups whose samples all score alike are dropped and more prompts
+    # are drawn until batch_size groups are kept, for at most max_sampling_rounds draws per step
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
 
 
 @dataclass(kw_only=True)
@@ -263,11 +286,39 @@ def validate(cfg: RunConfig) -> None:
     if cfg.algorithm == "ppo" and cfg.ppo.batch_size % cfg.ppo.minibatches:
         raise RunConfigError(f"ppo.batch_size={cfg.ppo.batch_size} is not divisible by "
                              f"ppo.minibatches={cfg.ppo.minibatches}")
+    if cfg.algorithm in ("ppo", "grpo"):
+        _validate_policy_gradient(cfg)
     if cfg.generation.engine not in GENERATION_ENGINES:
         raise RunConfigError(f"generation.engine={cfg.generation.engine}: use one of "
                              f"{', '.join(GENERATION_ENGINES)}")
     if cfg.data.train is None:
         raise RunConfigError("data.train is not set: give the training JSONL (data.train=PATH)")
+
+
+def _validate_policy_gradient(cfg: RunConfig) -> None:
+    """What the RL loop's choices need of each other (value ranges: ``config_ranges``)."""
+    from meshrl.engine.algorithms.advantages import GROUP_ESTIMATORS
+    sec = cfg.algorithm
+    S = getattr(cfg, sec)
+    if sec == "ppo" and S.advantage != "gae":
+        raise RunConfigError(f"ppo.advantage={S.advantage}: ppo's advantages come from its critic (gae); "
+                             f"the critic-free estimators run as algorithm=grpo grpo.advantage={S.advantage}")
+    if S.policy_loss == "dual_clip" and not S.clip_ratio_c > 1:
+        raise RunConfigError(f"{sec}.clip_ratio_c={S.clip_ratio_c}: must exceed 1 (dual_clip caps a "
+                             "negative advantage's loss at clip_ratio_c·|A|)")
+    if S.overlong_buffer > cfg.generation.max_new_tokens:
+        raise RunConfigError(f"{sec}.overlong_buffer={S.overlong_buffer} exceeds generation.max_new_tokens="
+                             f"{cfg.generation.max_new_tokens}: the penalty ramps over the last tokens "
+                             "before that limit, so use at most it")
+    if S.kl_coef > 0 and "ref" not in cfg.models and "ref_inf" not in cfg.calls:
+        raise RunConfigError(f"{sec}.kl_coef={S.kl_coef} needs a reference model: add models.ref "
+                             f"(e.g. {{init_from: actor}}), or set {sec}.kl_coef=0")
+    if sec == "grpo":
+        if S.group_size < 2 and (S.advantage in GROUP_ESTIMATORS or S.dynamic_sampling):
+            need = f"grpo.advantage={S.advantage}" if S.advantage in GROUP_ESTIMATORS else \
+                "grpo.dynamic_sampling"
+            raise RunConfigError(f"grpo.group_size={S.group_size}: {need} compares the samples of a "
+                                 "prompt with each other, so it needs at least 2")
 
 
 def to_yaml(cfg: RunConfig) -> str:

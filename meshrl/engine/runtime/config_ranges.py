@@ -3,31 +3,42 @@ negative, probabilities in range, names from their lists. Each failure is one li
 its value and what it must be. ``None`` (an unset optional field) always passes."""
 from __future__ import annotations
 
+from meshrl.engine.algorithms.advantages import ESTIMATORS
 from meshrl.engine.algorithms.dpo_losses import LOSS_TYPES
+from meshrl.engine.algorithms.policy_losses import AGGREGATIONS, POLICY_LOSSES
 from meshrl.engine.algorithms.ppo_losses import KL_ESTIMATORS
 from meshrl.engine.train import SCHEDULES
 
+def _rl(*fields) -> tuple:
+    """The fields PPO and the critic-free family share, under both sections."""
+    return tuple(f"{sec}.{f}" for f in fields for sec in ("ppo", "grpo"))
+
+
 AT_LEAST_1 = ("sft.batch_size", "sft.epochs", "sft.steps", "rm.batch_size", "rm.epochs", "rm.steps",
               "dpo.batch_size", "dpo.epochs", "dpo.steps", "dpo.prompts_per_round",
-              "ppo.iterations", "ppo.batch_size", "ppo.minibatches", "ppo.epochs", "ppo.kl_horizon",
-              "grpo.iterations", "grpo.batch_size", "grpo.minibatches", "grpo.epochs",
+              *_rl("iterations", "batch_size", "minibatches", "epochs", "loss_agg_len"),
+              "ppo.kl_horizon", "grpo.group_size", "grpo.max_sampling_rounds",
               "generation.max_new_tokens", "generation.batch_size", "data.max_prompt_len",
               "data.max_len", "cluster.nodes", "cluster.gpus_per_node", "calls.*.tp", "calls.*.pp",
               "calls.*.dp", "calls.*.microbatch_tokens")
-AT_LEAST_2 = ("dpo.samples_per_prompt", "grpo.group_size")  # a pair, a group's spread
-NOT_NEGATIVE = ("dpo.rounds", "dpo.sft_coef", "ppo.kl_coef", "ppo.value_clip", "grpo.kl_coef",
+AT_LEAST_2 = ("dpo.samples_per_prompt",)  # a pair (grpo.group_size: checked with its estimator)
+NOT_NEGATIVE = ("dpo.rounds", "dpo.sft_coef", *_rl("kl_coef", "entropy_coef", "overlong_buffer",
+                                                   "overlong_penalty"), "ppo.value_clip",
                 "logging.eval_every", "logging.save_every", "logging.keep_checkpoints",
                 "logging.dump_rollouts",
                 "generation.min_new_tokens", "generation.top_k", "data.eval_samples",
                 "models.*.optim.lr", "models.*.optim.weight_decay", "models.*.optim.warmup_steps")
-POSITIVE = ("generation.temperature", "dpo.beta", "ppo.clip_eps", "ppo.reward_clip", "ppo.kl_target",
-            "grpo.clip_eps", "models.*.optim.eps", "models.*.optim.max_grad_norm", "cluster.gpu_mem_gb",
-            "cluster.intra_node_gbps", "cluster.inter_node_gbps", "dist.timeout_s")
+POSITIVE = ("generation.temperature", "dpo.beta", *_rl("clip_eps", "clip_eps_low", "clip_eps_high"),
+            "ppo.reward_clip", "ppo.kl_target", "models.*.optim.eps", "models.*.optim.max_grad_norm",
+            "cluster.gpu_mem_gb", "cluster.intra_node_gbps", "cluster.inter_node_gbps", "dist.timeout_s")
 # (low, high, low included, high included)
 INTERVALS = {"generation.top_p": (0, 1, False, True), "ppo.gamma": (0, 1, True, True),
-             "ppo.lam": (0, 1, True, True), "ppo.ema_alpha": (0, 1, True, True),
+             "grpo.gamma": (0, 1, True, True), "ppo.lam": (0, 1, True, True),
+             "ppo.ema_alpha": (0, 1, True, True),
              "dpo.label_smoothing": (0, 0.5, True, False), "models.*.optim.min_lr_ratio": (0, 1, True, True)}
-CHOICES = {"models.*.optim.schedule": SCHEDULES, "ppo.kl_estimator": tuple(KL_ESTIMATORS),
+CHOICES = {"models.*.optim.schedule": SCHEDULES, **{k: tuple(KL_ESTIMATORS) for k in _rl("kl_estimator")},
+           **{k: POLICY_LOSSES for k in _rl("policy_loss")}, **{k: AGGREGATIONS for k in _rl("loss_agg")},
+           "grpo.advantage": ESTIMATORS, "grpo.kl_in": ("loss", "reward"),
            "dpo.loss_type": LOSS_TYPES, "data.too_long": ("error", "skip")}
 
 

@@ -35,14 +35,31 @@ class Rollout:
     def ended(self) -> torch.Tensor:
         return torch.tensor([f != "length" for f in self.finish])
 
+    def select(self, idx: list[int]) -> "Rollout":
+        """The sequences ``idx`` (scores included), in that order."""
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return Rollout(pick(self.prompts), pick(self.responses), pick(self.gen_logprobs),
+                       pick(self.finish), pick(self.records),
+                       None if self.scores is None else self.scores[idx])
 
-def sampling_params(gen_cfg, eos_ids, seed: int, iteration: int, *, greedy=False) -> SamplingParams:
-    """Each iteration draws fresh noise: the seed mixes the run seed and the iteration."""
+    @staticmethod
+    def concat(parts: list["Rollout"]) -> "Rollout":
+        cat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
+        scores = [p.scores for p in parts]
+        return Rollout(cat("prompts"), cat("responses"), cat("gen_logprobs"), cat("finish"),
+                       cat("records"), None if any(s is None for s in scores) else
+                       torch.cat(scores) if scores else torch.zeros(0))
+
+
+def sampling_params(gen_cfg, eos_ids, seed: int, iteration: int, *, greedy=False,
+                    draw: int = 0) -> SamplingParams:
+    """Each iteration (and each extra ``draw`` of dynamic sampling within it) draws fresh noise:
+    the seed mixes the run seed, the iteration and the draw."""
     return SamplingParams(max_new_tokens=gen_cfg.max_new_tokens,
                           min_new_tokens=gen_cfg.min_new_tokens, greedy=greedy,
                           temperature=gen_cfg.temperature, top_k=gen_cfg.top_k,
                           top_p=gen_cfg.top_p, eos_ids=list(eos_ids),
-                          seed=(seed * 1_000_003 + iteration * 7919) % (2**31 - 1))
+                          seed=(seed * 1_000_003 + iteration * 7919 + draw * 104_729) % (2**31 - 1))
 
 
 def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1) -> Rollout:
@@ -128,7 +145,8 @@ def pack_rollout(roll: Rollout, idx: list[int], token_fields: dict | None = None
     fields = {name: [[0.0] * (len(roll.prompts[i]) - 1) + list(per_seq[i]) + [0.0] for i in idx]
               for name, per_seq in (token_fields or {}).items()}
     mb = pack(seqs, loss_from=loss_from, token_fields=fields, pad_to_multiple=pad_to_multiple)
-    mb.tokens["action_mask"] = mb.tokens["loss_mask"]
+    # a ``counted`` field (1 or 0 per action) leaves responses out of the losses (overlong filter)
+    mb.tokens["action_mask"] = mb.tokens["loss_mask"] * mb.tokens.get("counted", 1.0)
     return mb
 
 

@@ -2,12 +2,12 @@
 one process."""
 from __future__ import annotations
 
-from . import dpo, grpo, ppo, supervised
+from . import dpo, policy_gradient, supervised
 from .config import load_run_config
 from .context import RunContext
 
-LOOPS = {"sft": supervised.run_sft, "rm": supervised.run_rm, "dpo": dpo.run, "ppo": ppo.run,
-         "grpo": grpo.run}
+LOOPS = {"sft": supervised.run_sft, "rm": supervised.run_rm, "dpo": dpo.run,
+         "ppo": policy_gradient.run, "grpo": policy_gradient.run}
 
 
 def run_config(cfg) -> dict:

@@ -132,7 +132,7 @@ def test_config_errors_are_one_line(workdir):
             ("generation.top_k=-5", "generation.top_k=-5: must not be negative"),
             ("generation.temperature=0", "generation.temperature=0.0: must be greater than 0"),
             ("generation.top_p=1.5", r"generation.top_p=1.5: must lie in \(0, 1\]"),
-            ("grpo.group_size=1", "grpo.group_size=1: must be at least 2"),
+            ("grpo.group_size=0", "grpo.group_size=0: must be at least 1"),
             ("ppo.kl_estimator=k4", "ppo.kl_estimator=k4: use one of k1, k2, k3"),
             ("models.critic.optim.schedule=cosin", "schedule=cosin: use one of constant, cosine, linear"),
             ("dpo.loss_type=hinge", "dpo.loss_type=hinge: use one of sigmoid, ipo")]:

@@ -1,0 +1,122 @@
+"""Policy losses of the PPO family and the ways a per-token loss becomes one number.
+
+``policy_terms`` gives the per-token loss of one objective; the actor's call adds the terms that
+ride with it (k3 KL when the KL is in the loss, the entropy bonus) and ``aggregate`` reduces the
+sum. Every reduction divides by a *global* count of the optimizer step's batch (``LossCounts``:
+all microbatches, data-parallel ranks and, on the last pipeline stage, the same numbers), and a
+response never spans two microbatches, so any split of the batch gives the same gradient.
+
+Objectives (ρ_t = π(a_t)/π_old(a_t), A_t the advantage):
+- ``clip``: −min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A) (Schulman et al. 2017); ε_low = ε_high is
+  PPO's, a larger ε_high is DAPO's clip-higher (Yu et al., arXiv 2503.14476).
+- ``dual_clip``: ``clip``, and for A < 0 the loss is also capped at −c·A (Ye et al., arXiv
+  1912.09729; verl's default, ``clip_ratio_c`` = 3): a ratio far above 1 on a bad action no longer
+  gives an unbounded push.
+- ``gspo``: the ratio of the whole response, length-normalised, s = exp(mean_t log ρ_t), clipped
+  as in ``clip`` (Zheng et al., GSPO, arXiv 2507.18071); per token s·π_t/sg(π_t), so its gradient is
+  s·∇log π_t (verl's GSPO-token form, the paper's gradient when A is constant over the response).
+
+Aggregations (verl's names; L_t the per-token loss over counted actions, n_b response b's count):
+- ``token-mean``: Σ_t L_t / N_tokens (every token weighs the same; DAPO's, TRL's default)
+- ``seq-mean-token-sum``: Σ_b Σ_t L_t / N_seqs
+- ``seq-mean-token-mean``: Σ_b (Σ_t L_t / n_b) / N_seqs (every response weighs the same; GRPO paper)
+- ``seq-mean-token-sum-norm``: Σ_b Σ_t L_t / (N_seqs · L_norm), L_norm a constant such as the
+  generation limit (Dr.GRPO: no length normalisation, so long wrong answers are not favoured)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from meshrl.engine.algorithms.reductions import (acc_dtype, expand_to_tokens, masked_mean,
+                                                 masked_sum, segment_sum, zero_masked)
+
+POLICY_LOSSES = ("clip", "dual_clip", "gspo")
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+_GSPO_MAX_LOG_RATIO = 10.0  # exp(10) bounds a sequence ratio whose log-ratio drifted far
+
+
+@dataclass(frozen=True)
+class LossCounts:
+    """The optimizer step's global normalisers: counted actions, responses with at least one
+    counted action, and ``seq-mean-token-sum-norm``'s constant length."""
+    tokens: float
+    seqs: float
+    norm_len: float = 1.0
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, cu_seqlens: torch.Tensor, mode: str,
+              counts: LossCounts) -> torch.Tensor:
+    """This shard's share of the batch loss under ``mode`` (see the module docstring). ``mask``
+    [N] marks counted actions; ``cu_seqlens`` [B+1] delimits the packed sequences (prompt and
+    response: the per-response sums only see the masked actions)."""
+    if mode == "token-mean":
+        return masked_sum(per_token, mask) / counts.tokens
+    if mode == "seq-mean-token-sum":
+        return masked_sum(per_token, mask) / counts.seqs
+    if mode == "seq-mean-token-sum-norm":
+        return masked_sum(per_token, mask) / (counts.seqs * counts.norm_len)
+    if mode == "seq-mean-token-mean":
+        dtype = acc_dtype(per_token.dtype)
+        sums = segment_sum(zero_masked(per_token.to(dtype), mask), cu_seqlens)
+        n = segment_sum(mask.to(dtype), cu_seqlens)
+        return (sums / n.clamp_min(1)).sum() / counts.seqs  # a response with no counted action: 0
+    raise ValueError(f"loss aggregation must be one of {', '.join(AGGREGATIONS)}, got {mode!r}")
+
+
+def _log_ratio(logp, old_logp, mask):
+    dtype = acc_dtype(logp.dtype)
+    return zero_masked(logp.to(dtype) - old_logp.detach().to(dtype), mask)
+
+
+def _clipped(ratio, adv, eps_low, eps_high):
+    """−min(ρA, clip(ρ)A), where the clip removed the gradient (the clipped branch is smaller),
+    and where ρ is outside the clip range whatever the advantage's sign."""
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv
+    out = ((ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high)).detach()
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).detach(), out
+
+
+def policy_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                 mask: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *, kind: str = "clip",
+                 clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, clip_ratio_c: float = 3.0
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token loss [N] of objective ``kind`` and this shard's metrics: ``clip_frac`` (actions
+    whose gradient the clip removed), ``ratio_out_frac`` (ratio outside the clip range, whatever
+    the advantage), ``approx_kl`` (k3 of KL(π_old‖π) per action), ``ratio_mean``;
+    ``dual_clip`` adds ``clip_frac_lower`` (negative-advantage actions capped at −c·A); ``gspo``
+    reports its sequence ratio's mean as ``seq_ratio_mean``. Masked-out positions get ρ = 1 and
+    A = 0 so nothing they hold reaches the gradient as NaN. ``cu_seqlens`` is needed by ``gspo``.
+    """
+    log_ratio = _log_ratio(logp, old_logp, mask)
+    adv = zero_masked(advantages.detach().to(log_ratio.dtype), mask)
+    metrics = {"approx_kl": masked_mean(torch.expm1(log_ratio.detach()) - log_ratio.detach(), mask),
+               "ratio_mean": masked_mean(log_ratio.detach().exp(), mask)}
+    if kind in ("clip", "dual_clip"):
+        loss, clipped, out = _clipped(log_ratio.exp(), adv, clip_eps_low, clip_eps_high)
+        if kind == "dual_clip":
+            if clip_ratio_c <= 1.0:
+                raise ValueError(f"clip_ratio_c must exceed 1 (the cap is c·|A|), got {clip_ratio_c}")
+            cap = -adv * clip_ratio_c
+            lower = ((adv < 0) & (loss > cap)).detach()
+            loss = torch.where(adv < 0, torch.minimum(loss, cap), loss)
+            metrics["clip_frac_lower"] = masked_mean(lower.to(loss.dtype), mask)
+    elif kind == "gspo":
+        if cu_seqlens is None:
+            raise ValueError("gspo needs cu_seqlens (its ratio is per response)")
+        m = mask.to(log_ratio.dtype)
+        n = segment_sum(m, cu_seqlens).clamp_min(1)
+        seq_log_ratio = (segment_sum(log_ratio, cu_seqlens) / n).detach()
+        lp = zero_masked(logp.to(log_ratio.dtype), mask)
+        token_seq = lp - lp.detach() + expand_to_tokens(seq_log_ratio, cu_seqlens, lp.numel())
+        loss, clipped, out = _clipped(token_seq.clamp(max=_GSPO_MAX_LOG_RATIO).exp(), adv,
+                                      clip_eps_low, clip_eps_high)
+        metrics["seq_ratio_mean"] = masked_mean(expand_to_tokens(seq_log_ratio.exp(), cu_seqlens,
+                                                                 lp.numel()), mask)
+    else:
+        raise ValueError(f"policy loss must be one of {', '.join(POLICY_LOSSES)}, got {kind!r}")
+    metrics["clip_frac"] = masked_mean(clipped.to(loss.dtype), mask)
+    metrics["ratio_out_frac"] = masked_mean(out.to(loss.dtype), mask)
+    return loss, metrics
