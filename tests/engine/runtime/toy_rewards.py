@@ -6,3 +6,8 @@ quickly (the arithmetic task needs minutes of SFT first)."""
 def sevens(records, completions):
     """Fraction of the completion's characters that are '7'."""
     return [sum(ch == "7" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def constant(records, completions):
+    """Every sample scores 0.5: no group ever has a spread (dynamic sampling cannot fill a batch)."""
+    return [0.5 for _ in completions]

@@ -1,0 +1,147 @@
+"""The algorithm menu end to end: each shipped example config (DAPO, RLOO, REINFORCE++) runs at
+tp=2 or pp=2 on gloo with its own settings — only the model, data, reward and sizes are swapped for
+tiny ones — and raises the reward; DAPO's dynamic sampling fills its batch, says so when it cannot
+(naming the knob) and resumes with the same prompt stream."""
+import json
+import os
+
+import pytest
+
+from meshrl.engine.data.jsonl import write_jsonl
+from meshrl.engine.runtime.config import load_run_config
+from meshrl.engine.runtime.metrics import read_metrics
+from meshrl.engine.runtime.run import run_config
+from meshrl.engine.tasks import make_dataset
+from meshrl.study.setup import init_scratch_model
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples")
+SEVENS = "tests.engine.runtime.toy_rewards:sevens"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("menu")
+    model = init_scratch_model(str(d / "init"), seed=3, overrides=TINY)
+    write_jsonl(d / "prompts.jsonl", make_dataset(300, seed=5, digits=(1, 2)))
+    return d, model
+
+
+def _overrides(d, model, name, layout, **grpo):
+    """The example's algorithm settings as shipped; what is swapped for a tiny, fast run."""
+    out = [f"run_dir={d / name}", f"models.actor.path={model}", f"data.train={d / 'prompts.jsonl'}",
+           "data.eval=null", "data.max_len=24", "data.max_prompt_len=12",
+           f"reward.verifier={SEVENS}", "generation.max_new_tokens=4", "models.actor.optim.lr=3e-3",
+           "logging.progress=false", "logging.tensorboard=false", "logging.eval_every=0",
+           "logging.save_every=0", "save_hf=false", *(f"calls.actor_train.{k}={v}" for k, v in layout.items())]
+    out += [f"grpo.{k}={v}" for k, v in grpo.items()]
+    return out
+
+
+def _run(path, overrides):
+    import torch.distributed as dist
+    cfg = load_run_config(path, overrides)
+    if "ref" in cfg.models:
+        cfg.models["ref"].path = cfg.models["actor"].path
+    run_config(cfg)
+    return dist.get_rank()
+
+
+def _train_rows(run_dir):
+    return [r for r in read_metrics(run_dir) if r["phase"] == "train"]
+
+
+def _moved(rows, metric="score"):
+    vals = [r[metric] for r in rows]
+    return sum(vals[:4]) / 4, sum(vals[-4:]) / 4
+
+
+# (example, layout, size overrides): every example at tp=2 or pp=2
+CASES = {"dapo": ({"tp": 2}, {"iterations": 12, "batch_size": 4, "group_size": 4, "overlong_buffer": 1}),
+         "rloo": ({"pp": 2}, {"iterations": 12, "batch_size": 8, "group_size": 4}),
+         "reinforce_pp": ({"tp": 2}, {"iterations": 12, "batch_size": 32})}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_example_config_runs_and_raises_the_reward(dist_pool, workdir, name):
+    d, model = workdir
+    layout, sizes = CASES[name]
+    path = os.path.join(EXAMPLES, f"{name}_arithmetic.yaml")
+    dist_pool(2).run(_run, path, _overrides(d, model, name, layout, **sizes))
+    rows = _train_rows(d / name)
+    assert len(rows) == sizes["iterations"]
+    first, last = _moved(rows)
+    assert last > first + 0.1, (name, first, last)
+    if name == "dapo":
+        # every step filled its batch of groups with a spread, drawing more prompts when needed
+        assert all(r["sampling/groups_kept"] == sizes["batch_size"] for r in rows)
+        assert any(r["sampling/draws"] > 1 for r in rows) and "overlong_penalty" in rows[0]
+        assert "kl_seq" not in rows[0]  # no KL term, no reference model
+    else:
+        assert "kl_seq" in rows[0]
+
+
+def _dapo(d, model, name, **extra):
+    sizes = dict(iterations=4, batch_size=4, group_size=4, overlong_buffer=1, **extra)
+    return load_run_config(os.path.join(EXAMPLES, "dapo_arithmetic.yaml"),
+                           _overrides(d, model, name, {}, **sizes) + ["logging.save_every=2"])
+
+
+def test_dynamic_sampling_that_cannot_fill_a_batch_says_so(workdir, capsys):
+    d, model = workdir
+    cfg = _dapo(d, model, "starved", max_sampling_rounds=3)
+    cfg.reward.verifier = "tests.engine.runtime.toy_rewards:constant"
+    cfg.grpo.iterations = 2
+    run_config(cfg)
+    out = capsys.readouterr().out
+    assert "grpo step 0: dynamic sampling kept 0 of 4 groups after 3 draws of 4 prompts" in out
+    assert "raise grpo.max_sampling_rounds" in out
+    rows = _train_rows(d / "starved")
+    assert [r["sampling/draws"] for r in rows] == [3.0, 3.0]  # the cap holds: it terminates
+    assert [r["sampling/prompts_drawn"] for r in rows] == [12.0, 12.0]
+    assert all(r["sampling/groups_kept"] == 0 and "actor/actor_loss" not in r for r in rows)
+
+
+def test_dynamic_sampling_resumes_with_the_same_prompt_stream(workdir):
+    d, model = workdir
+    whole = _dapo(d, model, "whole")
+    run_config(whole)
+    half = _dapo(d, model, "halves")
+    half.grpo.iterations = 2  # stops after 2 steps; the next run resumes from its checkpoint
+    run_config(half)
+    ckpt = json.load(open(d / "halves" / "checkpoints" / "step_2" / "host_state.json"))
+    assert ckpt["prompt_position"] >= 8  # at least one draw of 4 prompts per step, kept
+    run_config(_dapo(d, model, "halves"))
+
+    def rows(name):
+        return [{k: v for k, v in r.items() if k != "time" and not k.startswith("time/")
+                 and k != "step_seconds"} for r in _train_rows(d / name)]
+    assert rows("halves") == rows("whole")
+
+
+def test_menu_config_errors_are_one_line(workdir):
+    from meshrl.engine.runtime.config import RunConfigError
+    d, model = workdir
+    rloo = os.path.join(EXAMPLES, "rloo_arithmetic.yaml")
+    for override, message in [
+            ("grpo.advantage=ppo2", "grpo.advantage=ppo2: use one of grpo, dr_grpo, rloo, reinforce_pp, "
+                                    "reinforce_pp_baseline, remax"),
+            ("grpo.policy_loss=cispo", "grpo.policy_loss=cispo: use one of clip, dual_clip, gspo"),
+            ("grpo.loss_agg=token-sum", "grpo.loss_agg=token-sum: use one of token-mean, seq-mean-token-sum"),
+            ("grpo.kl_in=both", "grpo.kl_in=both: use one of loss, reward"),
+            ("grpo.clip_eps_high=0", "grpo.clip_eps_high=0.0: must be greater than 0"),
+            ("grpo.group_size=1", "grpo.group_size=1: grpo.advantage=rloo compares the samples of a "
+                                  "prompt with each other, so it needs at least 2"),
+            ("grpo.overlong_buffer=7", "grpo.overlong_buffer=7 exceeds generation.max_new_tokens=6"),
+            ("grpo.max_sampling_rounds=0", "grpo.max_sampling_rounds=0: must be at least 1")]:
+        with pytest.raises(RunConfigError, match=message):
+            load_run_config(rloo, [override])
+    with pytest.raises(RunConfigError, match="grpo.clip_ratio_c=1.0: must exceed 1"):
+        load_run_config(rloo, ["grpo.policy_loss=dual_clip", "grpo.clip_ratio_c=1.0"])
+    with pytest.raises(RunConfigError, match="grpo.kl_coef=0.05 needs a reference model: add models.ref"):
+        load_run_config(os.path.join(EXAMPLES, "dapo_arithmetic.yaml"), ["grpo.kl_coef=0.05"])
+    with pytest.raises(RunConfigError, match="ppo.advantage=rloo: ppo's advantages come from its critic"):
+        load_run_config(os.path.join(EXAMPLES, "ppo_arithmetic.yaml"), ["ppo.advantage=rloo"])
+    # group_size 1 is fine where no group is compared
+    assert load_run_config(os.path.join(EXAMPLES, "reinforce_pp_arithmetic.yaml")).grpo.group_size == 1
