@@ -95,3 +95,31 @@ def test_bad_flags_are_one_line_errors(setup, tmp_path, flags, needle):
     assert r.returncode == 2
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_parquet_prompts_generate_as_jsonl_ones_and_keep_nested_fields(setup, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    _, model, prompts, rows = setup
+    nested = [{**r, "meta": {"tags": ["x", "y"], "n": i}, "messages": [{"role": "user", "content": "hi"}]}
+              for i, r in enumerate(rows)]
+    path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(nested), path)
+    got = {}
+    for name, src in (("jsonl", prompts), ("parquet", path)):
+        out = tmp_path / f"{name}.jsonl"
+        r = _run(["generate", "--model", model, "--prompts", str(src), "--out", str(out), "--greedy",
+                  "--max-new-tokens", "4"])
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    extra = ("meta", "messages")  # nested values come back as the JSON they were written from
+    assert [{k: v for k, v in g.items() if k not in extra} for g in got["parquet"]] == got["jsonl"]
+    assert [{k: g[k] for k in extra} for g in got["parquet"]] == [{k: n[k] for k in extra} for n in nested]
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist([{"input_ids": [1, 2], "id": "a"}, {"input_ids": None, "id": "b"}]),
+                   bad)
+    r = _run(["generate", "--model", model, "--prompts", str(bad), "--out", str(tmp_path / "o.jsonl"),
+              "--max-new-tokens", "2"])
+    assert r.returncode == 2 and not (tmp_path / "o.jsonl").exists()
+    assert f"{bad}:row 2: missing field 'prompt'" in r.stderr and len(r.stderr.strip().splitlines()) == 1, \
+        r.stderr

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from meshrl.parallel.layout import LayoutError, ParallelLayout
 
-from .data.jsonl import DataError, read_jsonl, write_jsonl
+from .data.jsonl import DataError, write_jsonl
+from .data.records import read_data
 from .data.tokenizer import encode_prompt, load_tokenizer
 from .distributed import init_distributed, world
 from .generate import ENGINES, generator
@@ -23,7 +24,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--prompts", required=True, help="input JSONL (prompt or input_ids per line)")
+    p.add_argument("--prompts", required=True, help="input .jsonl or .parquet (prompt or input_ids per row)")
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -98,7 +99,7 @@ def run(args) -> int:
         tokenizer = load_tokenizer(args.model)
     except FileNotFoundError:
         tokenizer = None
-    records = read_jsonl(args.prompts)
+    records = read_data(args.prompts)
     prompts = _prompt_ids(records, args.prompts, tokenizer, args.chat_template, cfg.vocab_size)
     _check_fits(prompts, records, args.prompts, args, cfg)
     eos = set(cfg.eos_ids) | ({tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None)

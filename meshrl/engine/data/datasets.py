@@ -1,10 +1,12 @@
-"""Training data from JSONL: prompts, SFT examples and code tasks as token ids, and a check on rewards.
+"""Training data from JSONL or Parquet: prompts, SFT examples and code tasks as token ids, and a check on
+rewards. Files are read by `records.read_data`.
 
 Preference pairs (plain, HH-RLHF, SafeRLHF) live in `preference.py` and share the helpers here.
 
-Every loader keeps each record's 1-based line number, its file and the original dict (verifiers read
-pass-through fields such as `answer`), and turns each input problem into a one-line `DataError` naming
-file, line and field. Ids are plain lists of ints; the runtime packs them.
+Every loader keeps each record's 1-based line number (for Parquet a `Row`, which prints "row N"), its
+file and the original dict (verifiers read pass-through fields such as `answer`), and turns each input
+problem into a one-line `DataError` naming file, line (or row) and field. Ids are plain lists of ints;
+the runtime packs them.
 
 Tokenization:
 - A prompt goes through `encode_prompt` (BOS as the tokenizer adds it) or, with `chat_template=True`,
@@ -31,7 +33,8 @@ from dataclasses import dataclass, field
 
 from meshrl.engine.tasks.code import parse_tests
 
-from .jsonl import DataError, read_jsonl, require
+from .jsonl import DataError, require
+from .records import read_data
 from .tokenizer import encode_prompt
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -101,7 +104,7 @@ class Examples(list):
 
 
 def read_records(path) -> tuple[list[tuple[int, dict]], LoadReport]:
-    records = read_jsonl(path)
+    records = read_data(path)
     if not records:
         raise DataError(f"{path}: no records: the file is empty")
     return records, LoadReport(str(path), read=len(records))
