@@ -72,19 +72,23 @@ def reward_model_call(num_pairs: float):
 
 
 # ---- DPO ----------------------------------------------------------------------------------------
-def _pair_logps(token_logps, mb):
-    seq = L.sequence_logps(token_logps, mb.meta.cu_seqlens, mb.tokens["loss_mask"].bool())
+def _pair_logps(token_logps, mb, length_normalize: bool = False):
+    mask = mb.tokens["loss_mask"].bool()
+    seq = L.sequence_logps(token_logps, mb.meta.cu_seqlens, mask)
+    if length_normalize:
+        seq = seq / L.segment_sum(mask.float(), mb.meta.cu_seqlens).clamp_min(1)
     seq = seq[mb.seqs["real"].bool()]
     return seq[0::2], seq[1::2]
 
 
 def dpo_call(num_pairs: float, num_chosen_tokens: float, *, beta: float, loss_type: str,
-             label_smoothing: float, sft_coef: float):
-    """DPO family on (chosen, rejected) pairs; reference log-probs ride in ``mb.tokens['ref_logp']``."""
+             label_smoothing: float, sft_coef: float, length_normalize: bool = False):
+    """DPO family on (chosen, rejected) pairs; reference log-probs ride in ``mb.tokens['ref_logp']``.
+    ``length_normalize``: each response's log-prob is its mean per token instead of its sum."""
     def fn(stage, hidden, mb):
         logp = stage.token_logprobs(hidden, mb.tokens["labels"])
-        pc, pr = _pair_logps(logp, mb)
-        rc, rr = _pair_logps(mb.tokens["ref_logp"], mb)
+        pc, pr = _pair_logps(logp, mb, length_normalize)
+        rc, rr = _pair_logps(mb.tokens["ref_logp"], mb, length_normalize)
         nll = None
         if sft_coef:
             chosen_mask = mb.tokens["loss_mask"] * mb.tokens["is_chosen"]

@@ -12,8 +12,9 @@ LOSS_TYPES = ("sigmoid", "ipo")
 def _pair_losses(h: torch.Tensor, beta: float, label_smoothing: float,
                  loss_type: str) -> torch.Tensor:
     if loss_type == "sigmoid":
-        # Label smoothing = the pair's label is flipped with probability ε (cDPO, as in TRL);
-        # ε = 0 is plain DPO. logsigmoid keeps a margin of ±100 finite.
+        # Label smoothing: the pair's label is flipped with probability ε — the conservative DPO
+        # formula (cDPO, Mitchell 2023), as OpenRLHF's DPOLoss computes it (TRL's sigmoid loss does
+        # not use its label_smoothing). ε = 0 is plain DPO. logsigmoid keeps a margin of ±100 finite.
         return (-(1.0 - label_smoothing) * F.logsigmoid(beta * h)
                 - label_smoothing * F.logsigmoid(-beta * h))
     # IPO regresses the log-ratio margin onto 1/(2β) instead of pushing it to infinity, so it
@@ -30,7 +31,10 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
     With h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)):
       sigmoid: −(1−ε)·log σ(β·h) − ε·log σ(−β·h)   (= log 2 at h = 0)
-      ipo:     (h − 1/(2β))²   (pass length-normalised log-probs for IPO as its paper does)
+      ipo:     (h − 1/(2β))²
+    The sequence log-probs are sums over the response's tokens, or their means (length-normalised)
+    when the caller passes those: ``dpo.length_normalize`` chooses, by default sums for sigmoid (DPO's
+    definition; OpenRLHF) and means for ipo (TRL's IPO, which keeps 1/(2β) on a per-token scale).
     Per-pair losses are summed and divided by ``num_pairs`` (global pair count; default P).
 
     DPO+SFT: ``sft_coef * chosen_nll`` is added. ``chosen_nll`` is either an already-normalised

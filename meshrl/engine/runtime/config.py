@@ -111,6 +111,9 @@ class RMSpec:
 class DPOSpec:
     beta: float = 0.1
     loss_type: str = "sigmoid"
+    # a response's log-prob as its mean per token (True) or its sum (False); default: sums for
+    # sigmoid (DPO; OpenRLHF), means for ipo (TRL's IPO)
+    length_normalize: Optional[bool] = None
     label_smoothing: float = 0.0
     sft_coef: float = 0.0
     batch_size: int = 64  # pairs per step

@@ -45,6 +45,7 @@ class DPO:
             chosen = global_sum(sum(float((mb.tokens["loss_mask"] * mb.tokens["is_chosen"]).sum())
                                     for mb in mbs), dp_group)
             return dpo_call(float(len(pairs)), chosen, beta=D.beta, loss_type=D.loss_type,
+                            length_normalize=length_normalized(D),
                             label_smoothing=D.label_smoothing, sft_coef=D.sft_coef)
 
         with ctx.timed("actor_train"):
@@ -80,8 +81,10 @@ class DPO:
 
     def implicit_margins(self, pairs) -> torch.Tensor:
         """β·[(log π − log π_ref)(y_w) − (log π − log π_ref)(y_l)] per pair."""
-        def seq_logps(per_pair):
-            return torch.tensor([[sum(lp[len(p.prompt_ids) - 1:-1]) for lp in pair]
+        def seq_logps(per_pair):  # the training loss's sums or means over each response
+            mean = length_normalized(self.D)
+            return torch.tensor([[sum(r) / (len(r) if mean else 1) for r in
+                                  (lp[len(p.prompt_ids) - 1:-1] for lp in pair)]
                                  for p, pair in zip(pairs, per_pair)])
         pol = seq_logps(pair_position_logps(self.ctx, "actor_train", pairs))
         ref = seq_logps(pair_position_logps(self.ctx, "ref_inf", pairs))
@@ -125,6 +128,11 @@ class DPO:
 
         return run_loop(ctx, D.rounds, round_step, desc="dpo-iter", limit_key="dpo.rounds",
                         eval_fn=self.evaluate, eval_data=self.eval_data, show=("score", "pairs", "loss"))
+
+
+def length_normalized(D) -> bool:
+    """dpo.length_normalize, resolved: means per token for ipo, sums for sigmoid unless set."""
+    return D.loss_type == "ipo" if D.length_normalize is None else D.length_normalize
 
 
 def best_worst(scores: torch.Tensor, k: int, min_margin: float | None) -> list[tuple[int, int, int, float]]:

@@ -97,3 +97,25 @@ def test_bad_options_are_one_line_errors(kwargs, match):
     args = _logps([-1.0], [-1.0], [-1.0], [-1.0])
     with pytest.raises(ValueError, match=match):
         dpo_loss(*args, **kwargs)
+
+
+def test_length_normalised_pair_logps_are_per_token_means():
+    """dpo.length_normalize: a response's log-prob is its mean per token (TRL's IPO) instead of its
+    sum (DPO; OpenRLHF). Pairs packed chosen, rejected: prompt [5, 6] then responses of 3 and 1
+    tokens; the loss mask covers the positions that score response tokens."""
+    from meshrl.engine.algorithms.calls import _pair_logps
+    from meshrl.engine.batch import pack
+    from meshrl.engine.runtime.dpo import length_normalized
+    mb = pack([[5, 6, 7, 8, 9], [5, 6, 4]], loss_from=[1, 1])
+    logp = torch.arange(1.0, 9.0)  # position t's log-prob is t + 1 (positions 0..7)
+    # chosen scores tokens 7, 8, 9 at positions 1, 2, 3: sum 2+3+4 = 9, mean 3;
+    # rejected scores token 4 at position 6 (its sequence starts at 5): sum = mean = 7
+    (sc,), (sr,) = _pair_logps(logp, mb)
+    (mc,), (mr,) = _pair_logps(logp, mb, length_normalize=True)
+    assert (sc.item(), sr.item(), mc.item(), mr.item()) == (9.0, 7.0, 3.0, 7.0)
+    d = type("D", (), {"loss_type": "ipo", "length_normalize": None})
+    assert length_normalized(d) is True
+    d.loss_type = "sigmoid"
+    assert length_normalized(d) is False
+    d.length_normalize = True
+    assert length_normalized(d) is True
