@@ -158,10 +158,11 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
         raise RunConfigError(f"{limit_key}: this run stops after {total} steps but {ctx.cfg.run_dir} "
                              f"holds a checkpoint at step {ctx.start_step}: raise it to continue, or "
                              "give a new run_dir")
-    if ctx.start_step == total and total > 0:  # a finished run started again: nothing to redo
-        if ctx.main:
-            print(f"{desc}: {ctx.cfg.run_dir} is complete at step {total}; nothing to run")
-        return final_evaluation(ctx.cfg.run_dir, total)
+    stopped = ctx.host_state.get("stopped_at")  # logging.stop_at_pass_rate ended it there
+    if (ctx.start_step == total and total > 0) or (stopped is not None and stopped == ctx.start_step):
+        if ctx.main:  # a finished run started again: nothing to redo
+            print(f"{desc}: {ctx.cfg.run_dir} is complete at step {ctx.start_step}; nothing to run")
+        return final_evaluation(ctx.cfg.run_dir, ctx.start_step)
     if eval_fn and eval_data and ctx.cfg.data.eval:
         eval_data()
     for m in ctx.trained_models().values():
@@ -176,6 +177,7 @@ def _loop(ctx, total, step_fn, *, desc, eval_fn, show):
     cfg = ctx.cfg.logging
     bar = ctx.progress(total, desc, initial=ctx.start_step)
     last = {}
+    stop_at, end = cfg.stop_at_pass_rate, total
     for step in range(ctx.start_step, total):
         ctx.watchdog.mark(step)
         t0 = time.perf_counter()
@@ -189,13 +191,20 @@ def _loop(ctx, total, step_fn, *, desc, eval_fn, show):
         if eval_fn and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             with ctx.watchdog.inside("evaluation"):
                 last.update(eval_fn(done))
+            if stop_at is not None and last.get("pass_rate", -1.0) >= stop_at:
+                end = done
+                ctx.host_state["stopped_at"] = done
+                if ctx.main:
+                    print(f"{desc}: held-out pass rate {last['pass_rate']:.3f} >= "
+                          f"logging.stop_at_pass_rate={stop_at} at step {done}: stopping")
+                break
         bar.update(1)
         bar.set_postfix({k: f"{metrics[k]:.3g}" for k in show if k in metrics}, refresh=False)
     bar.close()
-    ctx.save(total)
+    ctx.save(end)
     if ctx.cfg.save_hf:
         ctx.save_hf_models()
-    if eval_fn:
+    if eval_fn and end == total:  # a run stopped early was just evaluated at its last step
         with ctx.watchdog.inside("evaluation"):
             last.update(eval_fn(total))
     return last

@@ -205,6 +205,9 @@ class LogSpec:
     keep_checkpoints: int = 0  # the newest this many stay, older ones are removed; 0: keep all
     tensorboard: bool = True
     progress: bool = True
+    # stop (saving and exporting as at the end) at the first held-out evaluation whose pass rate
+    # reaches this; needs data.eval, a verifier and eval_every
+    stop_at_pass_rate: Optional[float] = None
 
 
 @dataclass(kw_only=True)
@@ -291,6 +294,10 @@ def validate(cfg: RunConfig) -> None:
                              f"ppo.minibatches={cfg.ppo.minibatches}")
     if cfg.algorithm in ("ppo", "grpo"):
         _validate_policy_gradient(cfg)
+    if cfg.logging.stop_at_pass_rate is not None and not (
+            cfg.data.eval and cfg.reward.verifier and cfg.logging.eval_every):
+        raise RunConfigError(f"logging.stop_at_pass_rate={cfg.logging.stop_at_pass_rate} needs a "
+                             "held-out pass rate: set data.eval, reward.verifier and logging.eval_every")
     if cfg.generation.engine not in GENERATION_ENGINES:
         raise RunConfigError(f"generation.engine={cfg.generation.engine}: use one of "
                              f"{', '.join(GENERATION_ENGINES)}")

@@ -32,7 +32,8 @@ POSITIVE = ("generation.temperature", "dpo.beta", *_rl("clip_eps", "clip_eps_low
             "ppo.reward_clip", "ppo.kl_target", "models.*.optim.eps", "models.*.optim.max_grad_norm",
             "cluster.gpu_mem_gb", "cluster.intra_node_gbps", "cluster.inter_node_gbps", "dist.timeout_s")
 # (low, high, low included, high included)
-INTERVALS = {"generation.top_p": (0, 1, False, True), "ppo.gamma": (0, 1, True, True),
+INTERVALS = {"generation.top_p": (0, 1, False, True),
+             "logging.stop_at_pass_rate": (0, 1, False, True), "ppo.gamma": (0, 1, True, True),
              "grpo.gamma": (0, 1, True, True), "ppo.lam": (0, 1, True, True),
              "ppo.ema_alpha": (0, 1, True, True),
              "dpo.label_smoothing": (0, 0.5, True, False), "models.*.optim.min_lr_ratio": (0, 1, True, True)}

@@ -145,3 +145,32 @@ def test_menu_config_errors_are_one_line(workdir):
         load_run_config(os.path.join(EXAMPLES, "ppo_arithmetic.yaml"), ["ppo.advantage=rloo"])
     # group_size 1 is fine where no group is compared
     assert load_run_config(os.path.join(EXAMPLES, "reinforce_pp_arithmetic.yaml")).grpo.group_size == 1
+
+
+def test_stop_at_pass_rate_ends_a_run_at_its_first_good_evaluation(workdir, capsys):
+    from meshrl.engine.data.jsonl import read_jsonl
+    d, model = workdir
+    sft_file = d / "sft.jsonl"
+    write_jsonl(sft_file, [{"prompt": r["prompt"], "response": r["answer"]}
+                           for _, r in read_jsonl(d / "prompts.jsonl")])
+    base = dict(algorithm="sft", seed=1, run_dir=str(d / "early"), save_hf=False,
+                models={"actor": {"path": model, "optim": {"lr": 1e-3}}},
+                data={"train": str(sft_file), "eval": str(d / "prompts.jsonl"), "eval_samples": 8,
+                      "max_len": 24, "max_prompt_len": 12},
+                reward={"verifier": "tests.engine.runtime.toy_rewards:always_right"},
+                generation={"max_new_tokens": 4}, sft={"batch_size": 8, "steps": 10},
+                logging={"progress": False, "tensorboard": False, "eval_every": 3,
+                         "stop_at_pass_rate": 0.9})
+    result = run_config(load_run_config(None, [], base=base))
+    assert result == {"pass_rate": 1.0}
+    rows = read_metrics(d / "early")
+    assert [r["step"] for r in rows if r["phase"] == "train"] == [0, 1, 2]
+    assert [r["step"] for r in rows if r["phase"] == "eval"] == [3]  # no second, final evaluation
+    assert sorted(os.listdir(d / "early" / "checkpoints")) == ["latest", "step_3"]
+    assert "stopping" in capsys.readouterr().out
+    # started again, it is complete: nothing reruns, the evaluation it stopped at comes back
+    assert run_config(load_run_config(None, [], base=base)) == {"pass_rate": 1.0}
+    assert "complete at step 3; nothing to run" in capsys.readouterr().out
+    assert len(read_metrics(d / "early")) == len(rows)
+    with pytest.raises(Exception, match="logging.stop_at_pass_rate=0.9 needs a held-out pass rate"):
+        load_run_config(None, ["logging.eval_every=0"], base=base)
