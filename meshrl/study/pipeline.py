@@ -47,12 +47,18 @@ def prepare(out_dir: str, seed: int = 0) -> tuple[dict, str]:
     return data, model
 
 
-def sft_cell(data, model, *, steps: int, seed: int) -> dict:
-    return {"algorithm": "sft", "seed": seed,
+def sft_cell(data, model, *, steps: int, seed: int, stop_at: float | None = None) -> dict:
+    """SFT from scratch; with ``stop_at``, it stops at the first held-out evaluation (every 25
+    steps) whose pass rate reaches it, so that every seed's SFT model starts the methods from a
+    comparable point with room to improve."""
+    cell = {"algorithm": "sft", "seed": seed,
             "models": {"actor": {"path": model, "optim": {"lr": 2e-3, "warmup_steps": 20,
                                                           "schedule": "cosine", "weight_decay": 0.01}}},
             "data": {"train": data["sft"], "eval": data["eval"]},
             "sft": {"batch_size": 64, "steps": steps}}
+    if stop_at is not None:
+        cell["logging"] = {"eval_every": 25, "stop_at_pass_rate": stop_at}
+    return cell
 
 
 def ppo_cell(data, sft_model, *, seed: int, iterations: int, batch: int, adv_norm=True,
@@ -67,6 +73,32 @@ def ppo_cell(data, sft_model, *, seed: int, iterations: int, batch: int, adv_nor
                     "ema_alpha": 0.99}}
 
 
+def critic_free_cell(data, sft_model, *, seed: int, iterations: int, prompts: int, group_size: int,
+                     lr=3e-5, epochs=2, **grpo) -> dict:
+    """The critic-free family (``algorithm: grpo``) on the same sample budget as a PPO cell of
+    ``prompts × group_size`` prompts; minibatches of 64 responses, as PPO's."""
+    models = {"actor": {"path": sft_model, "optim": {"lr": lr}}}
+    if grpo.get("kl_coef", 0.04) > 0:
+        models["ref"] = {"path": sft_model}
+    return {"algorithm": "grpo", "seed": seed, "models": models,
+            "data": {"train": data["prompts"], "eval": data["eval"]},
+            "grpo": {"iterations": iterations, "batch_size": prompts, "group_size": group_size,
+                     "minibatches": max(1, prompts * group_size // 64), "epochs": epochs, **grpo}}
+
+
+def samples_drawn(run_dir: str) -> int:
+    """Responses a PPO or critic-free cell generated for training (dynamic sampling's extra draws
+    included; held-out evaluation not)."""
+    from meshrl.engine.runtime.config import load_run_config as load
+    from meshrl.engine.runtime.metrics import read_metrics
+    cfg = load(os.path.join(run_dir, "config.yaml"))
+    rows = [r for r in read_metrics(run_dir) if r["phase"] == "train"]
+    if cfg.algorithm == "ppo":
+        return cfg.ppo.batch_size * len(rows)
+    k = cfg.grpo.group_size
+    return int(sum(r.get("sampling/prompts_drawn", cfg.grpo.batch_size) * k for r in rows))
+
+
 def dpo_cell(data, sft_model, *, seed: int, rounds: int, sft_coef=0.0, lr=2e-5,
              prompts_per_round=256) -> dict:
     """Online pairs from the SFT model, best vs worst of 4 samples by the verifier: one round is
@@ -78,17 +110,21 @@ def dpo_cell(data, sft_model, *, seed: int, rounds: int, sft_coef=0.0, lr=2e-5,
                     "batch_size": 32, "epochs": 2, "beta": 0.1, "sft_coef": sft_coef}}
 
 
-def format_table(rows: list[tuple[str, list[float], list[float]]], gains: dict | None = None) -> str:
+def format_table(rows: list[tuple[str, list[float], list[float]]], gains: dict | None = None,
+                 extra: dict[str, dict[str, str]] | None = None) -> str:
     """rows: (name, pass rates over seeds, seconds) -> a markdown table, mean ± std over seeds when
-    there are several; ``gains`` adds each method's per-seed change against that seed's SFT model."""
+    there are several; ``gains`` adds each method's per-seed change against that seed's SFT model;
+    ``extra`` adds columns {header: {method: text}} ("—" where a method has none)."""
     import statistics as st
     many = any(len(v) > 1 for _, v, _ in rows)
+    extra = extra or {}
     head = ["method", "held-out pass rate"] + (["Δ vs SFT (same seed)"] if gains else [])
-    head += ["seeds"] if many else []
+    head += list(extra) + (["seeds"] if many else [])
     lines = ["| " + " | ".join(head + ["minutes"]) + " |", "|" + "---|" * (len(head) + 1)]
     fmt = (lambda v: f"{st.mean(v):.3f} ± {st.pstdev(v):.3f}") if many else (lambda v: f"{v[0]:.3f}")
     for name, vals, secs in rows:
         cells = [name, fmt(vals)] + ([fmt(gains[name])] if gains else [])
+        cells += [col.get(name, "—") for col in extra.values()]
         cells += [str(len(vals))] if many else []
         lines.append("| " + " | ".join(cells + [f"{sum(secs) / 60:.1f}"]) + " |")
     return "\n".join(lines)
