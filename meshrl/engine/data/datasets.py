@@ -191,6 +191,20 @@ class Encoder:
         except TemplateError as e:  # e.g. a template that insists on alternating user/assistant turns
             raise ValueError(f"chat template: {e}") from None
 
+    def messages(self, messages, where: str, name: str) -> list[int]:
+        """A prompt given as chat messages ([{"role", "content"}], as verl's data files hold it):
+        rendered with the tokenizer's chat template and its generation prompt, whatever
+        ``chat_template`` says (messages mean nothing as plain text)."""
+        if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                   for m in messages) or not messages:
+            raise DataError(f"{where}: field '{name}' is a list, so it must be chat messages, each "
+                            '{"role": ..., "content": ...} with text values')
+        if self.tok is None or not getattr(self.tok, "chat_template", None):
+            raise DataError(f"{where}: field '{name}' holds chat messages but the tokenizer has no chat "
+                            "template to render them: give text prompts, or a tokenizer with a template")
+        return self._encode(where, name, self._chat, [{"role": m["role"], "content": m["content"]}
+                                                      for m in messages])
+
     def prompt(self, text: str, where: str, name: str, *, hh: bool = False) -> list[int]:
         if not self.chat:
             return self._encode(where, name, encode_prompt, self.tok, text)
@@ -233,8 +247,9 @@ class Encoder:
 def load_prompts(path, tokenizer, *, max_prompt_len: int, chat_template: bool = False,
                  prompt_field: str = "prompt", vocab_size: int | None = None,
                  too_long: str = "error") -> Examples:
-    """PromptExamples of a JSONL file whose lines hold `prompt` text (or `prompt_field`, e.g. "question"
-    for code tasks) or pre-tokenized `input_ids`, which win when both are present and are used as is."""
+    """PromptExamples of a JSONL or Parquet file whose records hold `prompt` text (or `prompt_field`,
+    e.g. "question" for code tasks), a list of chat messages there (rendered with the tokenizer's
+    chat template), or pre-tokenized `input_ids`, which win when present and are used as is."""
     check_choice("too_long", too_long, ("error", "skip"))
     enc = Encoder(tokenizer, chat_template=chat_template, vocab_size=vocab_size)
     records, report = read_records(path)
@@ -247,7 +262,10 @@ def load_prompts(path, tokenizer, *, max_prompt_len: int, chat_template: bool = 
             if rec.get(prompt_field) is None:
                 raise DataError(f"{where}: missing field '{prompt_field}' (or 'input_ids')")
             name = prompt_field
-            ids = enc.prompt(text_field(rec, prompt_field, where, "prompt"), where, prompt_field)
+            if isinstance(rec[prompt_field], list):
+                ids = enc.messages(rec[prompt_field], where, prompt_field)
+            else:
+                ids = enc.prompt(text_field(rec, prompt_field, where, "prompt"), where, prompt_field)
         if check_too_long(len(ids), max_prompt_len, report, too_long, where, name, "prompt",
                           "max_prompt_len"):
             out.append(PromptExample(lineno, ids, rec, str(path)))

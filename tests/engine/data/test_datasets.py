@@ -364,3 +364,19 @@ def test_a_byte_order_mark_is_skipped(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\n{"prompt": "b"}\n')
     assert read_jsonl(path) == [(1, {"prompt": "a"}), (2, {"prompt": "b"})]
+
+
+def test_chat_message_prompts_render_with_the_chat_template(tmp_path, hf_tok):
+    """verl's data files hold `prompt` as chat messages: rendered with the template and its
+    generation prompt, whether or not data.chat_template is set (a system turn included)."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 1+1?"}]
+    path = write(tmp_path, [{"prompt": msgs, "reward_model": {"ground_truth": "2"}}])
+    for chat in (False, True):
+        (p,) = load_prompts(path, hf_tok, max_prompt_len=64, chat_template=chat)
+        assert hf_tok.decode(p.prompt_ids) == "<s><|system|>Be brief.\n<|user|>Add 1+1?\n<|assistant|>"
+        assert p.record["reward_model"] == {"ground_truth": "2"}
+    with raises(f"{path}:1: field 'prompt' holds chat messages but the tokenizer has no chat template"):
+        load_prompts(path, TOK, max_prompt_len=64)
+    bad = write(tmp_path, [{"prompt": [{"role": "user"}]}])
+    with raises(f"{bad}:1: field 'prompt' is a list, so it must be chat messages"):
+        load_prompts(bad, hf_tok, max_prompt_len=64)

@@ -96,8 +96,8 @@ def test_nested_fields_are_python_lists_and_dicts(tmp_path):
     (p, _) = load_prompts(path, TOK, max_prompt_len=16, prompt_field="question")
     assert p.record["prompt"][0]["content"] == "1+2= Let's think step by step."
     assert p.record["reward_model"]["ground_truth"] == "3" and p.prompt_ids == TOK("1+2=")["input_ids"]
-    # verl's `prompt` is chat messages, which the text loaders do not take (it needs a chat template)
-    with raises(f"{path}:row 1: field 'prompt' must be str, got list"):
+    # verl's `prompt` is chat messages: they need a tokenizer with a chat template (this one has none)
+    with raises(f"{path}:row 1: field 'prompt' holds chat messages but the tokenizer has no chat template"):
         load_prompts(path, TOK, max_prompt_len=16)
 
 
