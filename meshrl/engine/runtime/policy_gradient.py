@@ -107,8 +107,8 @@ class PolicyGradient:
         S, k, kept, drawn, draws = self.S, self.k, [], 0, 0
         while len(kept) < S.batch_size and draws < S.max_sampling_rounds:
             roll = self._sample(self.stream.take(S.batch_size), it, draw=draws)
-            spread = roll.scores.view(-1, k).std(dim=1) > 0
-            kept += [roll.select(list(range(g * k, (g + 1) * k))) for g in spread.nonzero().flatten().tolist()]
+            spread = (roll.scores.view(-1, k).std(dim=1) > 0).nonzero().flatten().tolist()
+            kept += [roll.select(list(range(g * k, (g + 1) * k))) for g in spread]
             drawn, draws = drawn + S.batch_size, draws + 1
         if len(kept) < S.batch_size and self.ctx.main:
             print(f"grpo step {it}: dynamic sampling kept {len(kept)} of {S.batch_size} groups after "
@@ -144,7 +144,8 @@ class PolicyGradient:
         else:
             adv, out = self._outcome(roll, scores, lp, rlp, cu, token_counted, it)
         roll.extra.update({"old_logp": old, "advantages": unflatten(adv, cu),
-                           "counted": [[float(c)] * len(r) for c, r in zip(counted.tolist(), roll.responses)]})
+                           "counted": [[float(c)] * len(r)
+                                       for c, r in zip(counted.tolist(), roll.responses)]})
         if self.kl_in_loss:
             roll.extra["ref_logp"] = ref
         n = float(len(roll))
