@@ -7,12 +7,16 @@ TEST_JOBS ?=
 .PHONY: install demo test study bench clean
 
 # The peers' RL code (test oracles, tests/engine/algorithms/peers.py) goes in without its
-# dependency trees (ray, deepspeed, vllm...), which an extra cannot express: --no-deps, pinned.
+# dependency trees (ray, deepspeed, vllm...), which an extra cannot express: --no-deps, pinned,
+# into build/peers rather than site-packages: verl and OpenRLHF ship a top-level `tests` package,
+# which would shadow this repository's `tests` (a namespace package) in every process.
 .installed: pyproject.toml setup.py Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q triton==3.6.0  # the lent GPU image's Triton: interpreter runs the same APIs
-	$(PIP) install -q --no-deps verl==0.9.1 trl==1.16.0 openrlhf==0.11.2
+	rm -rf build/peers
+	$(PIP) install -q --no-deps --target build/peers verl==0.9.1 trl==1.16.0 openrlhf==0.11.2
+	rm -rf build/peers/tests build/peers/bin
 	touch .installed
 
 install: .installed

@@ -51,6 +51,11 @@ from typing import Any
 import torch
 
 PINS = {"verl": "0.9.1", "trl": "1.16.0", "openrlhf": "0.11.2"}
+# `make install` puts the peers here, not in site-packages (see the Makefile); last on the path, so
+# nothing of theirs shadows a module of this environment
+PEERS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "build", "peers")
+if os.path.isdir(PEERS_DIR) and os.path.abspath(PEERS_DIR) not in sys.path:
+    sys.path.append(os.path.abspath(PEERS_DIR))
 _STUB_ROOTS = ("verl", "openrlhf", "ray", "deepspeed", "tensordict")
 
 
