@@ -174,3 +174,37 @@ def test_stop_at_pass_rate_ends_a_run_at_its_first_good_evaluation(workdir, caps
     assert len(read_metrics(d / "early")) == len(rows)
     with pytest.raises(Exception, match="logging.stop_at_pass_rate=0.9 needs a held-out pass rate"):
         load_run_config(None, ["logging.eval_every=0"], base=base)
+
+
+# the rest of the menu, one process, two steps each: every choice runs and its own metrics appear
+MENU = {"remax": {"advantage": "remax", "group_size": 2},
+        "reinforce_pp_baseline": {"advantage": "reinforce_pp_baseline", "kl_in": "reward"},
+        "dr_grpo": {"advantage": "dr_grpo", "loss_agg": "seq-mean-token-sum-norm", "kl_coef": 0.0},
+        "gspo": {"policy_loss": "gspo", "clip_eps_low": 3e-4, "clip_eps_high": 4e-4,
+                 "loss_agg": "seq-mean-token-mean", "minibatches": 1},
+        "dual_clip": {"policy_loss": "dual_clip", "overlong_filter": True, "entropy_coef": 0.01}}
+
+
+@pytest.mark.parametrize("name", sorted(MENU))
+def test_every_menu_choice_runs(workdir, name):
+    d, model = workdir
+    grpo = {"iterations": 2, "batch_size": 4, "group_size": 4, "minibatches": 2, **MENU[name]}
+    base = dict(algorithm="grpo", seed=2, run_dir=str(d / f"menu_{name}"), save_hf=False,
+                models={"actor": {"path": model, "optim": {"lr": 1e-3}}, "ref": {"path": model}},
+                data={"train": str(d / "prompts.jsonl"), "max_len": 24, "max_prompt_len": 12},
+                reward={"verifier": SEVENS}, generation={"max_new_tokens": 4, "top_k": 0},
+                grpo=grpo, logging={"progress": False, "tensorboard": False})
+    run_config(load_run_config(None, [], base=base))
+    rows = _train_rows(d / f"menu_{name}")
+    assert len(rows) == 2 and all(abs(r["actor/actor_loss"]) < 1e3 for r in rows)
+    first = rows[0]
+    if name == "remax":  # the greedy baseline was generated and scored
+        assert 0.0 <= first["greedy_score"] <= 1.0
+    if name == "gspo":
+        # one minibatch: every ratio is taken before the update, so the sequence ratios are 1
+        assert first["actor/seq_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    if name == "dual_clip":
+        assert "actor/clip_frac_lower" in first and "actor/entropy" in first
+        assert first["counted_frac"] == pytest.approx(1 - first["truncated"])
+    if name == "dr_grpo":
+        assert "kl_seq" not in first  # no KL term: the reference is not even run
