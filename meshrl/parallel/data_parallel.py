@@ -10,7 +10,7 @@ Order of a training step, for the model that owns the parameters::
     info = opt.step()                      # {"grad_norm", "lr", "skipped"}
 
 Gradients are summed, never averaged, over dp: meshrl's losses are already divided by the global
-token count (DESIGN.md, "Loss normalisation"), so the SUM is the exact gradient.
+token count (docs/architecture.md, "Invariants and contracts"), so the SUM is the exact gradient.
 
 Under ZeRO-1 each dp rank owns an equal chunk of every bucket of the flat buffer; it keeps fp32 master
 weights and Adam moments for that chunk only (about 1/dp of plain DP's state), updates it from the

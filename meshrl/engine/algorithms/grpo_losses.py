@@ -19,7 +19,7 @@ def grpo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch
 
     advantages: [N] per token (broadcast each sequence's group-normalised reward with
     ``expand_to_tokens``). The KL sits in the loss, not the reward, and its gradient flows through
-    ``logp``. Normalisation is the global token mean (DESIGN's loss contract), not DeepSeekMath's
+    ``logp``. Normalisation is the global token mean (the loss-normalisation contract), not DeepSeekMath's
     per-sequence mean then mean over sequences, which would weight short responses' tokens more
     (that is the ``seq-mean-token-mean`` aggregation of ``policy_losses``).
     """

@@ -60,7 +60,7 @@ def shape_rewards(score: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tenso
     cu_seqlens: [B+1] over action tokens (EOS included), every sequence non-empty.
     ended: [B] bool, True where the response ended with EOS/stop (default: all ended).
     truncated: what a response that hit the length limit gets at its last action —
-      "score": the clipped score, as if final (DESIGN's default);
+      "score": the clipped score, as if final (the default, as most peers do);
       "bootstrap": no score; the caller passes the critic's value of the next state to GAE.
     truncation_penalty: subtracted at a truncated response's last action, after clipping (so the
       clip cannot swallow it); positive values penalise, as TRL's ``missing_eos_penalty``.

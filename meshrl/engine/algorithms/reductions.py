@@ -1,7 +1,7 @@
 """Reductions over packed token tensors: per-sequence sums and globally normalised token means.
 
 Tokens are packed 1D with ``cu_seqlens`` (int32 [B+1]); nothing here pads. A token-mean loss divides
-by a *global* token count that the caller passes in (DESIGN.md, "Loss normalisation"): summing the
+by a *global* token count that the caller passes in (docs/architecture.md, "Invariants and contracts"): summing the
 per-microbatch losses of any split then gives the same gradient as the whole batch.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ Formats (`format="auto"` reads the first record's keys):
 - "saferlhf": `prompt`, `response_0`, `response_1`, `better_response_id`, `safer_response_id`,
   `is_response_0_safe`, `is_response_1_safe`. `preference="better"` orders the pair by helpfulness,
   `"safer"` by harmlessness; `safety_filter="dual_unsafe"` drops pairs whose responses are both unsafe,
-  `"dual_safe"` those whose responses are both safe (DESIGN.md, RL conventions). Dropped pairs are
+  `"dual_safe"` those whose responses are both safe (SafeRLHF's convention). Dropped pairs are
   counted in the report under the filter's name.
 
 Tokenization, EOS, `vocab_size` and `too_long` follow datasets.py; `max_len` bounds prompt + chosen and

@@ -1,7 +1,7 @@
 """Decode attention over a static KV cache: append each sequence's new key/value at its own length,
 then attend over the positions it may see.
 
-Three forms (DESIGN invariant 5): ``attend_oracle`` (float64, tests), ``attend_torch`` (the CPU path:
+Three forms (every kernel's, docs/architecture.md): ``attend_oracle`` (float64, tests), ``attend_torch`` (the CPU path:
 SDPA over the whole capacity with a length mask, so its shapes never change), and the Triton kernel
 (the CUDA path): one program per (sequence, KV head) holds that head's group of query heads and walks
 only the cached positions below the sequence's length, read on the device, so a captured step reads

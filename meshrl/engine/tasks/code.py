@@ -86,7 +86,7 @@ def _as_text(value: Any, field: str) -> str:
 
 
 def normalize_output(text: str) -> list[str]:
-    """Lines without trailing whitespace, trailing blank lines dropped: the equality DESIGN.md defines."""
+    """Lines without trailing whitespace, trailing blank lines dropped: the equality the code tasks define."""
     lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
     while lines and not lines[-1]:
         lines.pop()

@@ -1,4 +1,4 @@
-"""Run untrusted Python programs (code-reward candidates) under limits, as DESIGN.md's sandbox describes.
+"""Run untrusted Python programs (code-reward candidates) under limits.
 
 Each run: a fresh directory; a launcher process in a new session (`_sandbox_child.py`) that, as root,
 enters new network, mount and pid namespaces, remounts every filesystem read-only in its namespace and
