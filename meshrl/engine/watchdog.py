@@ -57,6 +57,7 @@ class Watchdog:
         # changed, last state published]; our own entry is kept from the main thread's marks
         self._seen: dict[int, list] = {r: [None, now, None, now, {}] for r in range(world)}
         self._stop = threading.Event()
+        self._changed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="meshrl-watchdog", daemon=True)
         self.fired = False
 
@@ -75,19 +76,23 @@ class Watchdog:
     @contextlib.contextmanager
     def inside(self, name: str):
         """Mark progress on entering and leaving ``name`` (a call, a checkpoint, an evaluation);
-        a report names the innermost one the rank is in."""
+        a report names the innermost one the rank is in. The thread publishes the change at once,
+        so that a rank stopped right after entering a call is reported in it."""
         with self._lock:
             self._where.append(name)
             self._progress += 1
+        self._changed.set()
         try:
             yield
         finally:
             with self._lock:
                 self._where.pop()
                 self._progress += 1
+            self._changed.set()
 
     def close(self):
         self._stop.set()
+        self._changed.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5 * self.interval_s)
 
@@ -98,27 +103,43 @@ class Watchdog:
                     "step": self._step, "pid": os.getpid(), "host": socket.gethostname()}
 
     def _loop(self):
+        """Publish this rank's state every interval and whenever it enters or leaves a call (one
+        store write); read the other ranks' (one multi-get) only while this rank itself has not
+        moved on for an interval: a busy rank needs nobody's news, and the store sees O(ranks)
+        reads per interval only from ranks that wait."""
+        last_read = -float("inf")
         while True:  # the first beat at once: every rank is known (with its pid) from the start
             self._beats += 1
             mine = self._state()
             self._observe(self.rank, mine)
+            now = time.monotonic()
             if self._store is not None:
-                self._exchange(mine)
-            stalled = time.monotonic() - max(s[3] for s in self._seen.values())
+                self._publish(mine)
+                if now - self._seen[self.rank][3] > self.interval_s and now - last_read >= self.interval_s:
+                    self._read_others()
+                    last_read = now
+            stalled = now - max(s[3] for s in self._seen.values())
             if stalled > self.timeout_s:
                 self._fire(stalled)
                 return
-            if self._stop.wait(self.interval_s):
+            self._changed.wait(self.interval_s)
+            self._changed.clear()
+            if self._stop.is_set():
                 return
 
-    def _exchange(self, mine: dict):
-        """Publish this rank's state and read the others'; a store that does not answer (its host
-        stopped) leaves their entries unchanged, so they age like stopped heartbeats."""
-        try:
+    def _publish(self, mine: dict):
+        with contextlib.suppress(Exception):  # a store that does not answer: the report says why
             self._store.set(_KEY.format(self.rank), json.dumps(mine))
-            for r in range(self.world):
-                if r != self.rank and self._store.check([_KEY.format(r)]):
-                    self._observe(r, json.loads(self._store.get(_KEY.format(r))))
+
+    def _read_others(self):
+        """The other ranks' states; a store that does not answer (its host stopped) leaves their
+        entries unchanged, so they age like stopped heartbeats."""
+        keys = [_KEY.format(r) for r in range(self.world) if r != self.rank]
+        try:
+            if not self._store.check(keys):  # some rank has not published yet: only those that have
+                keys = [k for k in keys if self._store.check([k])]
+            for key, value in zip(keys, self._store.multi_get(keys) if keys else []):
+                self._observe(int(key.rsplit("/", 1)[1]), json.loads(value))
         except Exception:  # noqa: BLE001 - a timeout here is what the report is for
             pass
 

@@ -62,9 +62,9 @@ def _config(d, model, name, **extra) -> str:
 
 
 def _torchrun(args: list[str], tag: str, *, agent: str = "--standalone", nproc: int = 4,
-              restarts: int = 1, script=("-m", "meshrl.cli")) -> subprocess.Popen:
+              restarts: int = 1, script=("-m", "meshrl.cli"), env=None) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", MESHRL_DEVICE="cpu", PYTHONPATH=os.getcwd(),
-               MESHRL_TEST_TAG=tag)
+               MESHRL_TEST_TAG=tag, **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", *agent.split(), f"--nproc-per-node={nproc}",
            f"--max-restarts={restarts}", "--monitor-interval=0.2", *script, "run", *args]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -187,9 +187,12 @@ def test_a_stopped_rank_ends_the_job_with_a_report(workdir):
     d, model = workdir
     tag, timeout_s = uuid.uuid4().hex, 8
     calls = {**CALLS, "actor_train": {"model": "actor", "tp": 2}}  # two ranks
-    proc = _torchrun([_config(d, model, "stopped", calls=calls, dist={"timeout_s": timeout_s})], tag,
-                     nproc=2, restarts=0)
-    _wait_for(d / "stopped" / "checkpoints" / "step_2", proc)
+    mark = d / "rank1_scoring"
+    # rank 1 is stopped while its verifier scores (the third time): a known call, "actor_gen"
+    cfg = _config(d, model, "stopped", calls=calls, dist={"timeout_s": timeout_s},
+                  reward={"verifier": "tests.engine.runtime.toy_rewards:sevens_slow_on_rank_1"})
+    proc = _torchrun([cfg], tag, nproc=2, restarts=0, env={"MESHRL_TEST_MARK": str(mark)})
+    _wait_for(mark, proc)
     pid = _worker_pid(tag, 1)
     os.kill(pid, signal.SIGSTOP)
     stopped = time.time()
@@ -207,8 +210,7 @@ def test_a_stopped_rank_ends_the_job_with_a_report(workdir):
     # rank 0 reports itself and names the stopped rank with the call and step it was last in
     assert "meshrl watchdog: rank 0 of 2: no rank made progress for" in out, out[-3000:]
     line = next(s for s in out.splitlines() if "meshrl watchdog: rank 1 stopped reporting" in s)
-    assert "last seen in" in line and "at step" in line
-    assert any(call in line for call in CALLS), line
+    assert "last seen in actor_gen (rew_inf) at step 2" in line, line
     assert "Stack (most recent call first)" in out or "Current thread" in out  # faulthandler's dump
     # the report comes after timeout_s without progress; the job ends soon after (torchrun's
     # monitor and teardown), not after the collective's own much longer timeout

@@ -50,7 +50,7 @@ def test_held_out_data_loads_before_the_first_step(tmp_path):
 
     def eval_data():
         raise DataError("eval.jsonl:3: missing field 'response'")
-    ctx = types.SimpleNamespace(start_step=0, cfg=types.SimpleNamespace(
+    ctx = types.SimpleNamespace(start_step=0, host_state={}, cfg=types.SimpleNamespace(
         run_dir=str(tmp_path), data=types.SimpleNamespace(eval="eval.jsonl"), logging=None))
     with pytest.raises(DataError, match="eval.jsonl:3"):
         run_loop(ctx, 4, steps.append, desc="sft", limit_key="sft.steps", eval_fn=lambda s: {},

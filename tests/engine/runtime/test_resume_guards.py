@@ -60,7 +60,7 @@ def test_a_checkpoint_loads_only_into_its_saved_layouts(tmp_path):
 
 
 def test_a_run_shorter_than_its_checkpoint_stops_before_saving(tmp_path):
-    ctx = types.SimpleNamespace(start_step=6, cfg=types.SimpleNamespace(run_dir=str(tmp_path)))
+    ctx = types.SimpleNamespace(start_step=6, host_state={}, cfg=types.SimpleNamespace(run_dir=str(tmp_path)))
     steps = []
     with pytest.raises(RunConfigError, match="sft.steps: this run stops after 4 steps but .* holds a "
                                              "checkpoint at step 6"):

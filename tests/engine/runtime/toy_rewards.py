@@ -16,3 +16,15 @@ def constant(records, completions):
 def always_right(records, completions):
     """Every sample passes: the held-out pass rate is 1 at the first evaluation."""
     return [1.0 for _ in completions]
+
+
+def sevens_slow_on_rank_1(records, completions):
+    """`sevens`, except that rank 1's third call marks the file MESHRL_TEST_MARK and then takes 5 s:
+    the stopped-rank test stops rank 1 there, inside a known call (the verifier's scoring)."""
+    import os
+    import time
+    sevens_slow_on_rank_1.calls = getattr(sevens_slow_on_rank_1, "calls", 0) + 1
+    if os.environ.get("RANK") == "1" and sevens_slow_on_rank_1.calls == 3:
+        open(os.environ["MESHRL_TEST_MARK"], "w").close()
+        time.sleep(5)
+    return sevens(records, completions)
