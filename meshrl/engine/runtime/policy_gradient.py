@@ -140,7 +140,7 @@ class PolicyGradient:
         counted = (roll.ended if S.overlong_filter else torch.ones(len(roll), dtype=torch.bool))
         token_counted = torch.repeat_interleave(counted, lengths)
         if self.critic:
-            adv, out = self._gae(roll, scores, old, lp, rlp, cu, outs[2], token_counted)
+            adv, out = self._gae(roll, scores, old, lp, rlp, cu, outs[-1], token_counted)
         else:
             adv, out = self._outcome(roll, scores, lp, rlp, cu, token_counted, it)
         roll.extra.update({"old_logp": old, "advantages": unflatten(adv, cu),
@@ -176,7 +176,8 @@ class PolicyGradient:
         if S.truncated == "bootstrap":
             last = self.moments.denormalize(last_values) if S.value_norm else last_values
             boot = torch.where(ended, boot, last)
-        rewards = L.shape_rewards(scores, lp, rlp, cu, kl_coef=self.kl_ctl.value,
+        rewards = L.shape_rewards(scores, lp, lp if rlp is None else rlp, cu,  # no reference: no KL
+                                  kl_coef=self.kl_ctl.value,
                                   reward_clip=S.reward_clip, estimator=S.kl_estimator, ended=ended,
                                   truncated=S.truncated, truncation_penalty=S.truncation_penalty)
         dev = self.ctx.device
@@ -279,7 +280,7 @@ class PolicyGradient:
         if len(roll):
             metrics.update(self.train(roll, it))
         if self.critic:
-            self.kl_ctl.update(metrics["kl_seq"], self.S.batch_size)
+            self.kl_ctl.update(metrics.get("kl_seq", 0.0), self.S.batch_size)
             metrics["kl_coef"] = self.kl_ctl.value
             ctx.host_state.update(kl_ctl=self.kl_ctl.state_dict(), moments=self.moments.state_dict())
         return metrics

@@ -208,3 +208,19 @@ def test_every_menu_choice_runs(workdir, name):
         assert first["counted_frac"] == pytest.approx(1 - first["truncated"])
     if name == "dr_grpo":
         assert "kl_seq" not in first  # no KL term: the reference is not even run
+
+
+def test_ppo_without_a_kl_term_needs_no_reference(workdir):
+    d, model = workdir
+    base = dict(algorithm="ppo", seed=2, run_dir=str(d / "ppo_no_ref"), save_hf=False,
+                models={"actor": {"path": model, "optim": {"lr": 1e-3}},
+                        "critic": {"path": model, "optim": {"lr": 1e-3}}},
+                data={"train": str(d / "prompts.jsonl"), "max_len": 24, "max_prompt_len": 12},
+                reward={"verifier": SEVENS}, generation={"max_new_tokens": 4, "top_k": 0},
+                ppo={"iterations": 2, "batch_size": 8, "minibatches": 2, "kl_coef": 0.0},
+                logging={"progress": False, "tensorboard": False})
+    run_config(load_run_config(None, [], base=base))
+    rows = _train_rows(d / "ppo_no_ref")
+    assert len(rows) == 2 and "kl_seq" not in rows[0] and rows[0]["kl_coef"] == 0.0
+    # the shaped reward is the score alone: its per-response total is the mean score
+    assert rows[0]["reward_total"] == pytest.approx(rows[0]["score"], abs=1e-6)
