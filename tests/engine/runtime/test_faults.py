@@ -15,14 +15,10 @@ import uuid
 import pytest
 import torch
 
-from meshrl.engine.data.jsonl import write_jsonl
 from meshrl.engine.runtime.metrics import read_metrics
-from meshrl.engine.tasks import make_dataset
-from meshrl.study.setup import init_scratch_model
 from meshrl.testing.dist_pool import free_port
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
+from tests.engine.runtime.tiny import SEVENS, tiny_task
 ITERATIONS = 6
 # the issue's scenario in miniature: the actor trains at tp2·pp2 and generates at tp1·dp4, the
 # critic trains at pp2·dp2 with ZeRO-1 sharding its optimizer state over the two replicas
@@ -39,10 +35,7 @@ def _volatile(key: str) -> bool:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
-    model = init_scratch_model(str(d / "init"), seed=4, overrides=TINY, std=0.2)
-    write_jsonl(d / "prompts.jsonl", make_dataset(64, seed=6, digits=(1, 2)))
-    return d, model
+    return tiny_task(tmp_path_factory, "faults", model_seed=4, std=0.2, data_seed=6)
 
 
 def _config(d, model, name, **extra) -> str:
@@ -51,7 +44,7 @@ def _config(d, model, name, **extra) -> str:
                       "critic": {"path": model, "optim": {"lr": 1e-3}}, "ref": {"path": model}},
            "calls": extra.pop("calls", CALLS),
            "data": {"train": str(d / "prompts.jsonl"), "max_len": 24, "max_prompt_len": 12},
-           "reward": {"verifier": "tests.engine.runtime.toy_rewards:sevens"},
+           "reward": {"verifier": SEVENS},
            "generation": {"max_new_tokens": 4, "top_k": 0},
            "ppo": {"iterations": ITERATIONS, "batch_size": 8, "minibatches": 2, "adaptive_kl": True,
                    "kl_target": 0.1, "kl_horizon": 100},

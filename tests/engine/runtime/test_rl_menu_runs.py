@@ -11,21 +11,15 @@ from meshrl.engine.data.jsonl import write_jsonl
 from meshrl.engine.runtime.config import load_run_config
 from meshrl.engine.runtime.metrics import read_metrics
 from meshrl.engine.runtime.run import run_config
-from meshrl.engine.tasks import make_dataset
-from meshrl.study.setup import init_scratch_model
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
+from tests.engine.runtime.tiny import SEVENS, tiny_task
+
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "..", "..", "examples")
-SEVENS = "tests.engine.runtime.toy_rewards:sevens"
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("menu")
-    model = init_scratch_model(str(d / "init"), seed=3, overrides=TINY)
-    write_jsonl(d / "prompts.jsonl", make_dataset(300, seed=5, digits=(1, 2)))
-    return d, model
+    return tiny_task(tmp_path_factory, "menu", prompts=300)
 
 
 def _overrides(d, model, name, layout, **grpo):

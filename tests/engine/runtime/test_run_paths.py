@@ -19,11 +19,9 @@ from meshrl.engine.tasks import make_dataset
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.study.setup import init_scratch_model
 
+from tests.engine.runtime.tiny import SEVENS, TINY
 from tests.engine.runtime.toy_rewards import sevens
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
-SEVENS = "tests.engine.runtime.toy_rewards:sevens"
 
 
 @pytest.fixture(scope="module")

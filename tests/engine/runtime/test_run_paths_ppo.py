@@ -19,9 +19,8 @@ from meshrl.engine.tasks import make_dataset
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.study.setup import init_scratch_model
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
-SEVENS = "tests.engine.runtime.toy_rewards:sevens"
+from tests.engine.runtime.tiny import SEVENS, TINY
+
 
 
 @pytest.fixture(scope="module")

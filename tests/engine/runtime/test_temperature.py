@@ -4,24 +4,17 @@ GRPO's KL to a reference that equals the actor is 0. Computing the current log-p
 while the old and reference ones are at T fails every assertion here."""
 import pytest
 
-from meshrl.engine.data.jsonl import write_jsonl
 from meshrl.engine.runtime.config import load_run_config
 from meshrl.engine.runtime.metrics import read_metrics
 from meshrl.engine.runtime.run import run_config
-from meshrl.engine.tasks import make_dataset
-from meshrl.study.setup import init_scratch_model
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
+from tests.engine.runtime.tiny import SEVENS, tiny_task
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("temperature")
     # std 0.2: distributions far from uniform, so T = 0.7 and T = 1 give very different log-probs
-    model = init_scratch_model(str(d / "init"), seed=3, overrides=TINY, std=0.2)
-    write_jsonl(d / "prompts.jsonl", make_dataset(64, seed=5, digits=(1, 2)))
-    return d, model
+    return tiny_task(tmp_path_factory, "temperature", std=0.2)
 
 
 def _first_train_row(d, model, alg, extra):
@@ -30,7 +23,7 @@ def _first_train_row(d, model, alg, extra):
         models["critic"] = {"path": model, "optim": {"lr": 1e-3}}
     base = dict(algorithm=alg, seed=7, run_dir=str(d / alg), models=models, save_hf=False,
                 data={"train": str(d / "prompts.jsonl"), "max_len": 24, "max_prompt_len": 12},
-                reward={"verifier": "tests.engine.runtime.toy_rewards:sevens"},
+                reward={"verifier": SEVENS},
                 generation={"max_new_tokens": 6, "top_k": 0, "temperature": 0.7},
                 logging={"progress": False, "tensorboard": False}, **extra)
     run_config(load_run_config(None, [], base=base))
