@@ -96,6 +96,11 @@ class Workload:
     decode_steps: int     # decoding steps per batch
     updates: int          # optimizer steps per model per step (minibatches × epochs)
     epochs: int = 1
+    extra_generated: int = 0  # responses generated but not trained on (ReMax's greedy baselines)
+
+    @property
+    def generated(self) -> int:
+        return self.sequences + self.extra_generated
 
     @property
     def tokens(self) -> float:
@@ -121,11 +126,13 @@ def workload_of(cfg, prompt_len=None, response_len=None, decode_steps=None) -> W
                         int(decode_steps or new), 1, 1)
     n = cfg.ppo.batch_size
     updates = cfg.ppo.minibatches * cfg.ppo.epochs
+    extra = 0
     if cfg.algorithm == "grpo":
         n, updates = cfg.grpo.batch_size * cfg.grpo.group_size, cfg.grpo.minibatches * cfg.grpo.epochs
+        extra = cfg.grpo.batch_size if cfg.grpo.advantage == "remax" else 0  # one greedy per prompt
     epochs = cfg.grpo.epochs if cfg.algorithm == "grpo" else cfg.ppo.epochs
     return Workload(n, prompt, float(response_len if response_len is not None else new),
-                    int(decode_steps or new), updates, epochs)
+                    int(decode_steps or new), updates, epochs, extra)
 
 
 def online_round_workload(cfg, wl: Workload) -> Workload:

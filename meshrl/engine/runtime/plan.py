@@ -291,7 +291,7 @@ def _times(report: PlanReport):
         s, links, m = p.spec, cm.group_links(p.layout, cfg.cluster, r), cfg.models[p.model]
         dims = (p.spec.tp, p.spec.pp, p.spec.dp)
         if p.kind == "gen":
-            p.time = cm.generate_time(p.mcfg, p.dt, *dims, prompts=wl.sequences,
+            p.time = cm.generate_time(p.mcfg, p.dt, *dims, prompts=wl.generated,
                                       prompt_len=wl.prompt_len, new_tokens=wl.response_len,
                                       decode_steps=wl.decode_steps, batch_size=cfg.generation.batch_size,
                                       r=r, links=links)

@@ -98,7 +98,12 @@ def format_report(report: PlanReport) -> str:
            (f"workload: {wl.sequences} sequences × ({wl.prompt_len:g} prompt + {wl.response_len:g} "
             f"response) = {wl.tokens:,.0f} tokens per step, "
             + ("" if cfg.algorithm in cm.SEQS_PER_EXAMPLE else f"{wl.decode_steps} decoding steps, ")
-            + f"{wl.updates} optimizer steps per trained model"), ""]
+            + f"{wl.updates} optimizer steps per trained model"
+            + (f"; generation also decodes {wl.extra_generated} greedy baselines (ReMax)"
+               if wl.extra_generated else "")
+            + ("; dynamic sampling is priced as one draw (each extra draw of a step adds a "
+               "generation call of the same size, up to grpo.max_sampling_rounds)"
+               if cfg.algorithm == "grpo" and cfg.grpo.dynamic_sampling else "")), ""]
     out += _memory_table(report)
     if report.reallocs:
         out += _realloc_table(report)

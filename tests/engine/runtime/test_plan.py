@@ -346,3 +346,21 @@ def test_70b_variant_that_cannot_fit_is_refused():
     msg = str(e.value)
     assert msg.startswith("calls.actor_train: ") and "GB per GPU > 80 GB" in msg
     assert msg.endswith(": raise tp or pp, or lower microbatch_tokens") and "\n" not in msg
+
+
+def test_remax_prices_its_greedy_baselines_and_dynamic_sampling_is_named():
+    def grpo(*over):
+        base = dict(algorithm="grpo", data={"train": "unused.jsonl", "max_prompt_len": 8},
+                    models={n: {"scratch": TINY} for n in ("actor", "ref")},
+                    reward={"verifier": "arithmetic"}, generation={"max_new_tokens": 8, "batch_size": 4},
+                    grpo={"batch_size": 8, "group_size": 2, "minibatches": 2},
+                    cluster={"nodes": 1, "gpus_per_node": 4, "gpu_mem_gb": 80})
+        return plan_config(load_run_config(None, list(over), base=base), device="cpu")
+    plain, remax = grpo(), grpo("grpo.advantage=remax")
+    gen = [next(p for p in r.calls if p.name == "actor_gen").time for r in (plain, remax)]
+    # 16 samples, plus 8 greedy responses (one per prompt) for ReMax: 1.5x the decoded tokens
+    assert (gen[0].tokens, gen[1].tokens) == (16 * 8, 24 * 8)
+    assert remax.workload.sequences == 16  # training sees the samples only
+    assert "8 greedy baselines (ReMax)" in format_report(remax)
+    dapo = grpo("grpo.dynamic_sampling=true", "grpo.kl_coef=0")
+    assert "dynamic sampling is priced as one draw" in format_report(dapo)
