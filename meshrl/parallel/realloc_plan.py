@@ -242,6 +242,7 @@ def plan(src_layout: ParallelLayout, dst_layout: ParallelLayout, src_specs: dict
     _check_specs(src_layout, src_specs, "src")
     _check_specs(dst_layout, dst_specs, "dst")
     holders = _holders(src_specs)
+    distinct = {name: set(b for _, b in hs) for name, hs in holders.items()}
     src_shape = {n: s.full_shape for r in src_specs for n, s in src_specs[r].items()}
     ranks = sorted(set(src_layout.ranks) | set(dst_layout.ranks))
     node = {r: node_of(r) for r in ranks} if node_of is not None else None
@@ -265,10 +266,13 @@ def plan(src_layout: ParallelLayout, dst_layout: ParallelLayout, src_specs: dict
             need = valid_box(spec)
             if box_numel(need) == 0:
                 continue
-            boxes = [(r, b) for r, b in holders[name] if _intersect(b, need)]
+            # data-parallel replicas hold equal boxes: test each distinct box once
+            hit = {b for b in distinct[name] if _intersect(b, need)}
+            boxes = [(r, b) for r, b in holders[name] if b in hit]
             src_of = {r: src_specs[r][name] for r, _ in boxes}
-            for cell in _cells(need, [b for _, b in boxes]):
-                cands = [r for r, b in boxes if _contains(b, cell)]
+            for cell in _cells(need, list(hit)):
+                inside = {b for b in hit if _contains(b, cell)}
+                cands = [r for r, b in boxes if b in inside]
                 if not cands:
                     raise PlanError(f"'{name}': no source rank holds region {cell} that destination "
                                     f"rank {d} needs")

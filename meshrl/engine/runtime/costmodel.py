@@ -349,15 +349,19 @@ def _stage_of(layer: int, num_layers: int, pp: int) -> int:
     return next(s for s in range(pp) if layer < (s + 1) * num_layers // pp)
 
 
-def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int]) -> dict:
+def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int], cache: dict | None = None) -> dict:
     """{rank: specs} from meta-device stages, built once per (tp, pp) coordinate (dp replicas hold
-    the same shards), restricted to the representative layers in ``keep``."""
+    the same shards; ``cache`` keeps them across calls), restricted to the representative layers
+    in ``keep``."""
+    cache = {} if cache is None else cache
     built, out = {}, {}
     for r in layout.ranks:
         c = layout.coord_of(r)
         if (c.tp, c.pp) not in built:
-            specs = LlamaStage(mcfg, layout.as_seen_by(r), head=head, device="meta").specs
-            built[(c.tp, c.pp)] = {n: s for n, s in specs.items()
+            key = (id(mcfg), head, layout.tp_size, layout.pp_size, c.tp, c.pp)
+            if key not in cache:
+                cache[key] = LlamaStage(mcfg, layout.as_seen_by(r), head=head, device="meta").specs
+            built[(c.tp, c.pp)] = {n: s for n, s in cache[key].items()
                                    if (m := _LAYER.match(n)) is None or int(m.group(1)) in keep}
         out[r] = built[(c.tp, c.pp)]
     return out
@@ -365,7 +369,7 @@ def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int]) -> dict:
 
 def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: ParallelLayout, *,
                  gpus_per_node: int, intra_bw: float, inter_bw: float, local_bw: float,
-                 latency: float = 0.0) -> dict:
+                 latency: float = 0.0, spec_cache: dict | None = None) -> dict:
     """Bytes and seconds of moving a model from ``src`` to ``dst`` by the real planner.
 
     Layers whose (source stage, destination stage) agree move alike, so one representative per
@@ -380,8 +384,8 @@ def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: 
     for i in range(L):
         classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size)), []).append(i)
     weight = {v[0]: len(v) for v in classes.values()}
-    p = plan(src, dst, _meta_specs(mcfg, head, src, set(weight)),
-             _meta_specs(mcfg, head, dst, set(weight)), node_of=lambda r: r // gpus_per_node,
+    p = plan(src, dst, _meta_specs(mcfg, head, src, set(weight), spec_cache),
+             _meta_specs(mcfg, head, dst, set(weight), spec_cache), node_of=lambda r: r // gpus_per_node,
              dtype=dtype)
     ranks = sorted(set(src.ranks) | set(dst.ranks))
     acc = {k: dict.fromkeys(ranks, 0.0) for k in ("intra_out", "intra_in", "inter_out", "inter_in",

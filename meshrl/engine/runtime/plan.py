@@ -100,6 +100,63 @@ class PlanReport:
         return (sum(c.time.seconds for c in self.calls if c.time is not None and c.per_round)
                 + sum(r["seconds"] * r.get("per_round", 0) for r in self.reallocs))
 
+    @property
+    def steps_per_round(self) -> int:
+        """Iterative DPO: the most optimizer steps one round's pairs make."""
+        d = self.cfg.dpo
+        return d.epochs * max(1, d.prompts_per_round // d.batch_size)
+
+    @property
+    def objective_seconds(self) -> float:
+        """What `--search` minimises: the step; for iterative DPO, a whole round (its sampling and
+        refills, then its steps)."""
+        if self.round_workload is None:
+            return self.step_seconds
+        return self.round_seconds + self.steps_per_round * self.step_seconds
+
+
+def call_layout(cfg: RunConfig, name: str, c: CallSpec, world: int, mcfg: ModelConfig) -> ParallelLayout:
+    """The virtual layout of call ``name`` (no process group), checked against the cluster and
+    against its model's heads and layers; PlanError names the call otherwise."""
+    top = max(parse_ranks(c.ranks))
+    if top >= world:
+        raise PlanError(f"calls.{name}.ranks reaches rank {top}, but the cluster has {world} GPUs "
+                        f"({cfg.cluster.nodes} nodes × {cfg.cluster.gpus_per_node}): use ranks "
+                        f"below {world} or enlarge the cluster")
+    try:
+        layout = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp, virtual=True,
+                                world_size=world, name=f"calls.{name}")
+    except LayoutError as e:
+        raise PlanError(str(e)) from None
+    try:
+        check_layout_fits(mcfg, layout, name=f"calls.{name}")
+    except ConfigError as e:
+        raise PlanError(str(e)) from None
+    return layout
+
+
+def home_calls(calls: dict[str, CallSpec]) -> dict[str, str]:
+    """{model: the call whose layout is its home}: its training call, else its first call by name."""
+    home = {}
+    for name in TRAIN_CALLS + tuple(sorted(calls)):
+        if name in calls:
+            home.setdefault(calls[name].model, name)
+    return home
+
+
+def dataflow_rows(cfg: RunConfig, calls: dict[str, CallSpec]) -> list[tuple[str, str]]:
+    """(row, config call whose layout it runs in), in the runtime's order."""
+    rows = DATAFLOW.get(cfg.algorithm, [(n, n) for n in sorted(calls)])
+    return [(row, src) for row, src in rows if src in calls]
+
+
+def call_plan(cfg: RunConfig, row: str, src: str, spec: CallSpec, *, head: str, mcfg: ModelConfig,
+              layout: ParallelLayout, home: bool) -> CallPlan:
+    return CallPlan(name=row, source=src, spec=spec, model=spec.model, head=head,
+                    kind=KIND.get(row, "inf"), mcfg=mcfg, layout=layout,
+                    dt=cm.DTYPE_BYTES[cfg.models[spec.model].dtype], home=home,
+                    per_round=row in PER_ROUND.get(cfg.algorithm, ()))
+
 
 def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPlan]]:
     """The dataflow's rows, and one placement per (model, layout): home first, then views."""
@@ -107,41 +164,20 @@ def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPl
     heads = model_heads(calls)
     configs, layouts = {}, {}
     for name, c in calls.items():
-        top = max(parse_ranks(c.ranks))
-        if top >= world:
-            raise PlanError(f"calls.{name}.ranks reaches rank {top}, but the cluster has {world} GPUs "
-                            f"({cfg.cluster.nodes} nodes × {cfg.cluster.gpus_per_node}): use ranks "
-                            f"below {world} or enlarge the cluster")
-        try:
-            layouts[name] = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp, virtual=True,
-                                           world_size=world, name=f"calls.{name}")
-        except LayoutError as e:
-            raise PlanError(str(e)) from None
         if c.model not in configs:
             configs[c.model] = load_model_config(cfg.models[c.model], cfg.models)
-        try:
-            check_layout_fits(configs[c.model], layouts[name], name=f"calls.{name}")
-        except ConfigError as e:
-            raise PlanError(str(e)) from None
-
-    home_call = {}
-    for name in TRAIN_CALLS + tuple(sorted(calls)):
-        if name in calls:
-            home_call.setdefault(calls[name].model, name)
+        layouts[name] = call_layout(cfg, name, c, world, configs[c.model])
+    home_call = home_calls(calls)
     key = lambda n: (calls[n].model, calls[n].ranks, calls[n].tp, calls[n].pp, calls[n].dp)  # noqa: E731
 
     def make(row, src):
         c = calls[src]
-        return CallPlan(name=row, source=src, spec=c, model=c.model, head=heads[c.model],
-                        kind=KIND.get(row, "inf"), mcfg=configs[c.model], layout=layouts[src],
-                        dt=cm.DTYPE_BYTES[cfg.models[c.model].dtype],
-                        home=key(src) == key(home_call[c.model]),
-                        per_round=row in PER_ROUND.get(cfg.algorithm, ()))
+        return call_plan(cfg, row, src, c, head=heads[c.model], mcfg=configs[c.model],
+                         layout=layouts[src], home=key(src) == key(home_call[c.model]))
     placements = {}
     for name in [*home_call.values(), *sorted(calls)]:
         placements.setdefault(key(name), make(name, name))
-    rows = DATAFLOW.get(cfg.algorithm, [(n, n) for n in sorted(calls)])
-    return [make(row, src) for row, src in rows if src in calls], list(placements.values())
+    return [make(row, src) for row, src in dataflow_rows(cfg, calls)], list(placements.values())
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -151,7 +187,7 @@ def _microbatches(p: CallPlan, wl: cm.Workload) -> int:
     return max(1, math.ceil(per_update / p.spec.microbatch_tokens))
 
 
-def _own_memory(p: CallPlan, cfg: RunConfig, wl: cm.Workload, stage: int) -> cm.Memory:
+def own_memory(p: CallPlan, cfg: RunConfig, wl: cm.Workload, stage: int) -> cm.Memory:
     """This call's parameters (home or view), its training state, activations and KV cache on a
     rank of pipeline stage ``stage``."""
     c, m, spec = p.mcfg, cfg.models[p.model], p.spec
@@ -201,7 +237,7 @@ def _memory(report: PlanReport):
     for p in report.calls:
         best = None
         for r in p.layout.ranks:
-            own = _own_memory(p, cfg, report.workload_of(p), p.layout.coord_of(r).pp)
+            own = own_memory(p, cfg, report.workload_of(p), p.layout.coord_of(r).pp)
             static = _static_bytes(report.placements, cfg, p.kind, r)
             resident = static - own.params - own.grads - own.optim
             if best is None or own.total + resident > best[0].total + best[1]:
@@ -282,27 +318,26 @@ def _model_of(report: PlanReport, call: str) -> str | None:
 
 # ---- time --------------------------------------------------------------------------------------
 
+def call_time(p: CallPlan, cfg: RunConfig, r: Rates, wl: cm.Workload) -> cm.CallTime:
+    s, links, m = p.spec, cm.group_links(p.layout, cfg.cluster, r), cfg.models[p.model]
+    dims = (p.spec.tp, p.spec.pp, p.spec.dp)
+    if p.kind == "gen":
+        return cm.generate_time(p.mcfg, p.dt, *dims, prompts=wl.generated, prompt_len=wl.prompt_len,
+                                new_tokens=wl.response_len, decode_steps=wl.decode_steps,
+                                batch_size=cfg.generation.batch_size, r=r, links=links)
+    if p.kind == "train":
+        return cm.train_time(p.mcfg, p.head, p.dt, *dims, tokens=wl.tokens * wl.epochs,
+                             mb_tokens=s.microbatch_tokens, updates=wl.updates, zero1=m.optim.zero1,
+                             ckpt=m.activation_checkpointing, r=r, links=links)
+    return cm.forward_time(p.mcfg, p.head, p.dt, *dims, tokens=wl.tokens,
+                           mb_tokens=s.microbatch_tokens, r=r, links=links)
+
+
 def _times(report: PlanReport):
-    cfg, r = report.cfg, report.rates
     for p in report.calls:
         if p.per_round and report.round_workload is None:
             continue  # offline DPO: the generation layout serves evaluation only
-        wl = report.workload_of(p)
-        s, links, m = p.spec, cm.group_links(p.layout, cfg.cluster, r), cfg.models[p.model]
-        dims = (p.spec.tp, p.spec.pp, p.spec.dp)
-        if p.kind == "gen":
-            p.time = cm.generate_time(p.mcfg, p.dt, *dims, prompts=wl.generated,
-                                      prompt_len=wl.prompt_len, new_tokens=wl.response_len,
-                                      decode_steps=wl.decode_steps, batch_size=cfg.generation.batch_size,
-                                      r=r, links=links)
-        elif p.kind == "train":
-            p.time = cm.train_time(p.mcfg, p.head, p.dt, *dims, tokens=wl.tokens * wl.epochs,
-                                   mb_tokens=s.microbatch_tokens, updates=wl.updates,
-                                   zero1=m.optim.zero1, ckpt=m.activation_checkpointing, r=r,
-                                   links=links)
-        else:
-            p.time = cm.forward_time(p.mcfg, p.head, p.dt, *dims, tokens=wl.tokens,
-                                     mb_tokens=s.microbatch_tokens, r=r, links=links)
+        p.time = call_time(p, report.cfg, report.rates, report.workload_of(p))
 
 
 def plan_config(cfg: RunConfig, *, world: int | None = None, device: str | None = None,
@@ -342,10 +377,16 @@ def add_arguments(p):
     p.add_argument("--response-len", type=float,
                    help="mean response tokens (default generation.max_new_tokens; sft, rm, dpo: "
                         "data.max_len minus the prompt)")
+    from .search import add_arguments as search_arguments
+    search_arguments(p)
 
 
 def run(args) -> int:
+    from .search import check_arguments, run_search
+    check_arguments(args)
     cfg = load_run_config(args.config, args.overrides)
+    if args.search:
+        return run_search(args, cfg)
     report = plan_config(cfg, device=args.device, rates_path=args.rates, prompt_len=args.prompt_len,
                          response_len=args.response_len)
     print(format_report(report))

@@ -83,11 +83,9 @@ def _time_table(report: PlanReport) -> list[str]:
                      "refilled after them"), head]
         out += rnd
         out.append(f"{'round':<17}{report.round_seconds:>9.3f}")
-        d = report.cfg.dpo
-        steps = d.epochs * max(1, d.prompts_per_round // d.batch_size)
-        out.append(f"a round: {report.round_seconds:.3f} s + up to {steps} steps × "
+        out.append(f"a round: {report.round_seconds:.3f} s + up to {report.steps_per_round} steps × "
                    f"{report.step_seconds:.3f} s (prompts whose responses tie make no pair) = "
-                   f"{report.round_seconds + steps * report.step_seconds:.3f} s at most")
+                   f"{report.objective_seconds:.3f} s at most")
     return out
 
 

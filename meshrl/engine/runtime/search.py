@@ -1,0 +1,632 @@
+"""`meshrl plan CONFIG --search`: every call's mesh, tp, pp, dp and microbatch size, chosen to
+minimise the estimate `meshrl plan` prints for them, within its memory check; exactly.
+
+What is searched, for each call (all of them, or those named by ``--search-calls``; the others keep
+the config's layout):
+
+- a mesh: the whole cluster, a power-of-two number of whole nodes at a node-aligned offset, or a
+  power-of-two slice of one node at an aligned offset;
+- tp: a power of two up to a node's GPUs (and the mesh) that divides the model's heads; pp: a power
+  of two up to the model's layers; dp: the mesh's GPUs / (tp·pp);
+- ``microbatch_tokens`` from `MICROBATCH_TOKENS` and the config's own value, for calls that run
+  microbatches (generation has its own ``generation.batch_size``).
+
+What is minimised: `PlanReport.objective_seconds` for those layouts, the very cost model of
+`meshrl plan` — calls one after another (the runtime gathers each call's results to every rank
+before it starts the next, so calls on disjoint meshes do not overlap today, and the estimate does
+not pretend they do), the reallocations that refill the views of changing weights, and the EMA
+blend; for iterative DPO a whole round. A call on fewer GPUs is never faster here, but it keeps
+its weights off the other GPUs, which can let another call take a faster layout.
+
+How: depth-first branch and bound over the calls. The calls that hold a model's home layout come
+first, so the weights placed along a branch only grow and the memory of the calls chosen so far is
+a lower bound of their final memory. A branch is cut when a chosen call's peak on some GPU, with
+the weights placed so far, exceeds ``cluster.gpu_mem_gb``, or when its cost so far plus every
+remaining call's fastest standalone time cannot beat the k-th best plan found. Within one (call,
+layout), microbatch sizes no better in time and no smaller in memory than another are dropped
+(same layout, same weights: exact). Candidates are tried fastest first with ties broken by the
+layout, so the search is deterministic. The result is re-priced by `plan_config`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from meshrl.engine.model.config import ModelConfig
+
+from . import costmodel as cm
+from .config import CallSpec, RunConfig, RunConfigError
+from .models import DTYPES, complete_calls, load_model_config, model_heads
+from .plan import (PER_ROUND, TRAIN_CALLS, CallPlan, PlanError, PlanReport, call_layout, call_plan,
+                   call_time, dataflow_rows, home_calls, own_memory, plan_config)
+from .rates import Rates, load_rates
+
+MICROBATCH_TOKENS = (1024, 2048, 4096, 8192, 16384)
+DEFAULT_BUDGET = 2_000_000  # partial plans visited before the search stops with what it has
+
+
+@dataclass(frozen=True, order=True)
+class Choice:
+    """One call's layout: its ranks, tp, pp (dp is the rest) and microbatch tokens."""
+    ranks: tuple[int, ...]
+    tp: int
+    pp: int
+    mb: int
+
+    @property
+    def dp(self) -> int:
+        return len(self.ranks) // (self.tp * self.pp)
+
+    @property
+    def layout_key(self) -> tuple:
+        return self.ranks, self.tp, self.pp
+
+    @property
+    def ranks_text(self) -> str:
+        lo, hi = self.ranks[0], self.ranks[-1]
+        if len(self.ranks) == 1:
+            return str(lo)
+        if list(self.ranks) == list(range(lo, hi + 1)):
+            return f"{lo}-{hi}"
+        return ",".join(map(str, self.ranks))
+
+    def spec(self, model: str) -> CallSpec:
+        return CallSpec(model=model, ranks=self.ranks_text, tp=self.tp, pp=self.pp, dp=self.dp,
+                        microbatch_tokens=self.mb)
+
+    def describe(self) -> str:
+        return f"ranks {self.ranks_text} tp{self.tp}·pp{self.pp}·dp{self.dp} mb{self.mb}"
+
+
+@dataclass
+class Candidate:
+    call: str
+    choice: Choice
+    rows: list[CallPlan]          # the dataflow rows that run in this call's layout, timed
+    cost: float                   # their share of the objective
+    idx: np.ndarray               # the layout's ranks
+    extra: list[np.ndarray]       # per row: activations + KV cache per rank of idx
+    kinds: list[str]
+
+
+@dataclass
+class Plan:
+    seconds: float
+    choices: dict[str, Choice]
+
+
+@dataclass
+class SearchResult:
+    cfg: RunConfig
+    plans: list[Plan]             # best first
+    complete: bool                # False: stopped at the budget, best found so far
+    visited: int
+    candidates: dict[str, int]    # per call, after memory and dominance pruning
+    seconds: float
+    report: PlanReport | None = None  # the best plan priced by plan_config
+    config_report: PlanReport | None = None  # the config's own layouts, when they divide and fit
+    notes: list[str] = field(default_factory=list)
+
+
+class SearchError(RunConfigError):
+    """No plan fits, or an option that contradicts itself; one line naming what to change."""
+
+
+def _powers_of_two(upto: int) -> list[int]:
+    out, x = [], 1
+    while x <= upto:
+        out.append(x)
+        x *= 2
+    return out
+
+
+def meshes(world: int, gpus_per_node: int) -> list[tuple[int, ...]]:
+    """The whole cluster, power-of-two counts of whole nodes at aligned offsets, and power-of-two
+    slices of a node at aligned offsets."""
+    nodes = world // gpus_per_node
+    out = [tuple(range(world))]
+    for n in _powers_of_two(nodes):
+        for lo in range(0, nodes - n + 1, n):
+            out.append(tuple(range(lo * gpus_per_node, (lo + n) * gpus_per_node)))
+    for size in _powers_of_two(gpus_per_node // 2):
+        for node in range(nodes):
+            for lo in range(node * gpus_per_node, (node + 1) * gpus_per_node - size + 1, size):
+                out.append(tuple(range(lo, lo + size)))
+    return list(dict.fromkeys(out))
+
+
+class Search:
+    """The space of one config on its cluster, its candidates priced once, and the branch and bound."""
+
+    def __init__(self, cfg: RunConfig, *, free: list[str] | None = None, rates: Rates | None = None,
+                 microbatch_tokens=MICROBATCH_TOKENS, top: int = 3, budget: int = DEFAULT_BUDGET,
+                 prompt_len=None, response_len=None, decode_steps=None):
+        self.cfg = cfg = copy.deepcopy(cfg)
+        cl = cfg.cluster
+        self.world, self.gpn = cl.nodes * cl.gpus_per_node, cl.gpus_per_node
+        self.rates = rates or load_rates(cl.device)
+        self.budget_bytes = cl.gpu_mem_gb * cm.GB
+        self.top, self.node_budget = top, budget
+        self.lens = dict(prompt_len=prompt_len, response_len=response_len, decode_steps=decode_steps)
+        self.calls = complete_calls(cfg, self.world)
+        unknown = sorted(set(free or ()) - set(self.calls))
+        if unknown:
+            raise SearchError(f"--search-calls {','.join(unknown)}: {cfg.algorithm} runs no such call; "
+                              f"its calls are {', '.join(sorted(self.calls))}")
+        self.free = set(self.calls) if free is None else set(free)
+        self.heads = model_heads(self.calls)
+        self.mcfg: dict[str, ModelConfig] = {}
+        for c in self.calls.values():
+            if c.model not in self.mcfg:
+                self.mcfg[c.model] = load_model_config(cfg.models[c.model], cfg.models)
+        self.home_call = home_calls(self.calls)
+        self.rows = dataflow_rows(cfg, self.calls)
+        self.trained = {self.calls[n].model for n in TRAIN_CALLS if n in self.calls}
+        self.wl = cm.workload_of(cfg, **self.lens)
+        self.round_wl = (cm.online_round_workload(cfg, self.wl)
+                         if cfg.algorithm == "dpo" and cfg.dpo.rounds else None)
+        d = cfg.dpo
+        self.weight = d.epochs * max(1, d.prompts_per_round // d.batch_size) if self.round_wl else 1
+        self.order = list(dict.fromkeys([*self.home_call.values(), *sorted(self.calls)]))
+        self.microbatch_tokens = tuple(microbatch_tokens)
+        self._layouts, self._static, self._realloc = {}, {}, {}
+        intra, inter = cm.link_bandwidths(cl, self.rates)
+        self._realloc_kw = dict(gpus_per_node=cl.gpus_per_node, intra_bw=intra, inter_bw=inter,
+                                local_bw=self.rates.local_copy_gbps * 1e9, latency=self.rates.latency_s,
+                                spec_cache={})
+        self.candidates = {name: self._candidates(name) for name in self.order}
+
+    # ---- candidates -----------------------------------------------------------------------------
+    def _choices(self, name: str) -> list[Choice]:
+        c = self.calls[name]
+        takes_mb = any(src == name and row != "actor_gen" for row, src in self.rows)
+        if name not in self.free:
+            return [Choice(tuple(int(r) for r in c.ranks.split(",")), c.tp, c.pp, c.microbatch_tokens)]
+        mbs = sorted({*self.microbatch_tokens, c.microbatch_tokens}) if takes_mb else [c.microbatch_tokens]
+        layers = self.mcfg[c.model].num_hidden_layers
+        out = []
+        for ranks in meshes(self.world, self.gpn):
+            for tp in _powers_of_two(min(self.gpn, len(ranks))):
+                for pp in _powers_of_two(min(layers, len(ranks) // tp)):
+                    if len(ranks) % (tp * pp) == 0:
+                        out += [Choice(ranks, tp, pp, mb) for mb in mbs]
+        return out
+
+    def _layout(self, name: str, ch: Choice):
+        key = (self.calls[name].model, ch.layout_key)
+        if key not in self._layouts:
+            try:
+                self._layouts[key] = call_layout(self.cfg, name, ch.spec(key[0]), self.world,
+                                                 self.mcfg[key[0]])
+            except PlanError:
+                self._layouts[key] = None
+        return self._layouts[key]
+
+    def _candidates(self, name: str) -> list[Candidate]:
+        model = self.calls[name].model
+        home = name == self.home_call[model]
+        out = []
+        for ch in self._choices(name):
+            layout = self._layout(name, ch)
+            if layout is None:
+                if name not in self.free:  # the config's own layout: say why it cannot be
+                    call_layout(self.cfg, name, ch.spec(model), self.world, self.mcfg[model])
+                continue
+            idx = np.array(layout.ranks)
+            stage = np.array([layout.coord_of(r).pp for r in layout.ranks])
+            rows, extra, kinds, cost = [], [], [], 0.0
+            for row, src in self.rows:
+                if src != name:
+                    continue
+                p = call_plan(self.cfg, row, src, ch.spec(model), head=self.heads[model],
+                              mcfg=self.mcfg[model], layout=layout, home=home)
+                wl = self.round_wl if p.per_round and self.round_wl else self.wl
+                own = [_own_extra(p, self.cfg, wl, s) for s in range(ch.pp)]
+                extra.append(np.array(own)[stage])
+                kinds.append(p.kind)
+                if p.per_round and self.round_wl is None:
+                    continue  # offline DPO: the generation layout serves evaluation only
+                p.time = call_time(p, self.cfg, self.rates, wl)
+                cost += p.time.seconds * (1 if p.per_round else self.weight)
+                rows.append(p)
+            cand = Candidate(name, ch, rows, cost, idx, extra, kinds)
+            # its own weights alone are a lower bound of what shares its GPUs
+            if name not in self.free or self._fits([cand], self._placement(model, ch, layout, home)):
+                out.append(cand)
+        out = _drop_dominated(out)
+        return sorted(out, key=lambda c: (c.cost, c.choice))
+
+    def _placement(self, model: str, ch: Choice, layout, home: bool):
+        """Bytes per rank (world-long arrays) that this model's weights in this layout keep
+        resident: params (+ fp32 grads at home if trained), the optimizer state never offloaded,
+        and the optimizer state parked on the host outside training (offload_when_idle)."""
+        key = (model, ch.layout_key, home)
+        if key not in self._static:
+            m, mc = self.cfg.models[model], self.mcfg[model]
+            base, fixed, off = (np.zeros(self.world) for _ in range(3))
+            dt, head = cm.DTYPE_BYTES[m.dtype], self.heads[model]
+            for r in layout.ranks:
+                P = cm.stage_params(mc, ch.tp, ch.pp, layout.coord_of(r).pp, head)
+                base[r] = P * dt
+                if home and model in self.trained:
+                    base[r] += 4 * P
+                    (off if m.offload_when_idle else fixed)[r] = 12 * P / (ch.dp if m.optim.zero1 else 1)
+            self._static[key] = (base, fixed, off)
+        return self._static[key]
+
+    def _realloc_seconds(self, model: str, src: Choice, dst: Choice) -> float:
+        key = (model, src.layout_key, dst.layout_key)
+        if key not in self._realloc:
+            a, b = self._layouts[(model, src.layout_key)], self._layouts[(model, dst.layout_key)]
+            self._realloc[key] = cm.realloc_cost(self.mcfg[model], self.heads[model],
+                                                 DTYPES[self.cfg.models[model].dtype], a, b,
+                                                 **self._realloc_kw)["seconds"]
+        return self._realloc[key]
+
+    def _fits(self, picked: list[Candidate], static) -> bool:
+        """Every picked call's rows within gpu_mem_gb on every rank, given the resident bytes."""
+        base, fixed, off = static
+        for cand in picked:
+            for e, k in zip(cand.extra, cand.kinds):
+                s = base + fixed + (off if k == "train" else 0)
+                if (s[cand.idx] + e).max() > self.budget_bytes:
+                    return False
+        return True
+
+    # ---- branch and bound -----------------------------------------------------------------------
+    def run(self) -> SearchResult:
+        t0 = time.perf_counter()
+        order, cands, W = self.order, self.candidates, self.weight
+        rest = [0.0] * (len(order) + 1)  # the fastest standalone cost of the calls after i
+        for i in range(len(order) - 1, -1, -1):
+            rest[i] = rest[i + 1] + (cands[order[i]][0].cost if cands[order[i]] else math.inf)
+        alg = self.cfg.algorithm
+        ema = alg == "ppo" and self.cfg.ppo.ema_ref
+        actor = self.calls["actor_train"].model if "actor_train" in self.calls else None
+        ref = self.calls["ref_inf"].model if "ref_inf" in self.calls else None
+        # the EMA blend (per actor update) and iterative DPO's reference refill (per round) move
+        # the actor's home weights into the reference's: priced once both homes are chosen
+        pair = ((self.home_call[actor], self.home_call[ref]) if actor and ref else None)
+        pair_cost = (self.wl.updates * W if ema else 0) + (1 if self.round_wl and actor != ref else 0)
+        pair_at = max(order.index(pair[0]), order.index(pair[1])) if pair and pair_cost else -1
+        best: list[Plan] = []
+        state = {"visited": 0, "stopped": False}
+
+        def bound() -> float:
+            return best[-1].seconds if len(best) >= self.top else math.inf
+
+        def dfs(i: int, cost: float, chosen: dict, placed: set, static, picked: list):
+            if i == len(order):
+                # plans of one cost are nearly always mirror images (another node, another slice
+                # of a node): keep the first in layout order as the representative of its cost
+                plan = Plan(cost, dict(chosen))
+                same = next((p for p in best if math.isclose(p.seconds, cost, rel_tol=1e-12)), None)
+                if same is not None:
+                    if sorted(plan.choices.items()) >= sorted(same.choices.items()):
+                        return
+                    best.remove(same)
+                best.append(plan)
+                best.sort(key=lambda p: (p.seconds, sorted(p.choices.items())))
+                del best[self.top:]
+                return
+            name = order[i]
+            model = self.calls[name].model
+            home = name == self.home_call[model]
+            for cand in cands[name]:
+                if state["stopped"] or cost + cand.cost + rest[i + 1] >= bound():
+                    return  # sorted by cost: no later candidate does better
+                state["visited"] += 1
+                if state["visited"] > self.node_budget:
+                    state["stopped"] = True
+                    return
+                ch, add = cand.choice, 0.0
+                lkey = (model, ch.layout_key)
+                new_static, new_placed = static, placed
+                if lkey not in placed:  # a home, or a view with weights of its own
+                    pb, pf, po = self._placement(model, ch, self._layouts[lkey], home)
+                    new_static = (static[0] + pb, static[1] + pf, static[2] + po)
+                    new_placed = placed | {lkey}
+                    if not home:  # filled from home whenever the home weights changed
+                        fresh = model in self.trained or (ema and model == ref)
+                        n = (int(fresh and self.round_wl is not None) if name in PER_ROUND.get(alg, ())
+                             else int(fresh) * W)
+                        if n:
+                            add += n * self._realloc_seconds(model, chosen[self.home_call[model]], ch)
+                new_chosen = {**chosen, name: ch}
+                if i == pair_at:
+                    add += pair_cost * self._realloc_seconds(actor, new_chosen[pair[0]], new_chosen[pair[1]])
+                if cost + cand.cost + add + rest[i + 1] >= bound():
+                    continue
+                rows = picked + [cand]
+                if not self._fits(rows, new_static):
+                    continue
+                dfs(i + 1, cost + cand.cost + add, new_chosen, new_placed, new_static, rows)
+
+        if all(cands[n] for n in order):
+            zero = np.zeros(self.world)
+            dfs(0, 0.0, {}, frozenset(), (zero, zero, zero), [])
+        return SearchResult(self.cfg, best, not state["stopped"], state["visited"],
+                            {n: len(cands[n]) for n in order}, time.perf_counter() - t0)
+
+
+def _own_extra(p: CallPlan, cfg: RunConfig, wl: cm.Workload, stage: int) -> float:
+    """What a call needs beyond the resident weights: its activations and KV cache."""
+    m = own_memory(p, cfg, wl, stage)
+    return m.activations + m.kv
+
+
+def _drop_dominated(cands: list[Candidate]) -> list[Candidate]:
+    """Within one layout, drop a microbatch size when another is no slower and needs no more
+    memory on any rank in any row (the weights, and so everything else, are the same)."""
+    groups: dict[tuple, list[Candidate]] = {}
+    for c in cands:
+        groups.setdefault(c.choice.layout_key, []).append(c)
+    out = []
+    for group in groups.values():
+        for c in group:
+            if not any(o is not c and o.cost <= c.cost
+                       and all((eo <= ec).all() for eo, ec in zip(o.extra, c.extra))
+                       and (o.cost < c.cost or any((eo < ec).any() for eo, ec in zip(o.extra, c.extra))
+                            or o.choice < c.choice)
+                       for o in group):
+                out.append(c)
+    return out
+
+
+def with_calls(cfg: RunConfig, choices: dict[str, Choice], calls: dict[str, CallSpec]) -> RunConfig:
+    """``cfg`` with every call's layout set to ``choices``."""
+    out = copy.deepcopy(cfg)
+    out.calls = {name: ch.spec(calls[name].model) for name, ch in choices.items()}
+    return out
+
+
+def search_config(cfg: RunConfig, *, free: list[str] | None = None, device: str | None = None,
+                  rates_path: str | None = None, top: int = 3, budget: int = DEFAULT_BUDGET,
+                  microbatch_tokens=MICROBATCH_TOKENS, prompt_len=None, response_len=None,
+                  decode_steps=None) -> SearchResult:
+    """Search, then price the best plan (and the config's own) by `plan_config`, which must agree."""
+    rates = load_rates(device or cfg.cluster.device, rates_path)
+    lens = dict(prompt_len=prompt_len, response_len=response_len, decode_steps=decode_steps)
+    s = Search(cfg, free=free, rates=rates, top=top, budget=budget,
+               microbatch_tokens=microbatch_tokens, **lens)
+    res = s.run()
+    try:
+        res.config_report = plan_config(cfg, rates=rates, **lens)
+    except PlanError as e:
+        res.notes.append(f"the config's own layouts: {e}")
+    if res.plans:
+        res.report = plan_config(with_calls(cfg, res.plans[0].choices, s.calls), rates=rates, **lens)
+        priced = res.report.objective_seconds
+        if res.report.fit_error or not math.isclose(priced, res.plans[0].seconds, rel_tol=1e-9):
+            raise AssertionError(f"search priced its plan at {res.plans[0].seconds!r} s, meshrl plan at "
+                                 f"{priced!r} s ({res.report.fit_error}): the two models disagree")
+    return res
+
+
+# ---- what `meshrl plan --search` prints ---------------------------------------------------------
+
+def calls_yaml(choices: dict[str, Choice], calls: dict[str, CallSpec]) -> str:
+    """The ``calls:`` block, ready to paste into the config."""
+    width = max(map(len, choices)) + 1
+    lines = ["calls:"]
+    for name in sorted(choices, key=lambda n: (n not in TRAIN_CALLS, n)):
+        ch = choices[name]
+        lines.append(f"  {name + ':':<{width}} {{model: {calls[name].model}, ranks: \"{ch.ranks_text}\", "
+                     f"tp: {ch.tp}, pp: {ch.pp}, dp: {ch.dp}, microbatch_tokens: {ch.mb}}}")
+    return "\n".join(lines)
+
+
+def _changes(a: dict[str, Choice], b: dict[str, Choice]) -> str:
+    return "; ".join(f"{n}: {b[n].describe()}" for n in sorted(a) if a[n] != b[n]) or "the same layouts"
+
+
+def peak_gb(report: PlanReport) -> float:
+    return max(p.peak for p in report.calls) / cm.GB
+
+
+def format_search(res: SearchResult, calls: dict[str, CallSpec]) -> str:
+    from .plan_format import format_report
+    cfg, cl = res.cfg, res.cfg.cluster
+    unit = "round" if res.report is not None and res.report.round_workload is not None else "step"
+    how = ("exact" if res.complete else
+           f"stopped at --search-budget {res.visited - 1:,} partial plans: the best found, not proven best")
+    out = [f"search: {cfg.algorithm} on {cl.nodes} nodes × {cl.gpus_per_node} GPUs; "
+           + ", ".join(f"{n} {k} layouts" for n, k in res.candidates.items())
+           + f" (after memory and dominance pruning); {res.visited:,} partial plans in "
+           f"{res.seconds:.1f} s; {how}"]
+    best = res.plans[0]
+    given = res.config_report
+    versus = ""
+    if given is not None and given.fit_error is None:
+        g = given.objective_seconds
+        versus = f"; the config's layouts: {g:.3f} s ({(best.seconds - g) / g * 100:+.1f}%)"
+    elif given is not None:
+        versus = f"; the config's layouts do not fit ({given.fit_error})"
+    out += [f"best plan: {best.seconds:.3f} s per {unit}{versus}", "", calls_yaml(best.choices, calls)]
+    for i, alt in enumerate(res.plans[1:], 2):
+        out.append(f"{'' if i > 2 else chr(10)}#{i}: {alt.seconds:.3f} s  ({_changes(best.choices, alt.choices)})")
+    out += res.notes
+    out += ["", "the best plan, as `meshrl plan` prices it:", "", format_report(res.report)]
+    return "\n".join(out)
+
+
+def search_json(res: SearchResult, calls: dict[str, CallSpec]) -> dict:
+    def plan_dict(p: Plan) -> dict:
+        return {"seconds": p.seconds, "calls": {n: {"model": calls[n].model, "ranks": ch.ranks_text,
+                                                     "tp": ch.tp, "pp": ch.pp, "dp": ch.dp,
+                                                     "microbatch_tokens": ch.mb}
+                                                 for n, ch in p.choices.items()}}
+    given = res.config_report
+    return {"algorithm": res.cfg.algorithm, "nodes": res.cfg.cluster.nodes,
+            "gpus_per_node": res.cfg.cluster.gpus_per_node, "exact": res.complete,
+            "partial_plans": res.visited, "search_seconds": res.seconds, "candidates": res.candidates,
+            "config_seconds": (given.objective_seconds if given is not None and given.fit_error is None
+                               else None),
+            "best": {**plan_dict(res.plans[0]), "peak_gb": peak_gb(res.report),
+                     "per_call": {p.name: p.time.seconds for p in res.report.calls if p.time},
+                     "reallocs": {f"{x['src']}→{x['dst']}": x["seconds"] for x in res.report.reallocs}},
+            "alternatives": [plan_dict(p) for p in res.plans[1:]], "notes": res.notes}
+
+
+def no_fit_message(s: Search) -> str:
+    """One line: the call whose smallest need (its own weights and work, alone on its GPUs) is the
+    largest, and how many nodes the models' weights and training state need at the least."""
+    worst, need = None, 0.0
+    for name in s.order:
+        model, best = s.calls[name].model, math.inf
+        home = name == s.home_call[model]
+        for ch in s._choices(name):
+            layout = s._layout(name, ch)
+            if layout is not None:
+                best = min(best, _peak_alone(s, name, ch, layout, s._placement(model, ch, layout, home)))
+        if best > need:
+            worst, need = name, best
+    state = 0.0  # every model's weights, and a trained model's fp32 grads and Adam moments
+    for model, mc in s.mcfg.items():
+        P = cm.stage_params(mc, 1, 1, 0, s.heads[model])
+        state += P * cm.DTYPE_BYTES[s.cfg.models[model].dtype] + (16 * P if model in s.trained else 0)
+    cl = s.cfg.cluster
+    nodes = max(math.ceil(state / (s.budget_bytes * s.gpn)), cl.nodes + 1)  # this one failed
+    return (f"no plan fits {cl.gpu_mem_gb:g} GB per GPU on {cl.nodes} nodes × {s.gpn} GPUs: the largest "
+            f"need is calls.{worst}'s, {need / cm.GB:.1f} GB per GPU in its best layout with no other "
+            f"model beside it, and the models' weights and training state ({state / cm.GB:,.0f} GB) "
+            f"need at least {nodes} nodes of {s.gpn}: find the smallest that fits with --nodes "
+            f"{','.join(str(n) for n in _powers_of_two(8 * max(nodes, cl.nodes)) if n >= max(nodes, 1))}")
+
+
+def _peak_alone(s: Search, name: str, ch: Choice, layout, static) -> float:
+    base, fixed, off = static
+    model = s.calls[name].model
+    idx = np.array(layout.ranks)
+    stage = np.array([layout.coord_of(r).pp for r in layout.ranks])
+    peak = 0.0
+    for row, src in s.rows:
+        if src != name:
+            continue
+        p = call_plan(s.cfg, row, src, ch.spec(model), head=s.heads[model], mcfg=s.mcfg[model],
+                      layout=layout, home=True)
+        wl = s.round_wl if p.per_round and s.round_wl else s.wl
+        e = np.array([_own_extra(p, s.cfg, wl, st) for st in range(ch.pp)])[stage]
+        peak = max(peak, float((base + fixed + (off if p.kind == "train" else 0))[idx].__add__(e).max()))
+    return peak
+
+
+def add_arguments(p):
+    g = p.add_argument_group("search (meshrl plan CONFIG --search)")
+    g.add_argument("--search", action="store_true",
+                   help="choose every call's mesh, tp, pp, dp and microbatch_tokens for the least "
+                        "estimated step within gpu_mem_gb (exact branch and bound)")
+    g.add_argument("--search-calls", help="comma-separated calls to search (default: all); the others "
+                   "keep the config's layout")
+    g.add_argument("--nodes", help="comma-separated cluster sizes in nodes (e.g. 1,2,4,8,16): the best "
+                   "plan of each, and the smallest that fits")
+    g.add_argument("--top", type=int, default=3, help="plans to show: the best and the runners-up (3)")
+    g.add_argument("--search-budget", type=int, default=DEFAULT_BUDGET,
+                   help=f"partial plans to visit before stopping with the best so far ({DEFAULT_BUDGET:,})")
+    g.add_argument("--write", metavar="OUT.yaml", help="write the config with the best plan's calls")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def check_arguments(args):
+    """Search options without --search, or that contradict each other: one line naming the flag."""
+    given = [f for f, v in (("--search-calls", args.search_calls), ("--nodes", args.nodes),
+                            ("--write", args.write)) if v]
+    if not args.search and given:
+        raise SearchError(f"{given[0]} needs --search: add it (meshrl plan CONFIG --search {given[0]} ...)")
+    if args.top < 1:
+        raise SearchError(f"--top {args.top}: show at least 1 plan")
+    if args.search_budget < 1:
+        raise SearchError(f"--search-budget {args.search_budget}: visit at least 1 partial plan")
+    if args.nodes:
+        try:
+            sizes = [int(x) for x in args.nodes.split(",")]
+        except ValueError:
+            raise SearchError(f"--nodes {args.nodes}: give node counts separated by commas, e.g. "
+                              "--nodes 1,2,4,8") from None
+        if not sizes or min(sizes) < 1:
+            raise SearchError(f"--nodes {args.nodes}: node counts must be 1 or more")
+        if args.write and len(sizes) > 1:
+            raise SearchError(f"--write with --nodes {args.nodes}: one config per cluster size is "
+                              "ambiguous; give one size to --nodes, or drop --write")
+        return sizes
+    return None
+
+
+def write_config(path: str, config_path: str | None, overrides, choices, calls, nodes=None):
+    from omegaconf import OmegaConf
+    raw = OmegaConf.load(config_path) if config_path else OmegaConf.create({})
+    if overrides:
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
+    raw.calls = {n: {"model": calls[n].model, "ranks": ch.ranks_text, "tp": ch.tp, "pp": ch.pp,
+                     "dp": ch.dp, "microbatch_tokens": ch.mb} for n, ch in choices.items()}
+    if nodes is not None:
+        raw.cluster.nodes = nodes
+    OmegaConf.save(raw, path)
+
+
+def run_search(args, cfg: RunConfig) -> int:
+    sizes = check_arguments(args)
+    free = [x.strip() for x in args.search_calls.split(",")] if args.search_calls else None
+    kw = dict(free=free, device=args.device, rates_path=args.rates, top=args.top,
+              budget=args.search_budget, prompt_len=args.prompt_len, response_len=args.response_len)
+    if sizes is None or len(sizes) == 1:
+        if sizes:
+            cfg = copy.deepcopy(cfg)
+            cfg.cluster.nodes = sizes[0]
+        res = search_config(cfg, **kw)
+        calls = complete_calls(cfg, cfg.cluster.nodes * cfg.cluster.gpus_per_node)
+        if not res.plans:
+            raise SearchError(no_fit_message(Search(cfg, free=free, rates=load_rates(
+                args.device or cfg.cluster.device, args.rates))))
+        print(json.dumps(search_json(res, calls), indent=1) if args.json else format_search(res, calls))
+        if args.write:
+            write_config(args.write, args.config, args.overrides, res.plans[0].choices, calls,
+                         sizes[0] if sizes else None)
+            if not args.json:
+                print(f"\nwrote {args.write}")
+        return 0
+    return _sweep(args, cfg, sizes, kw)
+
+
+def _sweep(args, cfg: RunConfig, sizes: list[int], kw: dict) -> int:
+    """`--nodes 1,2,4,...`: the best plan per cluster size, and the smallest that fits."""
+    rows, fits = [], None
+    for n in sorted(set(sizes)):
+        c = copy.deepcopy(cfg)
+        c.cluster.nodes = n
+        c.calls = {}  # the config's ranks belong to its own cluster size
+        res = search_config(c, **kw)
+        if res.plans:
+            rep = res.report
+            wl = rep.workload
+            rows.append({"nodes": n, "gpus": rep.world, "seconds": rep.objective_seconds,
+                         "samples_per_s": wl.sequences / rep.step_seconds, "peak_gb": peak_gb(rep),
+                         "exact": res.complete,
+                         "calls": search_json(res, complete_calls(c, rep.world))["best"]["calls"]})
+            fits = n if fits is None else fits
+        else:
+            rows.append({"nodes": n, "gpus": n * c.cluster.gpus_per_node, "seconds": None,
+                         "why": no_fit_message(Search(c, rates=load_rates(
+                             args.device or c.cluster.device, args.rates)))})
+    if args.json:
+        print(json.dumps({"sizes": rows, "smallest_that_fits": fits}, indent=1))
+    else:
+        print(f"{'nodes':>5}{'GPUs':>6}{'step s':>9}{'samples/s':>11}{'peak GB':>9}  plan")
+        for r in rows:
+            if r["seconds"] is None:
+                print(f"{r['nodes']:>5}{r['gpus']:>6}{'-':>9}{'-':>11}{'-':>9}  {r['why']}")
+                continue
+            lay = ", ".join(f"{n} tp{c['tp']}·pp{c['pp']}·dp{c['dp']}" for n, c in r["calls"].items())
+            print(f"{r['nodes']:>5}{r['gpus']:>6}{r['seconds']:>9.3f}{r['samples_per_s']:>11.1f}"
+                  f"{r['peak_gb']:>9.1f}  {lay}" + ("" if r["exact"] else "  (budget reached)"))
+        print(f"smallest cluster that fits: {fits} nodes" if fits is not None else
+              "no cluster size given fits: add larger sizes to --nodes")
+    if fits is None:
+        raise SearchError(f"--nodes {args.nodes}: no size fits; " + rows[-1]["why"])
+    return 0
