@@ -242,7 +242,7 @@ def plan(src_layout: ParallelLayout, dst_layout: ParallelLayout, src_specs: dict
     _check_specs(src_layout, src_specs, "src")
     _check_specs(dst_layout, dst_specs, "dst")
     holders = _holders(src_specs)
-    distinct = {name: set(b for _, b in hs) for name, hs in holders.items()}
+    distinct = {name: {b for _, b in hs} for name, hs in holders.items()}
     src_shape = {n: s.full_shape for r in src_specs for n, s in src_specs[r].items()}
     ranks = sorted(set(src_layout.ranks) | set(dst_layout.ranks))
     node = {r: node_of(r) for r in ranks} if node_of is not None else None

@@ -226,6 +226,9 @@ class RunConfig:
     resume: bool = True  # continue from run_dir's latest checkpoint when there is one
     models: dict[str, ModelSpec] = field(default_factory=dict)
     calls: dict[str, CallSpec] = field(default_factory=dict)
+    # calls whose layout `meshrl plan --search` chooses at start-up on the cluster torchrun gives:
+    # written `calls: auto` (every call, ["all"]) or `calls.NAME: auto` in the config
+    auto_calls: list[str] = field(default_factory=list)
     data: DataSpec = field(default_factory=DataSpec)
     reward: RewardSpec = field(default_factory=RewardSpec)
     generation: GenSpec = field(default_factory=GenSpec)
@@ -244,14 +247,16 @@ class RunConfig:
 def load_run_config(path: str | None, overrides: list[str] = (), base: dict | None = None) -> RunConfig:
     """YAML file (optional), then ``key=value`` overrides, over the schema's defaults."""
     try:
-        cfg = OmegaConf.structured(RunConfig)
-        if base:
-            cfg = OmegaConf.merge(cfg, OmegaConf.create(base))
+        cfg, auto = OmegaConf.structured(RunConfig), []
+        layers = [OmegaConf.create(base)] if base else []
         if path:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            layers.append(OmegaConf.load(path))
         if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        for layer in layers:
+            cfg = OmegaConf.merge(_take_auto_calls(layer, cfg, auto), layer)
         run = OmegaConf.to_object(cfg)
+        run.auto_calls = ["all"] if "all" in auto else sorted(set(run.auto_calls) | set(auto))
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
@@ -260,6 +265,21 @@ def load_run_config(path: str | None, overrides: list[str] = (), base: dict | No
         raise RunConfigError(f"config file {path} not found: check the path") from None
     validate(run)
     return run
+
+
+def _take_auto_calls(layer, cfg, auto: list[str]):
+    """``calls: auto`` and ``calls.NAME: auto`` out of one config layer into ``auto``, and the
+    layouts they replace out of what the earlier layers set; returns ``cfg``."""
+    calls = layer.get("calls")
+    if calls == "auto":
+        auto[:] = ["all"]
+        layer.calls, cfg.calls = {}, {}
+    elif calls is not None and hasattr(calls, "items"):
+        for name in [n for n, v in calls.items() if v == "auto"]:
+            auto.append(name)
+            del calls[name]
+            cfg.calls.pop(name, None)
+    return cfg
 
 
 def validate(cfg: RunConfig) -> None:
@@ -276,6 +296,16 @@ def validate(cfg: RunConfig) -> None:
     for name, c in cfg.calls.items():
         if c.model not in cfg.models:
             raise RunConfigError(f"calls.{name}.model={c.model}: no such model in models")
+    if "all" in cfg.auto_calls and len(cfg.auto_calls) > 1:
+        raise RunConfigError(f"auto_calls={cfg.auto_calls}: 'all' searches every call already; "
+                             "give either calls: auto or calls.NAME: auto for some calls")
+    if cfg.auto_calls and "all" not in cfg.auto_calls:
+        from .models import DEFAULT_CALLS, REWARD_CALL
+        known = set(DEFAULT_CALLS.get(cfg.algorithm, {})) | set(REWARD_CALL.get(cfg.algorithm, ()))
+        for name in cfg.auto_calls:
+            if name not in known:
+                raise RunConfigError(f"calls.{name}: auto: {cfg.algorithm} runs no such call; its "
+                                     f"calls are {', '.join(sorted(known))}")
     if cfg.reward.model is not None and cfg.reward.model not in cfg.models:
         raise RunConfigError(f"reward.model={cfg.reward.model}: no such model in models")
     if cfg.reward.model and cfg.reward.verifier:

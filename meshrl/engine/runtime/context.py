@@ -70,6 +70,12 @@ class RunContext:
     def _setup(self, cfg: RunConfig, optim_steps: dict[str, int] | None):
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        self.searched = None
+        if cfg.auto_calls:  # calls: auto, searched on the cluster torchrun gives
+            from .search import plan_auto_calls
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or cfg.cluster.gpus_per_node
+            cfg, self.searched = plan_auto_calls(cfg, self.world, per_node)
+            self.cfg = cfg
         self.calls = complete_calls(cfg, self.world)
         self.layouts = build_layouts(self.calls, self.world)
         heads = model_heads(self.calls)
@@ -110,8 +116,14 @@ class RunContext:
     def _report_placement(self):
         """Where each call runs and what reallocating each view moves (also in placement.json)."""
         report = {"calls": {n: {"model": c.model, "ranks": self.layouts[n].ranks, "tp": c.tp,
-                                "pp": c.pp, "dp": c.dp} for n, c in self.calls.items()},
+                                "pp": c.pp, "dp": c.dp, "microbatch_tokens": c.microbatch_tokens}
+                            for n, c in self.calls.items()},
                   "reallocation": {}}
+        if self.searched is not None:  # calls: auto
+            report["search"] = self.searched
+            print(f"calls: auto: searched {self.searched['searched']} on {self.world} ranks, estimate "
+                  f"{self.searched['estimate_seconds']:.4g} s per step ({self.searched['rates']} rates): "
+                  + ", ".join(f"{n} {c.tp}·{c.pp}·{c.dp} on {c.ranks}" for n, c in self.calls.items()))
         for call, view in self.views.items():
             st = view.plan.stats()
             keep = ("remote_bytes", "local_bytes", "cross_node_bytes", "senders", "sender_max_bytes",

@@ -29,7 +29,6 @@ layout, so the search is deterministic. The result is re-priced by `plan_config`
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -43,8 +42,20 @@ from meshrl.engine.model.config import ModelConfig
 from . import costmodel as cm
 from .config import CallSpec, RunConfig, RunConfigError
 from .models import DTYPES, complete_calls, load_model_config, model_heads
-from .plan import (PER_ROUND, TRAIN_CALLS, CallPlan, PlanError, PlanReport, call_layout, call_plan,
-                   call_time, dataflow_rows, home_calls, own_memory, plan_config)
+from .plan import (
+    PER_ROUND,
+    TRAIN_CALLS,
+    CallPlan,
+    PlanError,
+    PlanReport,
+    call_layout,
+    call_plan,
+    call_time,
+    dataflow_rows,
+    home_calls,
+    own_memory,
+    plan_config,
+)
 from .rates import Rates, load_rates
 
 MICROBATCH_TOKENS = (1024, 2048, 4096, 8192, 16384)
@@ -630,3 +641,41 @@ def _sweep(args, cfg: RunConfig, sizes: list[int], kw: dict) -> int:
     if fits is None:
         raise SearchError(f"--nodes {args.nodes}: no size fits; " + rows[-1]["why"])
     return 0
+
+
+def plan_auto_calls(cfg: RunConfig, world: int, gpus_per_node: int) -> tuple[RunConfig, dict]:
+    """``calls: auto`` at start-up: the search on the cluster the launcher gives (``world`` ranks,
+    ``gpus_per_node`` per node), run by rank 0 and broadcast, so every rank takes the same plan.
+    Returns the config with the chosen layouts (and that cluster), and the record for
+    placement.json. No plan that fits is the one-line error on every rank."""
+    import torch.distributed as dist
+
+    from .placement import broadcast_from
+    c = copy.deepcopy(cfg)
+    if world % gpus_per_node:
+        gpus_per_node = world
+    c.cluster.nodes, c.cluster.gpus_per_node = world // gpus_per_node, gpus_per_node
+    free = None if "all" in cfg.auto_calls else list(cfg.auto_calls)
+    outcome = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            res = search_config(c, free=free)
+            if res.plans:
+                outcome = ("plan", res.plans[0].choices, {
+                    "searched": "all" if free is None else free, "estimate_seconds": res.plans[0].seconds,
+                    "exact": res.complete, "partial_plans": res.visited,
+                    "search_seconds": round(res.seconds, 3), "cluster": [c.cluster.nodes, gpus_per_node],
+                    "rates": res.report.rates.device})
+            else:
+                outcome = ("error", no_fit_message(Search(c, free=free)))
+        except RunConfigError as e:
+            outcome = ("error", f"calls: auto: {e}")
+    outcome = broadcast_from(outcome, 0)
+    if outcome[0] == "error":
+        raise SearchError(outcome[1])
+    _, choices, record = outcome
+    calls = complete_calls(c, world)
+    c.calls = {**{n: s for n, s in calls.items() if n not in choices},
+               **{n: ch.spec(calls[n].model) for n, ch in choices.items()}}
+    c.auto_calls = []
+    return c, record
