@@ -114,17 +114,19 @@ def format_table(rows: list[tuple[str, list[float], list[float]]], gains: dict |
                  extra: dict[str, dict[str, str]] | None = None) -> str:
     """rows: (name, pass rates over seeds, seconds) -> a markdown table, mean ± std over seeds when
     there are several; ``gains`` adds each method's per-seed change against that seed's SFT model;
-    ``extra`` adds columns {header: {method: text}} ("—" where a method has none)."""
+    ``extra`` adds columns {header: {method: text}} ("—" where a method has none). Minutes: the
+    median over seeds (a cell run while the machine was busy does not skew it)."""
     import statistics as st
     many = any(len(v) > 1 for _, v, _ in rows)
     extra = extra or {}
     head = ["method", "held-out pass rate"] + (["Δ vs SFT (same seed)"] if gains else [])
     head += list(extra) + (["seeds"] if many else [])
-    lines = ["| " + " | ".join(head + ["minutes"]) + " |", "|" + "---|" * (len(head) + 1)]
+    lines = ["| " + " | ".join(head + ["minutes" + (" per seed" if many else "")]) + " |",
+             "|" + "---|" * (len(head) + 1)]
     fmt = (lambda v: f"{st.mean(v):.3f} ± {st.pstdev(v):.3f}") if many else (lambda v: f"{v[0]:.3f}")
     for name, vals, secs in rows:
         cells = [name, fmt(vals)] + ([fmt(gains[name])] if gains else [])
         cells += [col.get(name, "—") for col in extra.values()]
         cells += [str(len(vals))] if many else []
-        lines.append("| " + " | ".join(cells + [f"{sum(secs) / 60:.1f}"]) + " |")
+        lines.append("| " + " | ".join(cells + [f"{st.median(secs) / 60:.1f}"]) + " |")
     return "\n".join(lines)
