@@ -8,6 +8,7 @@ other and padding (indices past ``full_shape[dim]``) never enters a box.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 
@@ -68,6 +69,7 @@ def valid_box(spec: ShardSpec) -> Box:
                  for d, n in enumerate(spec.full_shape))
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def to_local(box: Box, spec: ShardSpec) -> Box:
     if spec.dim is None:
         return box
@@ -103,10 +105,11 @@ def _product(lists):
     return out
 
 
-def _row_chunks(box: Box, parts: int) -> list[Box]:
+@functools.lru_cache(maxsize=1 << 16)
+def _row_chunks(box: Box, parts: int) -> tuple[Box, ...]:
     lo, hi = box[0]
     edges = [lo + (hi - lo) * i // parts for i in range(parts + 1)]
-    return [((a, b),) + box[1:] for a, b in zip(edges[:-1], edges[1:]) if a < b]
+    return tuple(((a, b),) + box[1:] for a, b in zip(edges[:-1], edges[1:]) if a < b)
 
 
 @dataclass
@@ -243,6 +246,7 @@ def plan(src_layout: ParallelLayout, dst_layout: ParallelLayout, src_specs: dict
     _check_specs(dst_layout, dst_specs, "dst")
     holders = _holders(src_specs)
     distinct = {name: {b for _, b in hs} for name, hs in holders.items()}
+    cut: dict = {}
     src_shape = {n: s.full_shape for r in src_specs for n, s in src_specs[r].items()}
     ranks = sorted(set(src_layout.ranks) | set(dst_layout.ranks))
     node = {r: node_of(r) for r in ranks} if node_of is not None else None
@@ -266,12 +270,15 @@ def plan(src_layout: ParallelLayout, dst_layout: ParallelLayout, src_specs: dict
             need = valid_box(spec)
             if box_numel(need) == 0:
                 continue
-            # data-parallel replicas hold equal boxes: test each distinct box once
-            hit = {b for b in distinct[name] if _intersect(b, need)}
+            # data-parallel replicas hold (and need) equal boxes: cut each distinct need once
+            if (name, need) not in cut:
+                hit = {b for b in distinct[name] if _intersect(b, need)}
+                cut[(name, need)] = (hit, [(cell, {b for b in hit if _contains(b, cell)})
+                                           for cell in _cells(need, list(hit))])
+            hit, cells = cut[(name, need)]
             boxes = [(r, b) for r, b in holders[name] if b in hit]
             src_of = {r: src_specs[r][name] for r, _ in boxes}
-            for cell in _cells(need, list(hit)):
-                inside = {b for b in hit if _contains(b, cell)}
+            for cell, inside in cells:
                 cands = [r for r, b in boxes if b in inside]
                 if not cands:
                     raise PlanError(f"'{name}': no source rank holds region {cell} that destination "

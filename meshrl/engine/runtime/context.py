@@ -24,7 +24,7 @@ from meshrl.engine.watchdog import Watchdog
 from .config import RunConfig, RunConfigError, to_yaml
 from .metrics import MetricsLogger, progress
 from .models import ModelRuntime, build_layouts, complete_calls, load_model_config, model_heads
-from .placement import View, all_gather_objects, blend_into, broadcast_from, is_reporter, share
+from .placement import View, all_gather_objects, blend_into, is_reporter, share
 
 TRAIN_CALLS = ("actor_train", "critic_train", "rm_train")
 
@@ -54,11 +54,21 @@ class Job:
     timer: str | None = None
 
 
+@dataclass
+class TrainJob:
+    """One optimizer step: ``make_batches(local_items) -> microbatches``, ``loss_fn_of(mbs)``."""
+    call: str
+    items: list
+    make_batches: object
+    loss_fn_of: object
+
+
 class RunContext:
     def __init__(self, cfg: RunConfig, *, optim_steps: dict[str, int] | None = None):
         self.cfg = cfg
         self.device = init_distributed(cfg.dist.timeout_s)
         self.world, self.main = world(), is_main()
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.watchdog = Watchdog(cfg.dist.timeout_s, rank=dist.get_rank() if dist.is_initialized() else 0,
                                  world=self.world, store=default_store()).start()
         try:
@@ -213,14 +223,29 @@ class RunContext:
         """One optimizer step of the call's model on its replica's share of ``items``:
         ``make_batches(local) -> microbatches``, ``loss_fn_of(microbatches) -> loss fn``. The global
         metrics reach every rank."""
-        model, layout = self.model(call), self.layouts[call]
-        metrics = None
-        if layout.is_member:
-            mbs = make_batches(share(items, layout)[0])
-            metrics = model.step(mbs, loss_fn_of(mbs))
-        else:
-            model.version += 1
-        return broadcast_from(metrics, layout.ranks[0])
+        return self.train_calls([TrainJob(call, items, make_batches, loss_fn_of)])[0]
+
+    def train_calls(self, jobs: list["TrainJob"]) -> list[dict]:
+        """Several models' optimizer steps with one gather of their metrics at the end: models
+        trained on disjoint meshes step at the same time (a rank steps only the models whose
+        layouts include it), and every rank gets every call's metrics (from its first rank)."""
+        mine = []
+        for k, job in enumerate(jobs):
+            model, layout = self.model(job.call), self.layouts[job.call]
+            if not layout.is_member:
+                model.version += 1
+                continue
+            with self.timed(job.call):
+                mbs = job.make_batches(share(job.items, layout)[0])
+                metrics = model.step(mbs, job.loss_fn_of(mbs))
+            if self.rank == layout.ranks[0]:
+                mine.append((k, metrics))
+        outs = [None] * len(jobs)
+        with self.watchdog.inside("the gather after " + ", ".join(job.call for job in jobs)):
+            for part in all_gather_objects(mine):
+                for k, metrics in part:
+                    outs[k] = metrics
+        return outs
 
     def blend(self, dst: str, src: str, alpha: float | None):
         """dst model ← α·dst + (1−α)·src (EMA), or a copy when alpha is None."""
@@ -305,9 +330,14 @@ class RunContext:
             self.timings[call] = self.timings.get(call, 0.0) + time.perf_counter() - t0
 
     def pop_timings(self) -> dict:
-        out = {f"time/{k}": v for k, v in self.timings.items()}
+        """This step's ``time/<call>`` sums, each the slowest rank's (collective: a call whose
+        mesh leaves out the logging rank is timed where it ran)."""
+        slowest: dict[str, float] = {}
+        for part in all_gather_objects(self.timings):
+            for k, v in part.items():
+                slowest[k] = max(slowest.get(k, 0.0), v)
         self.timings = {}
-        return out
+        return {f"time/{k}": v for k, v in sorted(slowest.items())}
 
     def barrier(self):
         if dist.is_initialized():

@@ -33,12 +33,15 @@ training, 8·P with checkpointing; attention FLOPs are inside the measured rate)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+
+import torch
 from dataclasses import dataclass, field
 
 from meshrl.engine.model.config import ModelConfig
-from meshrl.engine.model.llama import LlamaStage
+from meshrl.engine.model.llama import LlamaStage, stage_layers
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.parallel.realloc_plan import plan
 
@@ -350,19 +353,33 @@ def _stage_of(layer: int, num_layers: int, pp: int) -> int:
 
 
 def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int], cache: dict | None = None) -> dict:
-    """{rank: specs} from meta-device stages, built once per (tp, pp) coordinate (dp replicas hold
-    the same shards; ``cache`` keeps them across calls), restricted to the representative layers
-    in ``keep``."""
+    """{rank: specs} of the representative layers in ``keep`` (and the embeddings, final norm and
+    head), once per (tp, pp) coordinate (dp replicas hold the same shards; ``cache`` keeps them
+    across calls). Decoder layers are alike but for their index, so a coordinate's specs come
+    from a meta-built stage of one layer per stage, its layer renamed to each kept index of the
+    stage (the tests compare this with planning every layer of full stages)."""
     cache = {} if cache is None else cache
     built, out = {}, {}
+    L = mcfg.num_hidden_layers
     for r in layout.ranks:
         c = layout.coord_of(r)
         if (c.tp, c.pp) not in built:
             key = (id(mcfg), head, layout.tp_size, layout.pp_size, c.tp, c.pp)
             if key not in cache:
-                cache[key] = LlamaStage(mcfg, layout.as_seen_by(r), head=head, device="meta").specs
-            built[(c.tp, c.pp)] = {n: s for n, s in cache[key].items()
-                                   if (m := _LAYER.match(n)) is None or int(m.group(1)) in keep}
+                small = dataclasses.replace(mcfg, num_hidden_layers=layout.pp_size)
+                cache[key] = LlamaStage(small, layout.as_seen_by(r), head=head, device="meta").specs
+            mine = {}
+            for n, spec in cache[key].items():
+                m = _LAYER.match(n)
+                if m is None:
+                    mine[n] = spec
+                    continue
+                rest = n[m.end():]
+                for i in stage_layers(L, layout.pp_size, c.pp):
+                    if i in keep:
+                        name = f"model.layers.{i}.{rest}"
+                        mine[name] = dataclasses.replace(spec, name=name)
+            built[(c.tp, c.pp)] = mine
         out[r] = built[(c.tp, c.pp)]
     return out
 
@@ -417,3 +434,57 @@ def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: 
             "inter_seconds": max(inter.values()) / inter_bw,
             "local_max_bytes": max(acc["local"].values()), "link_seconds": link_s,
             "local_seconds": local_s, "seconds": link_s + local_s, "layers_planned": len(weight)}
+
+
+def _representatives(mcfg: ModelConfig, src: ParallelLayout, dst: ParallelLayout) -> dict[int, int]:
+    """{representative layer: layers it stands for}: layers whose (source stage, destination
+    stage) agree move alike."""
+    L = mcfg.num_hidden_layers
+    classes: dict[tuple, list[int]] = {}
+    for i in range(L):
+        classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size)), []).append(i)
+    return {v[0]: len(v) for v in classes.values()}
+
+
+def realloc_floor_seconds(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: ParallelLayout,
+                          *, gpus_per_node: int, inter_bw: float, spec_cache: dict | None = None) -> float:
+    """A lower bound of `realloc_cost`'s seconds, without planning: what some destination rank
+    must receive across nodes — the parts of its shards that no source rank on its own node holds
+    (the planner takes a region from the destination's node whenever a rank there holds it), over
+    the inter-node bandwidth. Shards split one dimension, and a tensor's source and destination
+    split the same one, so each is an interval test."""
+    weight = _representatives(mcfg, src, dst)
+    src_specs = _meta_specs(mcfg, head, src, set(weight), spec_cache)
+    dst_specs = _meta_specs(mcfg, head, dst, set(weight), spec_cache)
+    item = torch.empty((), dtype=dtype).element_size()
+    held: dict[tuple[int, str], list[tuple[int, int]]] = {}  # (node, name) -> intervals held there
+    for r, specs in src_specs.items():
+        node = r // gpus_per_node
+        for name, sp in specs.items():
+            held.setdefault((node, name), []).append(
+                (0, 1) if sp.dim is None else (sp.start, sp.valid_stop))
+    worst = 0.0
+    for d, specs in dst_specs.items():
+        node, total = d // gpus_per_node, 0.0
+        for name, sp in specs.items():
+            lo, hi = (0, 1) if sp.dim is None else (sp.start, sp.valid_stop)
+            if hi <= lo:
+                continue
+            covered = _covered(lo, hi, held.get((node, name), ()))
+            if covered < hi - lo:
+                m = _LAYER.match(name)
+                numel = math.prod(sp.full_shape) * (1 if sp.dim is None else 1 / sp.full_shape[sp.dim])
+                total += (hi - lo - covered) * numel * item * (weight[int(m.group(1))] if m else 1)
+        worst = max(worst, total)
+    return worst / inter_bw
+
+
+def _covered(lo: int, hi: int, intervals) -> int:
+    """How much of [lo, hi) the union of ``intervals`` covers."""
+    out, reach = 0, lo
+    for a, b in sorted(intervals):
+        a, b = max(a, reach), min(b, hi)
+        if b > a:
+            out += b - a
+            reach = b
+    return out

@@ -48,8 +48,7 @@ class DPO:
                             length_normalize=length_normalized(D),
                             label_smoothing=D.label_smoothing, sft_coef=D.sft_coef)
 
-        with ctx.timed("actor_train"):
-            metrics = ctx.train_call("actor_train", pairs, make, loss_of)
+        metrics = ctx.train_call("actor_train", pairs, make, loss_of)
         return {**metrics, **data_lengths(pairs)}
 
     # ---- offline --------------------------------------------------------------------------------

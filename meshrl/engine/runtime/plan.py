@@ -3,10 +3,11 @@ function call against ``cluster.gpu_mem_gb``, the reallocations between a model'
 the real planner on meta-built ShardSpecs) and an estimated step, from rates that committed
 benchmark results give (`costmodel`). Nothing is allocated and no process group is made.
 
-The step is the runtime's sequence of calls, one after another (ppo.py: generate, score, old
-log-probs, reference, values, then actor and critic updates per minibatch), plus one reallocation
-per view whose home weights changed (each step: the actor's generation layout, a critic inference
-layout) and the EMA blend when on. Calls on disjoint meshes are not overlapped in the estimate.
+The step is the runtime's sequence of phases (PPO: generate; score; old log-probs, reference and
+values; then the actor's and the critic's updates per minibatch). The calls of one phase run before
+one gather of their results, so calls on disjoint meshes overlap: a phase costs its busiest rank's
+sum over the phase's calls on that rank. Then one reallocation per view whose home weights changed
+(each step: the actor's generation layout, a critic inference layout) and the EMA blend when on.
 SFT and RM steps are one training call on a batch; a DPO step is the reference's log-probs, then
 the actor's update. Iterative DPO samples and scores once per round, before the round's steps:
 those calls (and the refill of the actor's generation layout) are priced per round.
@@ -29,16 +30,17 @@ from .rates import RATES_ENV, Rates, load_rates
 
 TRAIN_CALLS = ("actor_train", "critic_train", "rm_train")  # the runtime's home-layout order
 KIND = {"actor_gen": "gen", "actor_train": "train", "critic_train": "train", "rm_train": "train"}
-DATAFLOW = {  # (row, config call whose layout it runs in), in the runtime's order
-    "ppo": [("actor_gen", "actor_gen"), ("rew_inf", "rew_inf"), ("actor_inf", "actor_train"),
-            ("ref_inf", "ref_inf"), ("critic_inf", "critic_inf"), ("actor_train", "actor_train"),
-            ("critic_train", "critic_train")],
-    "grpo": [("actor_gen", "actor_gen"), ("rew_inf", "rew_inf"), ("actor_inf", "actor_train"),
-             ("ref_inf", "ref_inf"), ("actor_train", "actor_train")],
-    "sft": [("actor_train", "actor_train")],
-    "rm": [("rm_train", "rm_train")],
-    "dpo": [("actor_gen", "actor_gen"), ("rew_inf", "rew_inf"), ("ref_inf", "ref_inf"),
-            ("actor_train", "actor_train")],
+DATAFLOW = {  # phases of (row, config call whose layout it runs in), in the runtime's order
+    # a phase's calls run before one gather of their results: on disjoint meshes they overlap
+    "ppo": [[("actor_gen", "actor_gen")], [("rew_inf", "rew_inf")],
+            [("actor_inf", "actor_train"), ("ref_inf", "ref_inf"), ("critic_inf", "critic_inf")],
+            [("actor_train", "actor_train"), ("critic_train", "critic_train")]],
+    "grpo": [[("actor_gen", "actor_gen")], [("rew_inf", "rew_inf")],
+             [("actor_inf", "actor_train"), ("ref_inf", "ref_inf")], [("actor_train", "actor_train")]],
+    "sft": [[("actor_train", "actor_train")]],
+    "rm": [[("rm_train", "rm_train")]],
+    "dpo": [[("actor_gen", "actor_gen")], [("rew_inf", "rew_inf")], [("ref_inf", "ref_inf")],
+            [("actor_train", "actor_train")]],
 }
 PER_ROUND = {"dpo": ("actor_gen", "rew_inf")}  # rows that run once per online round, not per step
 
@@ -60,6 +62,7 @@ class CallPlan:
     dt: int
     home: bool             # runs in its model's home layout (else on a view)
     per_round: bool = False  # runs once per online round (iterative DPO), not per step
+    phase: int = 0         # calls of one phase overlap where their meshes are disjoint
     memory: cm.Memory = field(default_factory=cm.Memory)  # this call's own bytes, worst rank
     resident: float = 0.0  # everything else on that GPU
     time: cm.CallTime | None = None
@@ -89,15 +92,27 @@ class PlanReport:
     def workload_of(self, p: CallPlan) -> cm.Workload:
         return self.round_workload if p.per_round and self.round_workload else self.workload
 
+    def phase_seconds(self, per_round: bool = False) -> dict[int, float]:
+        """Each phase's time: its busiest rank's sum over the phase's calls on that rank (calls
+        on disjoint meshes overlap; calls sharing a rank run one after the other there)."""
+        load: dict[int, dict[int, float]] = {}
+        for c in self.calls:
+            if c.time is None or c.per_round != per_round:
+                continue
+            ranks = load.setdefault(c.phase, {})
+            for r in c.layout.ranks:
+                ranks[r] = ranks.get(r, 0.0) + c.time.seconds
+        return {ph: max(ranks.values()) for ph, ranks in load.items()}
+
     @property
     def step_seconds(self) -> float:
-        return (sum(c.time.seconds for c in self.calls if c.time is not None and not c.per_round)
+        return (sum(self.phase_seconds().values())
                 + sum(r["seconds"] * r["per_step"] for r in self.reallocs))
 
     @property
     def round_seconds(self) -> float:
         """Iterative DPO: the sampling, scoring and refills before each round's steps."""
-        return (sum(c.time.seconds for c in self.calls if c.time is not None and c.per_round)
+        return (sum(self.phase_seconds(per_round=True).values())
                 + sum(r["seconds"] * r.get("per_round", 0) for r in self.reallocs))
 
     @property
@@ -144,18 +159,18 @@ def home_calls(calls: dict[str, CallSpec]) -> dict[str, str]:
     return home
 
 
-def dataflow_rows(cfg: RunConfig, calls: dict[str, CallSpec]) -> list[tuple[str, str]]:
-    """(row, config call whose layout it runs in), in the runtime's order."""
-    rows = DATAFLOW.get(cfg.algorithm, [(n, n) for n in sorted(calls)])
-    return [(row, src) for row, src in rows if src in calls]
+def dataflow_rows(cfg: RunConfig, calls: dict[str, CallSpec]) -> list[tuple[str, str, int]]:
+    """(row, config call whose layout it runs in, phase), in the runtime's order."""
+    phases = DATAFLOW.get(cfg.algorithm, [[(n, n)] for n in sorted(calls)])
+    return [(row, src, i) for i, phase in enumerate(phases) for row, src in phase if src in calls]
 
 
 def call_plan(cfg: RunConfig, row: str, src: str, spec: CallSpec, *, head: str, mcfg: ModelConfig,
-              layout: ParallelLayout, home: bool) -> CallPlan:
+              layout: ParallelLayout, home: bool, phase: int = 0) -> CallPlan:
     return CallPlan(name=row, source=src, spec=spec, model=spec.model, head=head,
                     kind=KIND.get(row, "inf"), mcfg=mcfg, layout=layout,
                     dt=cm.DTYPE_BYTES[cfg.models[spec.model].dtype], home=home,
-                    per_round=row in PER_ROUND.get(cfg.algorithm, ()))
+                    per_round=row in PER_ROUND.get(cfg.algorithm, ()), phase=phase)
 
 
 def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPlan]]:
@@ -170,14 +185,14 @@ def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPl
     home_call = home_calls(calls)
     key = lambda n: (calls[n].model, calls[n].ranks, calls[n].tp, calls[n].pp, calls[n].dp)  # noqa: E731
 
-    def make(row, src):
+    def make(row, src, phase=0):
         c = calls[src]
         return call_plan(cfg, row, src, c, head=heads[c.model], mcfg=configs[c.model],
-                         layout=layouts[src], home=key(src) == key(home_call[c.model]))
+                         layout=layouts[src], home=key(src) == key(home_call[c.model]), phase=phase)
     placements = {}
     for name in [*home_call.values(), *sorted(calls)]:
         placements.setdefault(key(name), make(name, name))
-    return [make(row, src) for row, src in dataflow_rows(cfg, calls)], list(placements.values())
+    return [make(*row) for row in dataflow_rows(cfg, calls)], list(placements.values())
 
 
 # ---- memory ------------------------------------------------------------------------------------

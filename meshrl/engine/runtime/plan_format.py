@@ -54,14 +54,18 @@ def _realloc_table(report: PlanReport) -> list[str]:
 
 
 def _time_rows(report: PlanReport, per_round: bool) -> list[str]:
-    out = []
-    for p in report.calls:
+    out, phases = [], report.phase_seconds(per_round)
+    rows = [p for p in report.calls if p.time is not None and p.per_round == per_round]
+    for i, p in enumerate(rows):
         t = p.time
-        if t is None or p.per_round != per_round:
-            continue
         parts = ", ".join(f"{k} {v:.3g}" for k, v in t.parts.items() if v > 0.005 * t.seconds)
         out.append(f"{p.name:<17}{t.seconds:>9.3f}{_fmt(t.tokens_per_s):>11}"
                    f"{_fmt(t.tflops_per_gpu):>12}  {parts}")
+        same = [q for q in rows if q.phase == p.phase]
+        if len(same) > 1 and (i + 1 == len(rows) or rows[i + 1].phase != p.phase):
+            names = " ∥ ".join(q.name for q in same)
+            out.append(f"{'  phase':<17}{phases[p.phase]:>9.3f}  ({names}: the busiest rank's "
+                       "share; disjoint meshes overlap)")
     for x in report.reallocs:
         n = x.get("per_round", 0) if per_round else x["per_step"]
         if n:
@@ -71,7 +75,8 @@ def _time_rows(report: PlanReport, per_round: bool) -> list[str]:
 
 def _time_table(report: PlanReport) -> list[str]:
     head = f"{'call':<17}{'seconds':>9}{'tokens/s':>11}{'TFLOP/s/GPU':>12}  where the time goes"
-    out = ["", "estimated time per step (calls one after another, as the runtime runs them)", head]
+    out = ["", ("estimated time per step (the runtime's phases one after another; a phase's calls "
+                "overlap where their meshes are disjoint)"), head]
     out += _time_rows(report, False)
     out.append(f"{'step':<17}{report.step_seconds:>9.3f}")
     rnd = _time_rows(report, True)

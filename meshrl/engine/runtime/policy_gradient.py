@@ -28,6 +28,7 @@ from meshrl.kernels import gae, masked_whiten
 
 from .common import (epoch_order, evaluate_pass_rate, global_batch, held_out_prompts, run_loop,
                      train_prompts)
+from .context import TrainJob
 from .rollout import (Rollout, dump, flatten, logprobs_job, microbatches, sample, sampling_params,
                       score, split_values, unflatten, values_job)
 
@@ -244,24 +245,25 @@ class PolicyGradient:
             clip_eps_low=S.clip_eps_low or S.clip_eps, clip_eps_high=S.clip_eps_high or S.clip_eps,
             clip_ratio_c=S.clip_ratio_c, entropy_coef=S.entropy_coef,
             kl_coef=S.kl_coef if self.kl_in_loss else 0.0, kl_estimator=S.kl_estimator)
+        critic = lambda mbs: ppo_critic_call(counts("critic_train", mbs).tokens,  # noqa: E731
+                                             value_clip=S.value_clip)
         totals, n = {}, 0
         for epoch in range(S.epochs):
             for mb_idx in split_even(epoch_order(len(roll), self.cfg.seed + it, epoch), S.minibatches):
                 if not mb_idx:  # a dynamic-sampling batch smaller than the minibatch count
                     continue
-                with ctx.timed("actor_train"):
-                    m = {"actor/" + k: v for k, v in
-                         ctx.train_call("actor_train", mb_idx, batches("actor_train"), actor).items()}
+                # the actor's and the critic's steps in one gather: on disjoint meshes they overlap
+                jobs = [TrainJob("actor_train", mb_idx, batches("actor_train"), actor)]
                 if self.critic:
-                    if S.ema_ref:
+                    jobs.append(TrainJob("critic_train", mb_idx, batches("critic_train"), critic))
+                outs = ctx.train_calls(jobs)
+                m = {"actor/" + k: v for k, v in outs[0].items()}
+                if self.critic:
+                    m.update({"critic/" + k: v for k, v in outs[1].items()})
+                    if S.ema_ref:  # the reference trails the actor; the critic never reads it
                         with ctx.timed("ema_ref"):
                             ctx.blend(ctx.calls["ref_inf"].model, ctx.calls["actor_train"].model,
                                       S.ema_alpha)
-                    with ctx.timed("critic_train"):
-                        cm = ctx.train_call("critic_train", mb_idx, batches("critic_train"), lambda mbs:
-                                            ppo_critic_call(counts("critic_train", mbs).tokens,
-                                                            value_clip=S.value_clip))
-                    m.update({"critic/" + k: v for k, v in cm.items()})
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + v
                 n += 1

@@ -42,20 +42,8 @@ from meshrl.engine.model.config import ModelConfig
 from . import costmodel as cm
 from .config import CallSpec, RunConfig, RunConfigError
 from .models import DTYPES, complete_calls, load_model_config, model_heads
-from .plan import (
-    PER_ROUND,
-    TRAIN_CALLS,
-    CallPlan,
-    PlanError,
-    PlanReport,
-    call_layout,
-    call_plan,
-    call_time,
-    dataflow_rows,
-    home_calls,
-    own_memory,
-    plan_config,
-)
+from .plan import (PER_ROUND, TRAIN_CALLS, CallPlan, PlanError, PlanReport, call_layout, call_plan,
+                   call_time, dataflow_rows, home_calls, own_memory, plan_config)
 from .rates import Rates, load_rates
 
 MICROBATCH_TOKENS = (1024, 2048, 4096, 8192, 16384)
@@ -100,8 +88,9 @@ class Candidate:
     call: str
     choice: Choice
     rows: list[CallPlan]          # the dataflow rows that run in this call's layout, timed
-    cost: float                   # their share of the objective
-    idx: np.ndarray               # the layout's ranks
+    cost: float                   # their time, weighted as in the objective
+    phases: dict[int, float]      # that time by phase
+    idx: slice | np.ndarray       # the layout's ranks (a slice when contiguous: faster to index)
     extra: list[np.ndarray]       # per row: activations + KV cache per rank of idx
     kinds: list[str]
 
@@ -196,7 +185,7 @@ class Search:
     # ---- candidates -----------------------------------------------------------------------------
     def _choices(self, name: str) -> list[Choice]:
         c = self.calls[name]
-        takes_mb = any(src == name and row != "actor_gen" for row, src in self.rows)
+        takes_mb = any(src == name and row != "actor_gen" for row, src, _ in self.rows)
         if name not in self.free:
             return [Choice(tuple(int(r) for r in c.ranks.split(",")), c.tp, c.pp, c.microbatch_tokens)]
         mbs = sorted({*self.microbatch_tokens, c.microbatch_tokens}) if takes_mb else [c.microbatch_tokens]
@@ -229,14 +218,14 @@ class Search:
                 if name not in self.free:  # the config's own layout: say why it cannot be
                     call_layout(self.cfg, name, ch.spec(model), self.world, self.mcfg[model])
                 continue
-            idx = np.array(layout.ranks)
+            idx = _index(layout.ranks)
             stage = np.array([layout.coord_of(r).pp for r in layout.ranks])
-            rows, extra, kinds, cost = [], [], [], 0.0
-            for row, src in self.rows:
+            rows, extra, kinds, cost, phases = [], [], [], 0.0, {}
+            for row, src, phase in self.rows:
                 if src != name:
                     continue
                 p = call_plan(self.cfg, row, src, ch.spec(model), head=self.heads[model],
-                              mcfg=self.mcfg[model], layout=layout, home=home)
+                              mcfg=self.mcfg[model], layout=layout, home=home, phase=phase)
                 wl = self.round_wl if p.per_round and self.round_wl else self.wl
                 own = [_own_extra(p, self.cfg, wl, s) for s in range(ch.pp)]
                 extra.append(np.array(own)[stage])
@@ -244,9 +233,11 @@ class Search:
                 if p.per_round and self.round_wl is None:
                     continue  # offline DPO: the generation layout serves evaluation only
                 p.time = call_time(p, self.cfg, self.rates, wl)
-                cost += p.time.seconds * (1 if p.per_round else self.weight)
+                t = p.time.seconds * (1 if p.per_round else self.weight)
+                cost += t
+                phases[phase] = phases.get(phase, 0.0) + t
                 rows.append(p)
-            cand = Candidate(name, ch, rows, cost, idx, extra, kinds)
+            cand = Candidate(name, ch, rows, cost, phases, idx, extra, kinds)
             # its own weights alone are a lower bound of what shares its GPUs
             if name not in self.free or self._fits([cand], self._placement(model, ch, layout, home)):
                 out.append(cand)
@@ -280,13 +271,27 @@ class Search:
                                                  **self._realloc_kw)["seconds"]
         return self._realloc[key]
 
+    def _realloc_floor(self, model: str, src: Choice, dst: Choice) -> float:
+        """A lower bound of `_realloc_seconds` at a tenth of its price (costmodel)."""
+        key = ("floor", model, src.layout_key, dst.layout_key)
+        if key not in self._realloc:
+            if (model, src.layout_key, dst.layout_key) in self._realloc:
+                return self._realloc[(model, src.layout_key, dst.layout_key)]
+            a, b = self._layouts[(model, src.layout_key)], self._layouts[(model, dst.layout_key)]
+            self._realloc[key] = cm.realloc_floor_seconds(
+                self.mcfg[model], self.heads[model], DTYPES[self.cfg.models[model].dtype], a, b,
+                gpus_per_node=self.gpn, inter_bw=self._realloc_kw["inter_bw"],
+                spec_cache=self._realloc_kw["spec_cache"])
+        return self._realloc[key]
+
     def _fits(self, picked: list[Candidate], static) -> bool:
         """Every picked call's rows within gpu_mem_gb on every rank, given the resident bytes."""
         base, fixed, off = static
+        other = base + fixed
+        train = other + off
         for cand in picked:
             for e, k in zip(cand.extra, cand.kinds):
-                s = base + fixed + (off if k == "train" else 0)
-                if (s[cand.idx] + e).max() > self.budget_bytes:
+                if ((train if k == "train" else other)[cand.idx] + e).max() > self.budget_bytes:
                     return False
         return True
 
@@ -294,9 +299,15 @@ class Search:
     def run(self) -> SearchResult:
         t0 = time.perf_counter()
         order, cands, W = self.order, self.candidates, self.weight
-        rest = [0.0] * (len(order) + 1)  # the fastest standalone cost of the calls after i
+        phases = sorted({ph for _, _, ph in self.rows})
+        # lower bounds of what the calls from i on add to each phase: the largest of their
+        # fastest standalone times there (a phase costs at least its slowest call)
+        rest = [dict.fromkeys(phases, 0.0) for _ in range(len(order) + 1)]
         for i in range(len(order) - 1, -1, -1):
-            rest[i] = rest[i + 1] + (cands[order[i]][0].cost if cands[order[i]] else math.inf)
+            rest[i] = dict(rest[i + 1])
+            for ph in phases:
+                lo = min((c.phases.get(ph, 0.0) for c in cands[order[i]]), default=math.inf)
+                rest[i][ph] = max(rest[i][ph], lo)
         alg = self.cfg.algorithm
         ema = alg == "ppo" and self.cfg.ppo.ema_ref
         actor = self.calls["actor_train"].model if "actor_train" in self.calls else None
@@ -306,14 +317,20 @@ class Search:
         pair = ((self.home_call[actor], self.home_call[ref]) if actor and ref else None)
         pair_cost = (self.wl.updates * W if ema else 0) + (1 if self.round_wl and actor != ref else 0)
         pair_at = max(order.index(pair[0]), order.index(pair[1])) if pair and pair_cost else -1
+        call_phases = {n: {ph for _, src, ph in self.rows if src == n} for n in order}
+        tables = {n: _CostTable(cands[n], sorted(call_phases[n])) for n in order}
         best: list[Plan] = []
         state = {"visited": 0, "stopped": False}
 
         def bound() -> float:
             return best[-1].seconds if len(best) >= self.top else math.inf
 
-        def dfs(i: int, cost: float, chosen: dict, placed: set, static, picked: list):
+        def dfs(i: int, moves: float, loads: dict, peaks: dict, chosen: dict, placed: frozenset,
+                static, picked: list):
+            """``moves``: reallocation seconds so far; ``loads[phase]``: seconds per rank;
+            ``peaks[phase]``: its busiest rank's."""
             if i == len(order):
+                cost = moves + sum(peaks.values())
                 # plans of one cost are nearly always mirror images (another node, another slice
                 # of a node): keep the first in layout order as the representative of its cost
                 plan = Plan(cost, dict(chosen))
@@ -329,41 +346,92 @@ class Search:
             name = order[i]
             model = self.calls[name].model
             home = name == self.home_call[model]
-            for cand in cands[name]:
-                if state["stopped"] or cost + cand.cost + rest[i + 1] >= bound():
-                    return  # sorted by cost: no later candidate does better
+            later = rest[i + 1]
+            base = {ph: max(peaks[ph], later[ph]) for ph in phases}
+            floor = sum(base.values()) + moves
+            spare = sum(base[ph] for ph in call_phases[name])
+            # each phase with a candidate costs at least its own time there, so the plan at least
+            # floor + Σ max(0, t − base) ≥ floor + cost − Σ base over the call's phases (the same
+            # for all its candidates): sorted by cost, the first over the bound ends the list
+            cs, table = cands[name], tables[name]
+            end = len(cs)
+            if math.isfinite(bound()):
+                end = int(np.searchsorted(table.cost, bound() - floor + spare, side="left"))
+            cols = [base[ph] for ph in table.phases]
+            alone = floor + np.maximum(table.times[:end] - np.array(cols), 0.0).sum(axis=1) \
+                if table.phases else np.full(end, floor)
+            for j in np.flatnonzero(alone < bound()):
+                cand = cs[j]
+                if state["stopped"]:
+                    return
+                if alone[j] >= bound():  # the bound fell since the filter
+                    continue
+                new_peaks = dict(peaks)
+                for ph, t in cand.phases.items():
+                    new_peaks[ph] = max(peaks[ph], float(loads[ph][cand.idx].max()) + t)
+                lower = moves + sum(max(new_peaks[ph], later[ph]) for ph in phases)
+                if lower >= bound():
+                    continue
                 state["visited"] += 1
                 if state["visited"] > self.node_budget:
                     state["stopped"] = True
                     return
                 ch, add = cand.choice, 0.0
                 lkey = (model, ch.layout_key)
-                new_static, new_placed = static, placed
+                new_static, new_placed, refill = static, placed, 0
                 if lkey not in placed:  # a home, or a view with weights of its own
                     pb, pf, po = self._placement(model, ch, self._layouts[lkey], home)
                     new_static = (static[0] + pb, static[1] + pf, static[2] + po)
                     new_placed = placed | {lkey}
                     if not home:  # filled from home whenever the home weights changed
                         fresh = model in self.trained or (ema and model == ref)
-                        n = (int(fresh and self.round_wl is not None) if name in PER_ROUND.get(alg, ())
-                             else int(fresh) * W)
-                        if n:
-                            add += n * self._realloc_seconds(model, chosen[self.home_call[model]], ch)
-                new_chosen = {**chosen, name: ch}
-                if i == pair_at:
-                    add += pair_cost * self._realloc_seconds(actor, new_chosen[pair[0]], new_chosen[pair[1]])
-                if cost + cand.cost + add + rest[i + 1] >= bound():
-                    continue
+                        refill = (int(fresh and self.round_wl is not None) if name in PER_ROUND.get(alg, ())
+                                  else int(fresh) * W)
                 rows = picked + [cand]
-                if not self._fits(rows, new_static):
+                # new weights can crowd every call chosen so far; else only cand itself is new
+                if not self._fits(rows if new_static is not static else [cand], new_static):
                     continue
-                dfs(i + 1, cost + cand.cost + add, new_chosen, new_placed, new_static, rows)
+                # reallocations are priced last, planning one being the search's costliest step,
+                # and only where their cheap lower bound leaves the plan in the running
+                new_chosen = {**chosen, name: ch}
+                moved = []
+                if refill:
+                    moved.append((refill, model, chosen[self.home_call[model]], ch))
+                if i == pair_at:
+                    moved.append((pair_cost, actor, new_chosen[pair[0]], new_chosen[pair[1]]))
+                if moved and lower + sum(n * self._realloc_floor(m, a, b) for n, m, a, b in moved) >= bound():
+                    continue
+                add = sum(n * self._realloc_seconds(m, a, b) for n, m, a, b in moved)
+                if lower + add >= bound():
+                    continue
+                new_loads = dict(loads)
+                for ph, t in cand.phases.items():
+                    new_loads[ph] = loads[ph].copy()
+                    new_loads[ph][cand.idx] += t
+                dfs(i + 1, moves + add, new_loads, new_peaks, new_chosen, new_placed, new_static, rows)
 
         if all(cands[n] for n in order):
             zero = np.zeros(self.world)
-            dfs(0, 0.0, {}, frozenset(), (zero, zero, zero), [])
+            dfs(0, 0.0, dict.fromkeys(phases, zero), dict.fromkeys(phases, 0.0), {}, frozenset(),
+                (zero, zero, zero), [])
         return SearchResult(self.cfg, best, not state["stopped"], state["visited"],
                             {n: len(cands[n]) for n in order}, time.perf_counter() - t0)
+
+
+class _CostTable:
+    """A call's candidates' costs as arrays: the total (ascending, as the candidates are sorted)
+    and the time per phase, for filtering a whole list at once."""
+
+    def __init__(self, cands: list[Candidate], phases: list[int]):
+        self.phases = phases
+        self.cost = np.array([c.cost for c in cands])
+        self.times = np.array([[c.phases.get(ph, 0.0) for ph in phases] for c in cands]).reshape(
+            len(cands), len(phases))
+
+
+def _index(ranks) -> slice | np.ndarray:
+    lo, hi = ranks[0], ranks[-1]
+    return slice(lo, hi + 1) if list(ranks) == list(range(lo, hi + 1)) else np.array(ranks)
 
 
 def _own_extra(p: CallPlan, cfg: RunConfig, wl: cm.Workload, stage: int) -> float:
@@ -381,7 +449,7 @@ def _drop_dominated(cands: list[Candidate]) -> list[Candidate]:
     out = []
     for group in groups.values():
         for c in group:
-            if not any(o is not c and o.cost <= c.cost
+            if not any(o is not c and all(o.phases[ph] <= t for ph, t in c.phases.items())
                        and all((eo <= ec).all() for eo, ec in zip(o.extra, c.extra))
                        and (o.cost < c.cost or any((eo < ec).any() for eo, ec in zip(o.extra, c.extra))
                             or o.choice < c.choice)
@@ -517,7 +585,7 @@ def _peak_alone(s: Search, name: str, ch: Choice, layout, static) -> float:
     idx = np.array(layout.ranks)
     stage = np.array([layout.coord_of(r).pp for r in layout.ranks])
     peak = 0.0
-    for row, src in s.rows:
+    for row, src, _ in s.rows:
         if src != name:
             continue
         p = call_plan(s.cfg, row, src, ch.spec(model), head=s.heads[model], mcfg=s.mcfg[model],

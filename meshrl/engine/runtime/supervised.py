@@ -70,9 +70,8 @@ def run_sft(ctx) -> dict:
 
     def step(s):
         batch = [data[i] for i in global_batch(len(data), S.batch_size, s, cfg.seed)]
-        with ctx.timed("actor_train"):
-            metrics = ctx.train_call("actor_train", batch, lambda local: sft_microbatches(local, mt, pad),
-                                     lambda mbs: sft_call(global_token_count(mbs, layout)))
+        metrics = ctx.train_call("actor_train", batch, lambda local: sft_microbatches(local, mt, pad),
+                                 lambda mbs: sft_call(global_token_count(mbs, layout)))
         return {**metrics, **data_lengths(batch)}
 
     def eval_data():
@@ -133,9 +132,8 @@ def run_rm(ctx) -> dict:
 
     def step(s):
         batch = [data[i] for i in global_batch(len(data), R.batch_size, s, cfg.seed)]
-        with ctx.timed("rm_train"):
-            metrics = ctx.train_call("rm_train", batch, lambda local: pair_microbatches(local, mt, pad),
-                                     lambda mbs: reward_model_call(float(len(batch))))
+        metrics = ctx.train_call("rm_train", batch, lambda local: pair_microbatches(local, mt, pad),
+                                 lambda mbs: reward_model_call(float(len(batch))))
         return {**metrics, **data_lengths(batch)}
 
     def eval_data():

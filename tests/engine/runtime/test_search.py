@@ -12,7 +12,7 @@ import pytest
 from meshrl import cli
 from meshrl.engine.runtime import costmodel as cm
 from meshrl.engine.runtime.config import load_run_config
-from meshrl.engine.runtime.plan import PlanError, plan_config
+from meshrl.engine.runtime.plan import PlanError, format_report, plan_config
 from meshrl.engine.runtime.rates import load_rates
 from meshrl.engine.runtime.search import Search, meshes, search_config, with_calls
 
@@ -132,15 +132,6 @@ def test_searched_config_is_accepted_by_meshrl_plan(tmp_path, capsys):
         n: (c["tp"], c["pp"], c["dp"]) for n, c in result["best"]["calls"].items()}
 
 
-def test_70b_search_beats_the_hand_written_plan():
-    cfg = load_run_config(os.path.join(ROOT, "examples", "ppo_llama70b.yaml"))
-    res = search_config(cfg, device="h100")
-    hand = res.config_report.objective_seconds
-    assert res.complete and res.report.fit_error is None
-    assert res.plans[0].seconds < 0.85 * hand, (res.plans[0].seconds, hand)
-    assert max(p.peak for p in res.report.calls) <= 80e9
-
-
 def _write(tmp_path, algorithm="ppo", **cluster):
     path = tmp_path / f"{algorithm}.yaml"
     path.write_text(json.dumps({  # YAML reads JSON
@@ -187,3 +178,64 @@ def test_bad_search_options_name_the_flag(argv, flag, capsys):
     assert cli.main(["plan", path, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and flag in err, err
+
+
+def test_the_realloc_floor_is_below_the_planned_cost_and_close_to_it():
+    """The search skips planning a reallocation when this cheap bound already rules the plan
+    out, so it must never exceed the planner's seconds: random layout pairs on 2 nodes × 4 GPUs,
+    tied and untied embeddings, the value head."""
+    import random
+
+    import torch
+    from meshrl.engine.model.config import config_from_hf_dict
+    from meshrl.parallel.layout import ParallelLayout
+    rng = random.Random(0)
+    kw = dict(gpus_per_node=4, intra_bw=400e9, inter_bw=50e9, local_bw=2e12, latency=1e-5)
+    spans = [range(8), range(4), range(4, 8), range(2), range(6, 8)]
+    close = 0
+    for trial in range(40):
+        tied = trial % 3 == 0
+        mcfg = config_from_hf_dict({"architectures": ["LlamaForCausalLM"], **{
+            **MODEL, "num_hidden_layers": 8, "hidden_size": 256, "intermediate_size": 512,
+            "vocab_size": 1000}, "tie_word_embeddings": tied})
+        head = "value" if trial % 4 == 1 else "lm"
+        layouts = []
+        for _ in range(2):
+            ranks = list(rng.choice(spans))
+            tp = rng.choice([t for t in (1, 2, 4) if len(ranks) % t == 0])
+            pp = rng.choice([p for p in (1, 2, 4) if len(ranks) % (tp * p) == 0])
+            layouts.append(ParallelLayout(ranks=ranks, tp=tp, pp=pp, dp=len(ranks) // (tp * pp),
+                                          virtual=True, world_size=8))
+        exact = cm.realloc_cost(mcfg, head, torch.bfloat16, *layouts, **kw)["seconds"]
+        floor = cm.realloc_floor_seconds(mcfg, head, torch.bfloat16, *layouts, gpus_per_node=4,
+                                         inter_bw=50e9)
+        assert floor <= exact * (1 + 1e-9), (trial, layouts, floor, exact)
+        close += floor >= 0.5 * exact
+    assert close >= 5  # and a useful bound (zero, rightly, for moves within a node)
+
+
+def test_a_phase_costs_its_busiest_rank_so_disjoint_meshes_overlap(rates):
+    """ref_inf and critic_inf in one phase: on disjoint halves the phase costs the slower of the
+    two; on the same ranks, their sum."""
+    apart = _cfg("ppo", gpus=4, mem=80, overrides=[
+        "calls.ref_inf.model=ref", "calls.ref_inf.ranks=0-1", "calls.critic_inf.model=critic",
+        "calls.critic_inf.ranks=2-3", "calls.actor_train.model=actor", "calls.actor_train.ranks=0-1"])
+    rep = plan_config(apart, rates=rates)
+    t = {p.name: p.time.seconds for p in rep.calls}
+    phase = next(p.phase for p in rep.calls if p.name == "ref_inf")
+    # actor_inf (ranks 0-1) and ref_inf share ranks 0 and 1; critic_inf runs beside them on 2-3
+    assert rep.phase_seconds()[phase] == pytest.approx(max(t["actor_inf"] + t["ref_inf"], t["critic_inf"]))
+    together = plan_config(_cfg("ppo", gpus=4, mem=80), rates=rates)
+    t2 = {p.name: p.time.seconds for p in together.calls}
+    assert together.phase_seconds()[phase] == pytest.approx(t2["actor_inf"] + t2["ref_inf"] + t2["critic_inf"])
+    assert "actor_inf ∥ ref_inf ∥ critic_inf" in format_report(rep)
+
+
+def test_70b_search_beats_the_hand_written_plan_running_actor_and_critic_side_by_side():
+    cfg = load_run_config(os.path.join(ROOT, "examples", "ppo_llama70b.yaml"))
+    res = search_config(cfg, device="h100")
+    hand, best = res.config_report.objective_seconds, res.plans[0]
+    assert res.complete and res.report.fit_error is None
+    assert best.seconds < 0.75 * hand, (best.seconds, hand)  # the issue's goal: 25% below
+    assert max(p.peak for p in res.report.calls) <= 80e9
+    assert set(best.choices["actor_train"].ranks).isdisjoint(best.choices["critic_train"].ranks)
