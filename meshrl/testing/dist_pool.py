@@ -39,11 +39,25 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, timeout_s: fl
             out = ("ok", fn(*args, **kwargs))
         except BaseException:  # noqa: BLE001 - the parent re-raises with the traceback
             out = ("error", traceback.format_exc())
+        _release_groups()
         try:
             results.put((rank, pickle.dumps(out)))
         except Exception:  # noqa: BLE001 - an unpicklable result is reported, not lost
             results.put((rank, pickle.dumps(("error", traceback.format_exc()))))
     dist.destroy_process_group()
+
+
+def _release_groups():
+    """Destroy the process groups a task made (every ParallelLayout makes its own). A worker lives
+    for the whole test session, and each gloo group keeps three threads: hundreds of leftover
+    groups made the machine spend most of its time in the kernel and the suite crawl."""
+    world = dist.group.WORLD
+    for pg in list(dist.distributed_c10d._world.pg_map):
+        if pg is not world:
+            try:
+                dist.destroy_process_group(pg)
+            except Exception:  # noqa: BLE001 - a group torch already tore down
+                pass
 
 
 class DistPool:

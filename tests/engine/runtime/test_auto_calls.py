@@ -40,8 +40,9 @@ def test_calls_auto_runs_the_searched_plan_under_torchrun(workdir):
     # so little memory that the models' replicas cannot all sit on every rank: the plan must split
     path = _config(d, model, "auto", gpu_mem_gb=0.0012)
     expected = search_config(load_run_config(path)).plans[0].choices
-    # memory forces the models apart: training with tensor and pipeline parallelism
-    assert {(ch.tp, ch.pp) for ch in expected.values()} >= {(4, 1), (2, 2)}, expected
+    # memory forces the models apart: sharded layouts, and meshes that are not the whole cluster
+    assert any(ch.tp * ch.pp > 1 for ch in expected.values()), expected
+    assert len({ch.ranks for ch in expected.values()}) > 1, expected
     env = dict(os.environ, OMP_NUM_THREADS="1", MESHRL_DEVICE="cpu", PYTHONPATH=os.getcwd())
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node=4", "-m", "meshrl.cli", "run", path],
