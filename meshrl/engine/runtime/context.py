@@ -69,8 +69,8 @@ class RunContext:
         self.device = init_distributed(cfg.dist.timeout_s)
         self.world, self.main = world(), is_main()
         self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.watchdog = Watchdog(cfg.dist.timeout_s, rank=dist.get_rank() if dist.is_initialized() else 0,
-                                 world=self.world, store=default_store()).start()
+        self.watchdog = Watchdog(cfg.dist.timeout_s, rank=self.rank, world=self.world,
+                                 store=default_store()).start()
         try:
             self._setup(cfg, optim_steps)
         except BaseException:

@@ -36,9 +36,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from dataclasses import dataclass, field
 
 import torch
-from dataclasses import dataclass, field
 
 from meshrl.engine.model.config import ModelConfig
 from meshrl.engine.model.llama import LlamaStage, stage_layers
@@ -384,6 +384,16 @@ def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int], cache: dict 
     return out
 
 
+def _representatives(mcfg: ModelConfig, src: ParallelLayout, dst: ParallelLayout) -> dict[int, int]:
+    """{representative layer: layers it stands for}: layers whose (source stage, destination
+    stage) agree move alike."""
+    L = mcfg.num_hidden_layers
+    classes: dict[tuple, list[int]] = {}
+    for i in range(L):
+        classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size)), []).append(i)
+    return {v[0]: len(v) for v in classes.values()}
+
+
 def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: ParallelLayout, *,
                  gpus_per_node: int, intra_bw: float, inter_bw: float, local_bw: float,
                  latency: float = 0.0, spec_cache: dict | None = None) -> dict:
@@ -396,11 +406,7 @@ def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: 
     max(intra bytes / intra bandwidth, cross-node bytes / inter bandwidth) plus one message latency
     per peer, then its local copies at the measured local-copy bandwidth.
     """
-    L = mcfg.num_hidden_layers
-    classes: dict[tuple, list[int]] = {}
-    for i in range(L):
-        classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size)), []).append(i)
-    weight = {v[0]: len(v) for v in classes.values()}
+    weight = _representatives(mcfg, src, dst)
     p = plan(src, dst, _meta_specs(mcfg, head, src, set(weight), spec_cache),
              _meta_specs(mcfg, head, dst, set(weight), spec_cache), node_of=lambda r: r // gpus_per_node,
              dtype=dtype)
@@ -434,16 +440,6 @@ def realloc_cost(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: 
             "inter_seconds": max(inter.values()) / inter_bw,
             "local_max_bytes": max(acc["local"].values()), "link_seconds": link_s,
             "local_seconds": local_s, "seconds": link_s + local_s, "layers_planned": len(weight)}
-
-
-def _representatives(mcfg: ModelConfig, src: ParallelLayout, dst: ParallelLayout) -> dict[int, int]:
-    """{representative layer: layers it stands for}: layers whose (source stage, destination
-    stage) agree move alike."""
-    L = mcfg.num_hidden_layers
-    classes: dict[tuple, list[int]] = {}
-    for i in range(L):
-        classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size)), []).append(i)
-    return {v[0]: len(v) for v in classes.values()}
 
 
 def realloc_floor_seconds(mcfg: ModelConfig, head: str, dtype, src: ParallelLayout, dst: ParallelLayout,

@@ -117,9 +117,7 @@ class PlanReport:
 
     @property
     def steps_per_round(self) -> int:
-        """Iterative DPO: the most optimizer steps one round's pairs make."""
-        d = self.cfg.dpo
-        return d.epochs * max(1, d.prompts_per_round // d.batch_size)
+        return steps_per_round(self.cfg)
 
     @property
     def objective_seconds(self) -> float:
@@ -128,6 +126,12 @@ class PlanReport:
         if self.round_workload is None:
             return self.step_seconds
         return self.round_seconds + self.steps_per_round * self.step_seconds
+
+
+def steps_per_round(cfg: RunConfig) -> int:
+    """Iterative DPO: the most optimizer steps one round's pairs make."""
+    d = cfg.dpo
+    return d.epochs * max(1, d.prompts_per_round // d.batch_size)
 
 
 def call_layout(cfg: RunConfig, name: str, c: CallSpec, world: int, mcfg: ModelConfig) -> ParallelLayout:

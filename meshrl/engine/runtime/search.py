@@ -43,7 +43,7 @@ from . import costmodel as cm
 from .config import CallSpec, RunConfig, RunConfigError
 from .models import DTYPES, complete_calls, load_model_config, model_heads
 from .plan import (PER_ROUND, TRAIN_CALLS, CallPlan, PlanError, PlanReport, call_layout, call_plan,
-                   call_time, dataflow_rows, home_calls, own_memory, plan_config)
+                   call_time, dataflow_rows, home_calls, own_memory, plan_config, steps_per_round)
 from .rates import Rates, load_rates
 
 MICROBATCH_TOKENS = (1024, 2048, 4096, 8192, 16384)
@@ -112,6 +112,8 @@ class SearchResult:
     report: PlanReport | None = None  # the best plan priced by plan_config
     config_report: PlanReport | None = None  # the config's own layouts, when they divide and fit
     notes: list[str] = field(default_factory=list)
+    calls: dict[str, CallSpec] = field(default_factory=dict)  # every call, completed for the cluster
+    no_fit: str | None = None  # when no plan fits: the one-line reason (`no_fit_message`)
 
 
 class SearchError(RunConfigError):
@@ -171,11 +173,10 @@ class Search:
         self.wl = cm.workload_of(cfg, **self.lens)
         self.round_wl = (cm.online_round_workload(cfg, self.wl)
                          if cfg.algorithm == "dpo" and cfg.dpo.rounds else None)
-        d = cfg.dpo
-        self.weight = d.epochs * max(1, d.prompts_per_round // d.batch_size) if self.round_wl else 1
+        self.weight = steps_per_round(cfg) if self.round_wl else 1  # per-step seconds in a round
         self.order = list(dict.fromkeys([*self.home_call.values(), *sorted(self.calls)]))
         self.microbatch_tokens = tuple(microbatch_tokens)
-        self._layouts, self._static, self._realloc = {}, {}, {}
+        self._layouts, self._static, self._realloc, self._floor = {}, {}, {}, {}
         intra, inter = cm.link_bandwidths(cl, self.rates)
         self._realloc_kw = dict(gpus_per_node=cl.gpus_per_node, intra_bw=intra, inter_bw=inter,
                                 local_bw=self.rates.local_copy_gbps * 1e9, latency=self.rates.latency_s,
@@ -218,31 +219,36 @@ class Search:
                 if name not in self.free:  # the config's own layout: say why it cannot be
                     call_layout(self.cfg, name, ch.spec(model), self.world, self.mcfg[model])
                 continue
-            idx = _index(layout.ranks)
-            stage = np.array([layout.coord_of(r).pp for r in layout.ranks])
-            rows, extra, kinds, cost, phases = [], [], [], 0.0, {}
-            for row, src, phase in self.rows:
-                if src != name:
-                    continue
-                p = call_plan(self.cfg, row, src, ch.spec(model), head=self.heads[model],
-                              mcfg=self.mcfg[model], layout=layout, home=home, phase=phase)
-                wl = self.round_wl if p.per_round and self.round_wl else self.wl
-                own = [_own_extra(p, self.cfg, wl, s) for s in range(ch.pp)]
-                extra.append(np.array(own)[stage])
-                kinds.append(p.kind)
-                if p.per_round and self.round_wl is None:
-                    continue  # offline DPO: the generation layout serves evaluation only
-                p.time = call_time(p, self.cfg, self.rates, wl)
-                t = p.time.seconds * (1 if p.per_round else self.weight)
-                cost += t
-                phases[phase] = phases.get(phase, 0.0) + t
-                rows.append(p)
-            cand = Candidate(name, ch, rows, cost, phases, idx, extra, kinds)
+            cand = self._candidate(name, ch, layout, home)
             # its own weights alone are a lower bound of what shares its GPUs
             if name not in self.free or self._fits([cand], self._placement(model, ch, layout, home)):
                 out.append(cand)
         out = _drop_dominated(out)
         return sorted(out, key=lambda c: (c.cost, c.choice))
+
+    def _candidate(self, name: str, ch: Choice, layout, home: bool) -> Candidate:
+        """Call ``name`` in layout ``ch``: its dataflow rows timed, and what each needs per rank
+        beyond the resident weights."""
+        model = self.calls[name].model
+        stage = np.array([layout.coord_of(r).pp for r in layout.ranks])
+        rows, extra, kinds, cost, phases = [], [], [], 0.0, {}
+        for row, src, phase in self.rows:
+            if src != name:
+                continue
+            p = call_plan(self.cfg, row, src, ch.spec(model), head=self.heads[model],
+                          mcfg=self.mcfg[model], layout=layout, home=home, phase=phase)
+            wl = self.round_wl if p.per_round and self.round_wl else self.wl
+            own = [_own_extra(p, self.cfg, wl, s) for s in range(ch.pp)]
+            extra.append(np.array(own)[stage])
+            kinds.append(p.kind)
+            if p.per_round and self.round_wl is None:
+                continue  # offline DPO: the generation layout serves evaluation only
+            p.time = call_time(p, self.cfg, self.rates, wl)
+            t = p.time.seconds * (1 if p.per_round else self.weight)
+            cost += t
+            phases[phase] = phases.get(phase, 0.0) + t
+            rows.append(p)
+        return Candidate(name, ch, rows, cost, phases, _index(layout.ranks), extra, kinds)
 
     def _placement(self, model: str, ch: Choice, layout, home: bool):
         """Bytes per rank (world-long arrays) that this model's weights in this layout keep
@@ -272,28 +278,22 @@ class Search:
         return self._realloc[key]
 
     def _realloc_floor(self, model: str, src: Choice, dst: Choice) -> float:
-        """A lower bound of `_realloc_seconds` at a tenth of its price (costmodel)."""
-        key = ("floor", model, src.layout_key, dst.layout_key)
-        if key not in self._realloc:
-            if (model, src.layout_key, dst.layout_key) in self._realloc:
-                return self._realloc[(model, src.layout_key, dst.layout_key)]
+        """A lower bound of `_realloc_seconds` at a tenth of its price (costmodel); the exact
+        figure when that is known already."""
+        key = (model, src.layout_key, dst.layout_key)
+        if key in self._realloc:
+            return self._realloc[key]
+        if key not in self._floor:
             a, b = self._layouts[(model, src.layout_key)], self._layouts[(model, dst.layout_key)]
-            self._realloc[key] = cm.realloc_floor_seconds(
+            self._floor[key] = cm.realloc_floor_seconds(
                 self.mcfg[model], self.heads[model], DTYPES[self.cfg.models[model].dtype], a, b,
                 gpus_per_node=self.gpn, inter_bw=self._realloc_kw["inter_bw"],
                 spec_cache=self._realloc_kw["spec_cache"])
-        return self._realloc[key]
+        return self._floor[key]
 
     def _fits(self, picked: list[Candidate], static) -> bool:
         """Every picked call's rows within gpu_mem_gb on every rank, given the resident bytes."""
-        base, fixed, off = static
-        other = base + fixed
-        train = other + off
-        for cand in picked:
-            for e, k in zip(cand.extra, cand.kinds):
-                if ((train if k == "train" else other)[cand.idx] + e).max() > self.budget_bytes:
-                    return False
-        return True
+        return _peak(picked, static, stop_above=self.budget_bytes) <= self.budget_bytes
 
     # ---- branch and bound -----------------------------------------------------------------------
     def run(self) -> SearchResult:
@@ -434,6 +434,22 @@ def _index(ranks) -> slice | np.ndarray:
     return slice(lo, hi + 1) if list(ranks) == list(range(lo, hi + 1)) else np.array(ranks)
 
 
+def _peak(picked: list[Candidate], static, stop_above: float = math.inf) -> float:
+    """The largest bytes on a rank while one of the picked calls' rows runs there, given the
+    resident bytes ``static`` (base, optimizer kept, optimizer offloaded outside training); the
+    first row over ``stop_above`` ends the scan."""
+    base, fixed, off = static
+    other = base + fixed
+    train = other + off
+    peak = 0.0
+    for cand in picked:
+        for e, k in zip(cand.extra, cand.kinds):
+            peak = max(peak, float(((train if k == "train" else other)[cand.idx] + e).max()))
+            if peak > stop_above:
+                return peak
+    return peak
+
+
 def _own_extra(p: CallPlan, cfg: RunConfig, wl: cm.Workload, stage: int) -> float:
     """What a call needs beyond the resident weights: its activations and KV cache."""
     m = own_memory(p, cfg, wl, stage)
@@ -475,6 +491,7 @@ def search_config(cfg: RunConfig, *, free: list[str] | None = None, device: str 
     s = Search(cfg, free=free, rates=rates, top=top, budget=budget,
                microbatch_tokens=microbatch_tokens, **lens)
     res = s.run()
+    res.calls = s.calls
     try:
         res.config_report = plan_config(cfg, rates=rates, **lens)
     except PlanError as e:
@@ -485,6 +502,8 @@ def search_config(cfg: RunConfig, *, free: list[str] | None = None, device: str 
         if res.report.fit_error or not math.isclose(priced, res.plans[0].seconds, rel_tol=1e-9):
             raise AssertionError(f"search priced its plan at {res.plans[0].seconds!r} s, meshrl plan at "
                                  f"{priced!r} s ({res.report.fit_error}): the two models disagree")
+    else:
+        res.no_fit = no_fit_message(s)
     return res
 
 
@@ -528,8 +547,10 @@ def format_search(res: SearchResult, calls: dict[str, CallSpec]) -> str:
     elif given is not None:
         versus = f"; the config's layouts do not fit ({given.fit_error})"
     out += [f"best plan: {best.seconds:.3f} s per {unit}{versus}", "", calls_yaml(best.choices, calls)]
+    if len(res.plans) > 1:
+        out.append("")
     for i, alt in enumerate(res.plans[1:], 2):
-        out.append(f"{'' if i > 2 else chr(10)}#{i}: {alt.seconds:.3f} s  ({_changes(best.choices, alt.choices)})")
+        out.append(f"#{i}: {alt.seconds:.3f} s  ({_changes(best.choices, alt.choices)})")
     out += res.notes
     out += ["", "the best plan, as `meshrl plan` prices it:", "", format_report(res.report)]
     return "\n".join(out)
@@ -563,7 +584,8 @@ def no_fit_message(s: Search) -> str:
         for ch in s._choices(name):
             layout = s._layout(name, ch)
             if layout is not None:
-                best = min(best, _peak_alone(s, name, ch, layout, s._placement(model, ch, layout, home)))
+                cand = s._candidate(name, ch, layout, home)
+                best = min(best, _peak([cand], s._placement(model, ch, layout, home)))
         if best > need:
             worst, need = name, best
     state = 0.0  # every model's weights, and a trained model's fp32 grads and Adam moments
@@ -576,24 +598,7 @@ def no_fit_message(s: Search) -> str:
             f"need is calls.{worst}'s, {need / cm.GB:.1f} GB per GPU in its best layout with no other "
             f"model beside it, and the models' weights and training state ({state / cm.GB:,.0f} GB) "
             f"need at least {nodes} nodes of {s.gpn}: find the smallest that fits with --nodes "
-            f"{','.join(str(n) for n in _powers_of_two(8 * max(nodes, cl.nodes)) if n >= max(nodes, 1))}")
-
-
-def _peak_alone(s: Search, name: str, ch: Choice, layout, static) -> float:
-    base, fixed, off = static
-    model = s.calls[name].model
-    idx = np.array(layout.ranks)
-    stage = np.array([layout.coord_of(r).pp for r in layout.ranks])
-    peak = 0.0
-    for row, src, _ in s.rows:
-        if src != name:
-            continue
-        p = call_plan(s.cfg, row, src, ch.spec(model), head=s.heads[model], mcfg=s.mcfg[model],
-                      layout=layout, home=True)
-        wl = s.round_wl if p.per_round and s.round_wl else s.wl
-        e = np.array([_own_extra(p, s.cfg, wl, st) for st in range(ch.pp)])[stage]
-        peak = max(peak, float((base + fixed + (off if p.kind == "train" else 0))[idx].__add__(e).max()))
-    return peak
+            f"{','.join(str(n) for n in _powers_of_two(8 * nodes) if n >= nodes)}")
 
 
 def add_arguments(p):
@@ -659,10 +664,9 @@ def run_search(args, cfg: RunConfig) -> int:
             cfg = copy.deepcopy(cfg)
             cfg.cluster.nodes = sizes[0]
         res = search_config(cfg, **kw)
-        calls = complete_calls(cfg, cfg.cluster.nodes * cfg.cluster.gpus_per_node)
+        calls = res.calls
         if not res.plans:
-            raise SearchError(no_fit_message(Search(cfg, free=free, rates=load_rates(
-                args.device or cfg.cluster.device, args.rates))))
+            raise SearchError(res.no_fit)
         print(json.dumps(search_json(res, calls), indent=1) if args.json else format_search(res, calls))
         if args.write:
             write_config(args.write, args.config, args.overrides, res.plans[0].choices, calls,
@@ -687,12 +691,11 @@ def _sweep(args, cfg: RunConfig, sizes: list[int], kw: dict) -> int:
             rows.append({"nodes": n, "gpus": rep.world, "seconds": rep.objective_seconds,
                          "samples_per_s": wl.sequences / rep.step_seconds, "peak_gb": peak_gb(rep),
                          "exact": res.complete,
-                         "calls": search_json(res, complete_calls(c, rep.world))["best"]["calls"]})
+                         "calls": search_json(res, res.calls)["best"]["calls"]})
             fits = n if fits is None else fits
         else:
             rows.append({"nodes": n, "gpus": n * c.cluster.gpus_per_node, "seconds": None,
-                         "why": no_fit_message(Search(c, rates=load_rates(
-                             args.device or c.cluster.device, args.rates)))})
+                         "why": res.no_fit})
     if args.json:
         print(json.dumps({"sizes": rows, "smallest_that_fits": fits}, indent=1))
     else:
@@ -735,15 +738,13 @@ def plan_auto_calls(cfg: RunConfig, world: int, gpus_per_node: int) -> tuple[Run
                     "search_seconds": round(res.seconds, 3), "cluster": [c.cluster.nodes, gpus_per_node],
                     "rates": res.report.rates.device})
             else:
-                outcome = ("error", no_fit_message(Search(c, free=free)))
+                outcome = ("error", res.no_fit)
         except RunConfigError as e:
             outcome = ("error", f"calls: auto: {e}")
     outcome = broadcast_from(outcome, 0)
     if outcome[0] == "error":
         raise SearchError(outcome[1])
     _, choices, record = outcome
-    calls = complete_calls(c, world)
-    c.calls = {**{n: s for n, s in calls.items() if n not in choices},
-               **{n: ch.spec(calls[n].model) for n, ch in choices.items()}}
+    c = with_calls(c, choices, complete_calls(c, world))  # the search chose every call's layout
     c.auto_calls = []
     return c, record
