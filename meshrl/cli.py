@@ -8,10 +8,10 @@ import sys
 
 # (command, module with add_arguments/run, help)
 COMMANDS = [
-    ("run", "meshrl.engine.runtime.run", "train with a YAML config (sft, rm, dpo, ppo, grpo)"),
+    ("run", "meshrl.launch", "train with a YAML config (sft, rm, dpo, ppo, grpo)"),
     ("generate", "meshrl.engine.generate_job", "sample completions for JSONL prompts"),
-    ("plan", "meshrl.engine.runtime.plan", "dry run on the CPU: memory per GPU, reallocation, step estimate"),
-    ("bench", "meshrl.engine.runtime.bench",
+    ("plan", "meshrl.planning.plan", "dry run on the CPU: memory per GPU, reallocation, step estimate"),
+    ("bench", "meshrl.planning.bench",
      "a few steps of a ppo, grpo, sft, rm or offline dpo run; measured per-call seconds vs the plan"),
     ("plot", "meshrl.engine.runtime.plot", "PNG curves from RUN_DIR/metrics.jsonl"),
     ("demo", "meshrl.study.demo", "the study in miniature on CPU: SFT, then PPO and DPO"),

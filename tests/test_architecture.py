@@ -110,7 +110,7 @@ def collect_arrows(root: Path | None = None) -> list[Arrow]:
 # third-party imports are not arrows between parts (except for the sandbox child, below).
 
 MESHRL_PARTS = ("parallel", "kernels", "engine", *(f"engine.{s}" for s in ENGINE_SUBPACKAGES),
-                "study", "cli", "testing", "meshrl")
+                "planning", "launch", "study", "cli", "testing", "meshrl")
 
 
 def _only(*allowed):
@@ -136,8 +136,15 @@ RULES = [
      {"engine.algorithms"}, _only("engine.algorithms", "kernels")),
     ("engine/fastgen imports no engine/runtime, engine/algorithms, engine/data or engine/tasks",
      {"engine.fastgen"}, _one_of("engine.runtime", "engine.algorithms", "engine.data", "engine.tasks")),
-    ("only engine/runtime, study/ and cli import engine/runtime",
-     set(MESHRL_PARTS) - {"engine.runtime", "study", "cli"}, _one_of("engine.runtime")),
+    ("only engine/runtime, planning/, launch, study/ and cli import engine/runtime",
+     set(MESHRL_PARTS) - {"engine.runtime", "planning", "launch", "study", "cli"}, _one_of("engine.runtime")),
+    ("only launch and cli import planning/ (the runtime executes a plan; it never plans)",
+     set(MESHRL_PARTS) - {"planning", "launch", "cli"}, _one_of("planning")),
+    ("planning/ imports no engine/fastgen, engine/data or engine/tasks (it prices calls on the meta "
+     "device; only bench.py's CPU calibration times real calls)",
+     {"planning"}, _one_of("engine.fastgen", "engine.data", "engine.tasks")),
+    ("only study/ and cli import launch",
+     set(MESHRL_PARTS) - {"launch", "study", "cli"}, _one_of("launch")),
     ("only study/ and cli import study/",
      set(MESHRL_PARTS) - {"study", "cli"}, _one_of("study")),
     ("nothing imports cli",
@@ -147,13 +154,7 @@ RULES = [
 ]
 
 # (importing file, imported module) -> why it is allowed today, and what removes it.
-KNOWN_EXCEPTIONS = {
-    ("meshrl/engine/runtime/bench.py", "meshrl.testing.dist_pool"):
-        # measure_cpu_rates (the CPU calibration behind benchmarks/rates.json) runs its 2-rank p2p and
-        # all-reduce probe in a DistPool. Removed when the bench moves to meshrl/planning/ with a
-        # worker pool of its own (or DistPool moves out of testing/).
-        "production code using test support: the cost model's CPU calibration",
-}
+KNOWN_EXCEPTIONS: dict = {}
 
 # The one import cycle between parts today: engine/generate.py picks the fast engine with a
 # function-level `from .fastgen import ...`, and engine/fastgen imports generate and sampling.
@@ -259,7 +260,7 @@ def test_checker_finds_forbidden_imports_in_a_scratch_tree(tmp_path):
     assert "meshrl/parallel/layout.py:2 imports meshrl.engine.model.llama (`from meshrl.engine.model import llama`)" in text
     assert "meshrl/kernels/gae.py:2 imports meshrl.parallel.layout (`from ..parallel import layout`)" in text
     assert "meshrl/engine/algorithms/calls.py:1 imports meshrl.engine.runtime.loop" in text
-    assert "only engine/runtime, study/ and cli import engine/runtime" in text
+    assert "only engine/runtime, planning/, launch, study/ and cli import engine/runtime" in text
     assert "meshrl/engine/model/hf.py:2 imports meshrl.testing.dist_pool" in text
     assert "meshrl/engine/train.py" not in text
 

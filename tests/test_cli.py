@@ -10,7 +10,7 @@ def test_overrides_may_follow_options():
     assert (args.device, args.rates) == ("cpu", "r.json")
     args = parse(["bench", "x.yaml", "--iterations", "2", "run_dir=/tmp/b"])
     assert (args.iterations, args.overrides) == (2, ["run_dir=/tmp/b"])
-    assert args.func.__module__ == "meshrl.engine.runtime.bench"
+    assert args.func.__module__ == "meshrl.planning.bench"
 
 
 def test_an_unknown_command_or_option_is_an_error(capsys):

@@ -64,7 +64,10 @@ class TrainJob:
 
 
 class RunContext:
-    def __init__(self, cfg: RunConfig, *, optim_steps: dict[str, int] | None = None):
+    def __init__(self, cfg: RunConfig, *, optim_steps: dict[str, int] | None = None, plan_calls=None):
+        """``plan_calls(cfg, world, gpus_per_node) -> (cfg, record)`` chooses the layouts of a
+        config's ``calls: auto`` (the planner's search; `meshrl.launch` passes it in, so the
+        runtime never imports the planner)."""
         self.cfg = cfg
         self.device = init_distributed(cfg.dist.timeout_s)
         self.world, self.main = world(), is_main()
@@ -72,19 +75,21 @@ class RunContext:
         self.watchdog = Watchdog(cfg.dist.timeout_s, rank=self.rank, world=self.world,
                                  store=default_store()).start()
         try:
-            self._setup(cfg, optim_steps)
+            self._setup(cfg, optim_steps, plan_calls)
         except BaseException:
             self.watchdog.close()
             raise
 
-    def _setup(self, cfg: RunConfig, optim_steps: dict[str, int] | None):
+    def _setup(self, cfg: RunConfig, optim_steps: dict[str, int] | None, plan_calls):
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.searched = None
         if cfg.auto_calls:  # calls: auto, searched on the cluster torchrun gives
-            from .search import plan_auto_calls
+            if plan_calls is None:
+                raise RunConfigError(f"calls: auto ({', '.join(cfg.auto_calls)}): this entry point has "
+                                     "no planner; start the run with `meshrl run` (meshrl.launch)")
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or cfg.cluster.gpus_per_node
-            cfg, self.searched = plan_auto_calls(cfg, self.world, per_node)
+            cfg, self.searched = plan_calls(cfg, self.world, per_node)
             self.cfg = cfg
         self.calls = complete_calls(cfg, self.world)
         self.layouts = build_layouts(self.calls, self.world)

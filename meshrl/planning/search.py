@@ -40,8 +40,8 @@ import numpy as np
 from meshrl.engine.model.config import ModelConfig
 
 from . import costmodel as cm
-from .config import CallSpec, RunConfig, RunConfigError
-from .models import DTYPES, complete_calls, load_model_config, model_heads
+from meshrl.engine.runtime.config import CallSpec, RunConfig, RunConfigError
+from meshrl.engine.runtime.models import DTYPES, complete_calls, load_model_config, model_heads
 from .plan import (PER_ROUND, TRAIN_CALLS, CallPlan, PlanError, PlanReport, call_layout, call_plan,
                    call_time, dataflow_rows, home_calls, own_memory, plan_config, steps_per_round)
 from .rates import Rates, load_rates
@@ -721,7 +721,7 @@ def plan_auto_calls(cfg: RunConfig, world: int, gpus_per_node: int) -> tuple[Run
     placement.json. No plan that fits is the one-line error on every rank."""
     import torch.distributed as dist
 
-    from .placement import broadcast_from
+    from meshrl.engine.runtime.placement import broadcast_from
     c = copy.deepcopy(cfg)
     if world % gpus_per_node:
         gpus_per_node = world

@@ -3,7 +3,7 @@
 ``benchmarks/rates.json`` names, per device, where each rate comes from: a row of a committed
 result file, a list of such rows (the first that resolves wins, so a newer benchmark can take over
 when its result is committed), or a value with its source (the CPU calibration that
-``meshrl.engine.runtime.bench --calibrate`` measures, and the few figures no benchmark here
+``meshrl.planning.bench --calibrate`` measures, and the few figures no benchmark here
 measures, marked as assumed). ``$MESHRL_RATES`` or an argument points elsewhere.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def default_rates_path() -> str:
     if env:
         return env
     here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.normpath(os.path.join(here, "..", "..", "..", "benchmarks", "rates.json"))
+    return os.path.normpath(os.path.join(here, "..", "..", "benchmarks", "rates.json"))
 
 
 def _rows(doc):

@@ -23,8 +23,8 @@ from meshrl.engine.model.llama import check_layout_fits
 from meshrl.parallel.layout import LayoutError, ParallelLayout, parse_ranks
 
 from . import costmodel as cm
-from .config import CallSpec, RunConfig, RunConfigError, load_run_config
-from .models import DTYPES, complete_calls, load_model_config, model_heads
+from meshrl.engine.runtime.config import CallSpec, RunConfig, RunConfigError, load_run_config
+from meshrl.engine.runtime.models import DTYPES, complete_calls, load_model_config, model_heads
 from .plan_format import format_report
 from .rates import RATES_ENV, Rates, load_rates
 

@@ -8,7 +8,7 @@ workload the run actually had: mean prompt and response lengths from the rollout
 decoding steps = the longest response, as the engine decodes until every sequence of a batch is
 done) or from the steps' logged data lengths (SFT, RM, DPO).
 
-``python -m meshrl.engine.runtime.bench --calibrate`` measures this machine's CPU rates with meshrl's
+``python -m meshrl.planning.bench --calibrate`` measures this machine's CPU rates with meshrl's
 own train step, forward pass, decoding loop, optimizer and gloo links, and writes them as
 ``devices.cpu`` of ``benchmarks/rates.json``.
 """
@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from .config import load_run_config
-from .metrics import read_metrics
+from meshrl.engine.runtime.config import load_run_config
+from meshrl.engine.runtime.metrics import read_metrics
 from .plan import PlanError, plan_config
 from .rates import default_rates_path
 
@@ -82,7 +82,9 @@ def bench_config(cfg, *, iterations: int = 3, run_dir: str | None = None, device
     "plan": PlanReport, "measured": {...}}; None elsewhere."""
     from meshrl.engine.distributed import init_distributed, is_main, world
 
-    from .run import run_config
+    from meshrl.engine.runtime.run import run_config
+
+    from .search import plan_auto_calls
     if cfg.algorithm not in STEP_LIMIT:
         raise PlanError(f"algorithm={cfg.algorithm}: meshrl bench runs {', '.join(STEP_LIMIT)} configs")
     if cfg.algorithm == "dpo" and cfg.dpo.rounds:
@@ -100,7 +102,7 @@ def bench_config(cfg, *, iterations: int = 3, run_dir: str | None = None, device
     cfg.logging.dump_rollouts = batch if cfg.algorithm in ("ppo", "grpo") else 0
     cfg.logging.eval_every = 0
     cfg.logging.save_every, cfg.logging.progress = 0, False
-    run_config(cfg)
+    run_config(cfg, plan_calls=plan_auto_calls)
     if not is_main():
         return None
     times, work = measured(run_dir, skip_first=iterations > 1)
@@ -214,8 +216,15 @@ def _fit(rows: list[tuple], names: list[str]) -> dict[str, float]:
     return out
 
 
-def _gloo_links(_=None) -> dict:
+def _gloo_links(rank: int, port: int, out) -> None:
+    """Rank ``rank`` of a two-process gloo group: the p2p bandwidth and all-reduce latency it
+    measures go to ``out`` (rank 0's only)."""
+    import datetime
+
     import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
     x = torch.zeros(4 << 20)  # 16 MB
     small = torch.zeros(1)
 
@@ -226,7 +235,28 @@ def _gloo_links(_=None) -> dict:
             dist.recv(x, 0)
     bw = x.numel() * 4 / _median(p2p)
     lat = _median(lambda: [dist.all_reduce(small) for _ in range(20)]) / 20
-    return {"link_gbps": bw / 1e9, "latency_s": lat}
+    if rank == 0:
+        out.put({"link_gbps": bw / 1e9, "latency_s": lat})
+    dist.destroy_process_group()
+
+
+def measure_links() -> dict[str, float]:
+    """Two spawned processes over gloo on this host: link bandwidth and collective latency."""
+    import multiprocessing as mp
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_gloo_links, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        return out.get(timeout=300)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
 
 
 def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
@@ -239,7 +269,6 @@ def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
     from meshrl.engine.sampling import SamplingParams
     from meshrl.engine.train import OptimConfig, Trainer, infer
     from meshrl.parallel.layout import ParallelLayout
-    from meshrl.testing.dist_pool import DistPool
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     train, fwd, opt, dec = [], [], [], []
@@ -282,11 +311,7 @@ def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
     x, y = torch.empty(16 << 20), torch.empty(16 << 20)  # 64 MB each
     t_copy = _median(lambda: y.copy_(x))
     out.update(copy_tbps=2 * x.numel() * 4 / t_copy / 1e12, local_copy_gbps=x.numel() * 4 / t_copy / 1e9)
-    pool = DistPool(2)
-    try:
-        out.update(pool.run(_gloo_links)[0])
-    finally:
-        pool.close()
+    out.update(measure_links())
     return out
 
 
@@ -296,7 +321,7 @@ def calibrate(path: str | None = None, threads: int = 1) -> dict:
     values = measure_cpu_rates(threads)
     with open(path) as f:
         doc = json.load(f)
-    src = (f"meshrl.engine.runtime.bench --calibrate, {time.strftime('%Y-%m-%d')}, "
+    src = (f"meshrl.planning.bench --calibrate, {time.strftime('%Y-%m-%d')}, "
            f"{platform.machine()} {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}")
     doc["devices"]["cpu"] = {"aliases": [f"cpu-{platform.machine()}"], "doc": src,
                              **{k: {"value": v, "source": src} for k, v in sorted(values.items())}}

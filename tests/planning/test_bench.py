@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meshrl.engine.data.jsonl import write_jsonl
-from meshrl.engine.runtime.bench import bench_config, format_bench
+from meshrl.planning.bench import bench_config, format_bench
 from meshrl.engine.runtime.config import load_run_config
 from meshrl.engine.tasks import make_dataset
 from meshrl.study.setup import init_scratch_model
@@ -82,7 +82,7 @@ def test_supervised_plan_estimate_against_measured_cpu_run(tmp_path, one_thread,
 
 
 def test_bench_refuses_online_dpo():
-    from meshrl.engine.runtime.plan import PlanError
+    from meshrl.planning.plan import PlanError
     cfg = load_run_config(None, [], base=dict(algorithm="dpo", dpo={"rounds": 2},
                                               models={"actor": {"scratch": TINY}},
                                               data={"train": "unused.jsonl"}))
@@ -93,7 +93,7 @@ def test_bench_refuses_online_dpo():
 def test_measured_workload_comes_from_the_timed_steps(tmp_path):
     """Logged data lengths win over any rollout dump; dumps count only for the timed steps (not
     the warm-up step, not an earlier run's files in the same directory)."""
-    from meshrl.engine.runtime.bench import measured
+    from meshrl.planning.bench import measured
     from meshrl.engine.runtime.metrics import metrics_path
 
     def dump(step, prompt, response):

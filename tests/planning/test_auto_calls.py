@@ -10,7 +10,7 @@ import pytest
 
 from meshrl.engine.runtime.config import RunConfigError, load_run_config
 from meshrl.engine.runtime.metrics import read_metrics
-from meshrl.engine.runtime.search import search_config
+from meshrl.planning.search import search_config
 
 from tests.engine.runtime.tiny import SEVENS, tiny_task
 

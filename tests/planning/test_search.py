@@ -10,13 +10,13 @@ import os
 import pytest
 
 from meshrl import cli
-from meshrl.engine.runtime import costmodel as cm
+from meshrl.planning import costmodel as cm
 from meshrl.engine.runtime.config import load_run_config
-from meshrl.engine.runtime.plan import PlanError, format_report, plan_config
-from meshrl.engine.runtime.rates import load_rates
-from meshrl.engine.runtime.search import Search, meshes, search_config, with_calls
+from meshrl.planning.plan import PlanError, format_report, plan_config
+from meshrl.planning.rates import load_rates
+from meshrl.planning.search import Search, meshes, search_config, with_calls
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # big enough that a few GB per GPU makes layouts matter, small enough to price in milliseconds
 MODEL = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
              num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048)

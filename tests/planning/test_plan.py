@@ -12,14 +12,14 @@ import torch
 from meshrl.engine.model.attention import PackedMeta, rope_cos_sin
 from meshrl.engine.model.config import config_from_hf_dict
 from meshrl.engine.model.llama import LlamaStage
-from meshrl.engine.runtime import costmodel as cm
+from meshrl.planning import costmodel as cm
 from meshrl.engine.runtime.config import RunConfigError, load_run_config
-from meshrl.engine.runtime.plan import PlanError, check_fit, format_report, plan_config
-from meshrl.engine.runtime.rates import default_rates_path, load_rates
+from meshrl.planning.plan import PlanError, check_fit, format_report, plan_config
+from meshrl.planning.rates import default_rates_path, load_rates
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.parallel.realloc_plan import plan, specs_for_layout
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
