@@ -24,6 +24,8 @@ SCHEDULES = ("constant", "cosine", "linear")  # learning-rate schedules after wa
 
 @dataclass(kw_only=True)
 class OptimConfig:
+    """AdamW and its learning-rate schedule: what ``Trainer`` takes, and a run config's
+    ``models.NAME.optim`` section (omegaconf reads these fields, so their types stay ones it knows)."""
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -32,7 +34,7 @@ class OptimConfig:
     zero1: bool = True
     warmup_steps: int = 0
     schedule: str = "constant"  # one of SCHEDULES
-    total_steps: int | None = None
+    total_steps: int | None = None  # in a run: its optimizer steps, set by the run, not the YAML
     min_lr_ratio: float = 0.0
 
     def lr_at(self, step: int) -> float:

@@ -14,7 +14,9 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from meshrl.engine.dataflow import REF_INF
 from meshrl.engine.generate import ENGINES as GENERATION_ENGINES
+from meshrl.engine.train import OptimConfig
 
 from .config_ranges import check_values
 
@@ -27,19 +29,6 @@ class RunConfigError(ValueError):
 
 
 @dataclass(kw_only=True)
-class OptimSpec:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    max_grad_norm: Optional[float] = 1.0
-    zero1: bool = True
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    min_lr_ratio: float = 0.0
-
-
-@dataclass(kw_only=True)
 class ModelSpec:
     path: Optional[str] = None  # a Hugging Face directory
     init_from: Optional[str] = None  # start from another model's weights (critic from actor)
@@ -48,7 +37,7 @@ class ModelSpec:
     sequence_parallel: bool = False
     activation_checkpointing: bool = False
     offload_when_idle: bool = False  # park optimizer state on the CPU while other calls run
-    optim: OptimSpec = field(default_factory=OptimSpec)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
 
 @dataclass(kw_only=True)
@@ -293,6 +282,9 @@ def validate(cfg: RunConfig) -> None:
             raise RunConfigError(f"models.{name}.init_from={m.init_from}: no such model in models")
         if m.dtype not in DTYPES:
             raise RunConfigError(f"models.{name}.dtype={m.dtype}: use one of {', '.join(DTYPES)}")
+        if m.optim.total_steps is not None:
+            raise RunConfigError(f"models.{name}.optim.total_steps={m.optim.total_steps}: the run sets "
+                                 "it (its optimizer steps); remove it")
     for name, c in cfg.calls.items():
         if c.model not in cfg.models:
             raise RunConfigError(f"calls.{name}.model={c.model}: no such model in models")
@@ -350,7 +342,7 @@ def _validate_policy_gradient(cfg: RunConfig) -> None:
         raise RunConfigError(f"{sec}.overlong_buffer={S.overlong_buffer} exceeds generation.max_new_tokens="
                              f"{cfg.generation.max_new_tokens}: the penalty ramps over the last tokens "
                              "before that limit, so use at most it")
-    if S.kl_coef > 0 and "ref" not in cfg.models and "ref_inf" not in cfg.calls:
+    if S.kl_coef > 0 and "ref" not in cfg.models and REF_INF not in cfg.calls:
         raise RunConfigError(f"{sec}.kl_coef={S.kl_coef} needs a reference model: add models.ref "
                              f"(e.g. {{init_from: actor}}), or set {sec}.kl_coef=0")
     if sec == "grpo":

@@ -9,26 +9,25 @@ from __future__ import annotations
 
 import difflib
 import os
+from dataclasses import replace
 
 import torch
 
 from meshrl.engine.model import build_stage, config_from_hf_dict, load_config
-from meshrl.engine.train import OptimConfig, Trainer
+from meshrl.engine.train import Trainer
 from meshrl.parallel.layout import LayoutError, ParallelLayout, parse_ranks
+
+from meshrl.engine.dataflow import DATAFLOWS, VALUE_CALLS
 
 from .config import CallSpec, ModelSpec, RunConfig, RunConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VALUE_CALLS = ("critic_inf", "critic_train", "rew_inf", "rm_train")
-DEFAULT_CALLS = {
-    "sft": {"actor_train": "actor"},
-    "rm": {"rm_train": "reward"},
-    "dpo": {"actor_train": "actor", "actor_gen": "actor", "ref_inf": "ref"},
-    "ppo": {"actor_gen": "actor", "actor_train": "actor", "ref_inf": "ref", "critic_inf": "critic",
-            "critic_train": "critic"},
-    "grpo": {"actor_gen": "actor", "actor_train": "actor", "ref_inf": "ref"},
-}
-REWARD_CALL = {alg: ("rew_inf",) for alg in ("ppo", "grpo", "dpo")}  # scoring by a reward model
+# every algorithm's calls and their default models, from its dataflow; the reward-scoring call's
+# model is named by reward.model
+DEFAULT_CALLS = {alg: {name: c.model for name, c in flow.config_calls().items() if c.model is not None}
+                 for alg, flow in DATAFLOWS.items()}
+REWARD_CALL = {alg: names for alg, flow in DATAFLOWS.items()
+               if (names := tuple(n for n, c in flow.config_calls().items() if c.model is None))}
 
 
 def complete_calls(cfg: RunConfig, world: int) -> dict[str, CallSpec]:
@@ -36,7 +35,7 @@ def complete_calls(cfg: RunConfig, world: int) -> dict[str, CallSpec]:
     calls = {name: CallSpec(model=model) for name, model in DEFAULT_CALLS[cfg.algorithm].items()
              if model in cfg.models}
     if cfg.algorithm in REWARD_CALL and cfg.reward.model:
-        calls["rew_inf"] = CallSpec(model=cfg.reward.model)
+        calls.update({name: CallSpec(model=cfg.reward.model) for name in REWARD_CALL[cfg.algorithm]})
     known = set(DEFAULT_CALLS[cfg.algorithm]) | set(REWARD_CALL.get(cfg.algorithm, ()))
     for name in cfg.calls:
         if name not in known:
@@ -121,11 +120,7 @@ class ModelRuntime:
                 self.stage = build_stage(self.layout, config=src.stage.cfg, **kw)
                 copy_weights_(self.stage, src.stage)
         if self.trains:
-            o = spec.optim
-            self.trainer = Trainer(self.stage, OptimConfig(
-                lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                max_grad_norm=o.max_grad_norm, zero1=o.zero1, warmup_steps=o.warmup_steps,
-                schedule=o.schedule, total_steps=self.optim_steps, min_lr_ratio=o.min_lr_ratio))
+            self.trainer = Trainer(self.stage, replace(spec.optim, total_steps=self.optim_steps))
         else:
             self.stage.requires_grad_(False)
         return self
