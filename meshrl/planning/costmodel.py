@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 import torch
 
 from meshrl.engine.model.config import ModelConfig
-from meshrl.engine.model.llama import LlamaStage, stage_layers
+from meshrl.engine.model.llama import stage_layers
+from meshrl.engine.model.meta import meta_specs
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.parallel.realloc_plan import plan
 
@@ -352,6 +353,11 @@ def _stage_of(layer: int, num_layers: int, pp: int) -> int:
     return next(s for s in range(pp) if layer < (s + 1) * num_layers // pp)
 
 
+def _tp_pp(layout: ParallelLayout, rank: int) -> tuple[int, int]:
+    c = layout.coord_of(rank)
+    return c.tp, c.pp
+
+
 def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int], cache: dict | None = None) -> dict:
     """{rank: specs} of the representative layers in ``keep`` (and the embeddings, final norm and
     head), once per (tp, pp) coordinate (dp replicas hold the same shards; ``cache`` keeps them
@@ -359,29 +365,25 @@ def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int], cache: dict 
     from a meta-built stage of one layer per stage, its layer renamed to each kept index of the
     stage (the tests compare this with planning every layer of full stages)."""
     cache = {} if cache is None else cache
-    built, out = {}, {}
-    L = mcfg.num_hidden_layers
-    for r in layout.ranks:
-        c = layout.coord_of(r)
-        if (c.tp, c.pp) not in built:
-            key = (id(mcfg), head, layout.tp_size, layout.pp_size, c.tp, c.pp)
-            if key not in cache:
-                small = dataclasses.replace(mcfg, num_hidden_layers=layout.pp_size)
-                cache[key] = LlamaStage(small, layout.as_seen_by(r), head=head, device="meta").specs
-            mine = {}
-            for n, spec in cache[key].items():
-                m = _LAYER.match(n)
-                if m is None:
-                    mine[n] = spec
-                    continue
-                rest = n[m.end():]
-                for i in stage_layers(L, layout.pp_size, c.pp):
-                    if i in keep:
-                        name = f"model.layers.{i}.{rest}"
-                        mine[name] = dataclasses.replace(spec, name=name)
-            built[(c.tp, c.pp)] = mine
-        out[r] = built[(c.tp, c.pp)]
-    return out
+    key = (id(mcfg), head, layout.tp_size, layout.pp_size)
+    if key not in cache:  # {(tp, pp) coordinate: specs}
+        small = dataclasses.replace(mcfg, num_hidden_layers=layout.pp_size)
+        cache[key] = {_tp_pp(layout, r): specs for r, specs in meta_specs(small, head, layout).items()}
+    built = {}
+    for (tp, pp), specs in cache[key].items():
+        mine = {}
+        for n, spec in specs.items():
+            m = _LAYER.match(n)
+            if m is None:
+                mine[n] = spec
+                continue
+            rest = n[m.end():]
+            for i in stage_layers(mcfg.num_hidden_layers, layout.pp_size, pp):
+                if i in keep:
+                    name = f"model.layers.{i}.{rest}"
+                    mine[name] = dataclasses.replace(spec, name=name)
+        built[tp, pp] = mine
+    return {r: built[_tp_pp(layout, r)] for r in layout.ranks}
 
 
 def _representatives(mcfg: ModelConfig, src: ParallelLayout, dst: ParallelLayout) -> dict[int, int]:

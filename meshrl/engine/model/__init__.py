@@ -10,9 +10,10 @@ from .attention import PackedMeta
 from .config import ConfigError, ModelConfig, config_from_hf_dict, load_config
 from .hf import load_hf_weights, save_hf
 from .llama import LlamaStage, stage_layers
+from .meta import meta_specs
 
 __all__ = ["ConfigError", "ModelConfig", "LlamaStage", "PackedMeta", "build_stage", "config_from_hf_dict",
-           "init_weights_", "load_config", "load_hf_weights", "save_hf", "stage_layers"]
+           "init_weights_", "load_config", "load_hf_weights", "meta_specs", "save_hf", "stage_layers"]
 
 
 @torch.no_grad()

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from meshrl.engine.model import LlamaStage
+from meshrl.engine.model import LlamaStage, meta_specs
 from meshrl.parallel.layout import ParallelLayout
-from meshrl.parallel.realloc import execute, plan, specs_for_layout, tensors_by_spec
+from meshrl.parallel.realloc import execute, plan, tensors_by_spec
 
 
 def share(items: list, layout: ParallelLayout) -> tuple[list, int]:
@@ -56,9 +56,8 @@ class View:
     def __init__(self, model, layout: ParallelLayout, *, node_of):
         self.model, self.layout = model, layout
         cfg, head = model.stage_config, model.head
-        build = lambda lay: LlamaStage(cfg, lay, head=head, device="meta")  # noqa: E731
         home = model.layout
-        self.plan = plan(home, layout, specs_for_layout(build, home), specs_for_layout(build, layout),
+        self.plan = plan(home, layout, meta_specs(cfg, head, home), meta_specs(cfg, head, layout),
                          node_of=node_of, dtype=model.dtype)
         self.stage = None
         if layout.is_member:
@@ -91,11 +90,9 @@ def blend_into(dst_model, src_model, plan_cache: dict, *, alpha: float | None, n
         return
     key = (src_model.name, dst_model.name)
     if key not in plan_cache:
-        cfg = src_model.stage_config
-        build = lambda lay: LlamaStage(cfg, lay, head=src_model.head, device="meta")  # noqa: E731
-        plan_cache[key] = plan(src_model.layout, dst_model.layout,
-                               specs_for_layout(build, src_model.layout),
-                               specs_for_layout(build, dst_model.layout), node_of=node_of,
+        cfg, head = src_model.stage_config, src_model.head
+        plan_cache[key] = plan(src_model.layout, dst_model.layout, meta_specs(cfg, head, src_model.layout),
+                               meta_specs(cfg, head, dst_model.layout), node_of=node_of,
                                dtype=src_model.dtype)
     src = tensors_by_spec(src_model.stage) if src_model.stage is not None else None
     dst = tensors_by_spec(dst_model.stage) if dst_model.stage is not None else None
