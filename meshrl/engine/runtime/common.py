@@ -184,6 +184,8 @@ def _loop(ctx, total, step_fn, *, desc, eval_fn, show):
         metrics = step_fn(step)
         metrics["step_seconds"] = time.perf_counter() - t0
         metrics.update(ctx.pop_timings())
+        if step < ctx.start_step + 2:
+            ctx.record_dataflow(step)
         ctx.log(step, metrics)
         done = step + 1
         if cfg.save_every and done % cfg.save_every == 0 and done < total:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from meshrl.engine import checkpoint
+from meshrl.engine.dataflow import TRAIN_CALLS, dataflow
 from meshrl.engine.data.tokenizer import load_tokenizer
 from meshrl.engine.distributed import default_store, init_distributed, is_main, world
 from meshrl.engine.model import save_hf
@@ -26,7 +27,6 @@ from .metrics import MetricsLogger, progress
 from .models import ModelRuntime, build_layouts, complete_calls, load_model_config, model_heads
 from .placement import View, all_gather_objects, blend_into, is_reporter, share
 
-TRAIN_CALLS = ("actor_train", "critic_train", "rm_train")
 
 
 def make_verifier(name: str | None, args: dict):
@@ -92,6 +92,7 @@ class RunContext:
             cfg, self.searched = plan_calls(cfg, self.world, per_node)
             self.cfg = cfg
         self.calls = complete_calls(cfg, self.world)
+        self.flow = dataflow(cfg.algorithm)
         self.layouts = build_layouts(self.calls, self.world)
         heads = model_heads(self.calls)
         trained = {self.calls[c].model for c in TRAIN_CALLS if c in self.calls}
@@ -119,10 +120,13 @@ class RunContext:
         self.host_state: dict = {}
         self.held_out: dict = {}  # held-out data by kind, loaded once (common.held_out)
         self.timings: dict[str, float] = {}
+        self.executed: list[dict] = []  # this step's gathers, refills and blends (`record_dataflow`)
+        self.last_executed: list[dict] = []
         self.realloc_bytes: dict[str, int] = {}
         self.start_step = self._maybe_resume()
         self.logger = MetricsLogger(cfg.run_dir, enabled=self.main, tensorboard=cfg.logging.tensorboard,
-                                    resume_step=self.start_step if self.start_step else None)
+                                    resume_step=self.start_step if self.start_step else None,
+                                    trackers=cfg.logging, config=cfg)
         if self.main:
             with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
                 f.write(to_yaml(cfg))
@@ -194,6 +198,7 @@ class RunContext:
             counts = view.refresh()
         if counts is not None:
             self.realloc_bytes[call] = self.realloc_bytes.get(call, 0) + counts["sent"] + counts["local"]
+            self.executed.append({"realloc": call, "model": view.model.name})
 
     def run_sharded(self, call: str, items: list, fn, *, reporter_only: bool = False) -> list:
         """``fn(stage, local_items, first_index) -> list aligned with local_items`` on every member of
@@ -205,6 +210,9 @@ class RunContext:
     def run_sharded_many(self, jobs: list["Job"]) -> list[list]:
         """Several sharded calls with one gather at the end: calls on disjoint meshes compute at the
         same time (a rank runs only the calls its layouts include), and every rank gets every result."""
+        self.executed.append({"gather": [{"call": job.timer or job.call, "layout": job.call,
+                                          **({"host": True} if job.reporter_only else {})}
+                                         for job in jobs]})
         mine = []
         for k, job in enumerate(jobs):
             layout = self.layouts[job.call]
@@ -234,6 +242,7 @@ class RunContext:
         """Several models' optimizer steps with one gather of their metrics at the end: models
         trained on disjoint meshes step at the same time (a rank steps only the models whose
         layouts include it), and every rank gets every call's metrics (from its first rank)."""
+        self.executed.append({"gather": [{"call": job.call, "layout": job.call} for job in jobs]})
         mine = []
         for k, job in enumerate(jobs):
             model, layout = self.model(job.call), self.layouts[job.call]
@@ -257,9 +266,39 @@ class RunContext:
         blend_into(self.models[dst], self.models[src], self._blend_plans, alpha=alpha,
                    node_of=self.node_of)
         self.models[dst].version += 1
+        self.executed.append({"blend": dst, "from": src})
 
     def has(self, call: str) -> bool:
         return call in self.calls
+
+    def runs(self, call: str) -> bool:
+        """Whether the dataflow's call ``call`` runs in this run (laid out, and its condition holds)."""
+        return any(c.name == call and self.flow.runs(c, self.cfg, self.calls) for c in self.flow.calls())
+
+    def phase(self, name: str) -> list:
+        """The dataflow phase's calls that run in this run, in the table's order."""
+        return [c for c in self.flow.phase(name).calls if self.flow.runs(c, self.cfg, self.calls)]
+
+    def record_dataflow(self, step: int):
+        """Add what step ``step`` executed (its gathers in order, the views it refilled, the blends)
+        to run_dir/dataflow.json, beside the dataflow the run declares: what `meshrl plan` prices.
+        The loop records a run's first two steps (the first fills every view once; the second is
+        the steady state the plan's per-step counts describe)."""
+        if not self.main:
+            return
+        path = os.path.join(self.cfg.run_dir, "dataflow.json")
+        doc = {"algorithm": self.cfg.algorithm,
+               "declared": [{"phase": i, "call": c.name, "layout": c.config_call, "kind": c.kind,
+                             "every": c.every} for i, c in self.flow.rows(self.cfg, self.calls)],
+               "blends": [{"dst": b.dst, "src": b.src, "every": b.every}
+                          for b in self.flow.active_blends(self.cfg, self.calls)],
+               "steps": {}}
+        if os.path.exists(path) and step != self.start_step:
+            with open(path) as f:
+                doc["steps"] = json.load(f)["steps"]
+        doc["steps"][str(step)] = self.last_executed
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1)
 
     def layout(self, call: str):
         return self.layouts[call]
@@ -342,6 +381,7 @@ class RunContext:
             for k, v in part.items():
                 slowest[k] = max(slowest.get(k, 0.0), v)
         self.timings = {}
+        self.last_executed, self.executed = self.executed, []
         return {f"time/{k}": v for k, v in sorted(slowest.items())}
 
     def barrier(self):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from meshrl.engine.algorithms.calls import dpo_call
+from meshrl.engine.dataflow import ACTOR_GEN, ACTOR_TRAIN, REF_INF, ROUND
 
 from .common import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, held_out,
                      held_out_prompts, run_loop, step_count, train_prompts, training_data)
@@ -32,10 +33,10 @@ class DPO:
         """One optimizer step on ``pairs`` (the global batch): reference log-probs from the ref
         call's layout, then the actor's step on its replicas' shares."""
         ctx, D = self.ctx, self.D
-        ref = pair_position_logps(ctx, "ref_inf", pairs)
+        ref = pair_position_logps(ctx, REF_INF, pairs)
         index = {id(p): i for i, p in enumerate(pairs)}
-        mt, pad = ctx.max_tokens("actor_train"), ctx.sp_pad("actor_train")
-        dp_group = ctx.layout("actor_train").dp_group
+        mt, pad = ctx.max_tokens(ACTOR_TRAIN), ctx.sp_pad(ACTOR_TRAIN)
+        dp_group = ctx.layout(ACTOR_TRAIN).dp_group
 
         def make(local):
             return pair_microbatches(local, mt, pad, ref_logps=[ref[index[id(p)]] for p in local])
@@ -48,7 +49,7 @@ class DPO:
                             length_normalize=length_normalized(D),
                             label_smoothing=D.label_smoothing, sft_coef=D.sft_coef)
 
-        metrics = ctx.train_call("actor_train", pairs, make, loss_of)
+        metrics = ctx.train_call(ACTOR_TRAIN, pairs, make, loss_of)
         return {**metrics, **data_lengths(pairs)}
 
     # ---- offline --------------------------------------------------------------------------------
@@ -70,7 +71,7 @@ class DPO:
                                                       lambda path: _load_pairs(self.ctx, path))
 
     def evaluate(self, step: int) -> dict:
-        out = evaluate_pass_rate(self.ctx, "actor_gen" if self.ctx.has("actor_gen") else "actor_train",
+        out = evaluate_pass_rate(self.ctx, ACTOR_GEN if self.ctx.has(ACTOR_GEN) else ACTOR_TRAIN,
                                  step)
         if self.cfg.data.eval and not self.ctx.verifier:
             m = self.implicit_margins(self.eval_data())
@@ -85,8 +86,8 @@ class DPO:
             return torch.tensor([[sum(r) / (len(r) if mean else 1) for r in
                                   (lp[len(p.prompt_ids) - 1:-1] for lp in pair)]
                                  for p, pair in zip(pairs, per_pair)])
-        pol = seq_logps(pair_position_logps(self.ctx, "actor_train", pairs))
-        ref = seq_logps(pair_position_logps(self.ctx, "ref_inf", pairs))
+        pol = seq_logps(pair_position_logps(self.ctx, ACTOR_TRAIN, pairs))
+        ref = seq_logps(pair_position_logps(self.ctx, REF_INF, pairs))
         diff = pol - ref
         return self.D.beta * (diff[:, 0] - diff[:, 1])
 
@@ -97,9 +98,9 @@ class DPO:
         batch = [prompts[i] for i in global_batch(len(prompts), min(D.prompts_per_round, len(prompts)),
                                                   round_, cfg.seed)]
         k = D.samples_per_prompt
-        roll = sample(ctx, "actor_gen", batch, sampling_params(cfg.generation, ctx.eos_ids, cfg.seed,
+        roll = sample(ctx, ACTOR_GEN, batch, sampling_params(cfg.generation, ctx.eos_ids, cfg.seed,
                                                                round_), k=k)
-        scores = score(ctx, "actor_gen", roll)
+        scores = score(ctx, ACTOR_GEN, roll)
         picks = best_worst(scores, k, D.min_margin)
         if not picks and ctx.main:
             print(no_pairs_message(round_, len(batch), D.min_margin))
@@ -110,7 +111,7 @@ class DPO:
     def run_iterative(self) -> dict:
         ctx, cfg, D = self.ctx, self.cfg, self.D
         prompts = train_prompts(ctx)
-        actor, ref = ctx.calls["actor_train"].model, ctx.calls["ref_inf"].model
+        blends = [b for b in ctx.flow.active_blends(cfg, ctx.calls) if b.every == ROUND]
 
         def round_step(r):
             pairs, stats = self.make_pairs(r, prompts)
@@ -121,7 +122,8 @@ class DPO:
                     for key, v in self.train_step([pairs[i] for i in chunk]).items():
                         totals[key] = totals.get(key, 0.0) + v
                     n += 1
-            ctx.blend(ref, actor, None)  # the result becomes the next round's reference
+            for b in blends:  # the round's result becomes the next round's reference
+                ctx.blend(ctx.calls[b.dst].model, ctx.calls[b.src].model, None)
             stats.update({k: v / max(n, 1) for k, v in totals.items()}, pairs=float(len(pairs)))
             return stats
 

@@ -22,6 +22,7 @@ from meshrl.engine.algorithms import losses as L
 from meshrl.engine.algorithms.calls import policy_call, ppo_critic_call
 from meshrl.engine.algorithms.policy_losses import LossCounts
 from meshrl.engine.batch import split_even
+from meshrl.engine.dataflow import ACTOR_GEN, ACTOR_TRAIN, CRITIC_TRAIN, REF_INF, UPDATE
 from meshrl.engine.data.datasets import PromptExample
 from meshrl.engine.train import global_seq_count, global_token_count
 from meshrl.kernels import gae, masked_whiten
@@ -70,7 +71,7 @@ class PolicyGradient:
         self.S = S = ctx.cfg.ppo if self.critic else ctx.cfg.grpo
         self.k = 1 if self.critic else S.group_size
         self.prompts = train_prompts(ctx)
-        self.use_ref = ctx.has("ref_inf") and (self.critic or S.kl_coef > 0)
+        self.use_ref = ctx.runs(REF_INF)
         self.kl_in_loss = not self.critic and S.kl_in == "loss" and self.use_ref
         if self.critic:
             self.kl_ctl = (L.AdaptiveKLController(S.kl_coef, S.kl_target, S.kl_horizon) if S.adaptive_kl
@@ -86,9 +87,9 @@ class PolicyGradient:
     def _sample(self, idx: list[int], it: int, draw: int = 0) -> Rollout:
         ctx, cfg = self.ctx, self.cfg
         batch = [self.prompts[i] for i in idx]
-        roll = sample(ctx, "actor_gen", batch,
+        roll = sample(ctx, ACTOR_GEN, batch,
                       sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, it, draw=draw), k=self.k)
-        roll.scores = score(ctx, "actor_gen", roll)
+        roll.scores = score(ctx, ACTOR_GEN, roll)
         return roll
 
     def rollout(self, it: int) -> tuple[Rollout, dict]:
@@ -122,16 +123,16 @@ class PolicyGradient:
 
     # ---- advantages -----------------------------------------------------------------------------
     def advantages(self, roll: Rollout, it: int) -> dict:
-        """The inference calls (old and reference log-probs, values) in one gather — on disjoint
-        meshes they compute at the same time — then the estimator's advantages."""
+        """The dataflow's inference phase (old and reference log-probs, values) in one gather — on
+        disjoint meshes they compute at the same time — then the estimator's advantages."""
         ctx, S, T = self.ctx, self.S, self.cfg.generation.temperature
-        jobs = [logprobs_job(ctx, "actor_train", roll, T, timer="actor_inf")]
-        if self.use_ref:
-            jobs.append(logprobs_job(ctx, "ref_inf", roll, T))
-        if self.critic:
-            jobs.append(values_job(ctx, "critic_inf", roll))
-        outs = ctx.run_sharded_many(jobs)
-        old, ref = outs[0], outs[1] if self.use_ref else None
+        job_for = {"old_logp": lambda c: logprobs_job(ctx, c.config_call, roll, T, timer=c.name),
+                   "ref_logp": lambda c: logprobs_job(ctx, c.config_call, roll, T, timer=c.name),
+                   "values": lambda c: values_job(ctx, c.config_call, roll, timer=c.name)}
+        calls = ctx.phase("infer")
+        outs = dict(zip([c.produces[0] for c in calls],
+                        ctx.run_sharded_many([job_for[c.produces[0]](c) for c in calls])))
+        old, ref = outs["old_logp"], outs.get("ref_logp")
         lp, cu = flatten(old)
         rlp = flatten(ref)[0] if ref is not None else None
         lengths = (cu[1:] - cu[:-1])
@@ -141,7 +142,7 @@ class PolicyGradient:
         counted = (roll.ended if S.overlong_filter else torch.ones(len(roll), dtype=torch.bool))
         token_counted = torch.repeat_interleave(counted, lengths)
         if self.critic:
-            adv, out = self._gae(roll, scores, old, lp, rlp, cu, outs[-1], token_counted)
+            adv, out = self._gae(roll, scores, old, lp, rlp, cu, outs["values"], token_counted)
         else:
             adv, out = self._outcome(roll, scores, lp, rlp, cu, token_counted, it)
         roll.extra.update({"old_logp": old, "advantages": unflatten(adv, cu),
@@ -220,9 +221,9 @@ class PolicyGradient:
         ctx, cfg, k = self.ctx, self.cfg, self.k
         prompts = [PromptExample(lineno=0, prompt_ids=roll.prompts[g], record=roll.records[g])
                    for g in range(0, len(roll), k)]
-        greedy = sample(ctx, "actor_gen", prompts,
+        greedy = sample(ctx, ACTOR_GEN, prompts,
                         sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, it, greedy=True))
-        return score(ctx, "actor_gen", greedy)
+        return score(ctx, ACTOR_GEN, greedy)
 
     # ---- training -------------------------------------------------------------------------------
     def train(self, roll: Rollout, it: int) -> dict:
@@ -241,29 +242,27 @@ class PolicyGradient:
                               norm_len=norm_len)
 
         actor = lambda mbs: policy_call(  # noqa: E731
-            counts("actor_train", mbs), kind=S.policy_loss, agg=S.loss_agg, temperature=T,
+            counts(ACTOR_TRAIN, mbs), kind=S.policy_loss, agg=S.loss_agg, temperature=T,
             clip_eps_low=S.clip_eps_low or S.clip_eps, clip_eps_high=S.clip_eps_high or S.clip_eps,
             clip_ratio_c=S.clip_ratio_c, entropy_coef=S.entropy_coef,
             kl_coef=S.kl_coef if self.kl_in_loss else 0.0, kl_estimator=S.kl_estimator)
-        critic = lambda mbs: ppo_critic_call(counts("critic_train", mbs).tokens,  # noqa: E731
+        critic = lambda mbs: ppo_critic_call(counts(CRITIC_TRAIN, mbs).tokens,  # noqa: E731
                                              value_clip=S.value_clip)
+        loss_of = {ACTOR_TRAIN: actor, CRITIC_TRAIN: critic}
+        calls = ctx.phase("train")
+        blends = [b for b in ctx.flow.active_blends(self.cfg, ctx.calls) if b.every == UPDATE]
         totals, n = {}, 0
         for epoch in range(S.epochs):
             for mb_idx in split_even(epoch_order(len(roll), self.cfg.seed + it, epoch), S.minibatches):
                 if not mb_idx:  # a dynamic-sampling batch smaller than the minibatch count
                     continue
-                # the actor's and the critic's steps in one gather: on disjoint meshes they overlap
-                jobs = [TrainJob("actor_train", mb_idx, batches("actor_train"), actor)]
-                if self.critic:
-                    jobs.append(TrainJob("critic_train", mb_idx, batches("critic_train"), critic))
-                outs = ctx.train_calls(jobs)
-                m = {"actor/" + k: v for k, v in outs[0].items()}
-                if self.critic:
-                    m.update({"critic/" + k: v for k, v in outs[1].items()})
-                    if S.ema_ref:  # the reference trails the actor; the critic never reads it
-                        with ctx.timed("ema_ref"):
-                            ctx.blend(ctx.calls["ref_inf"].model, ctx.calls["actor_train"].model,
-                                      S.ema_alpha)
+                # the train phase's steps (actor, critic) in one gather: on disjoint meshes they overlap
+                outs = ctx.train_calls([TrainJob(c.name, mb_idx, batches(c.name), loss_of[c.name])
+                                        for c in calls])
+                m = {f"{c.model}/{k}": v for c, out in zip(calls, outs) for k, v in out.items()}
+                for b in blends:  # the EMA reference trails the actor; the critic never reads it
+                    with ctx.timed("ema_ref"):
+                        ctx.blend(ctx.calls[b.dst].model, ctx.calls[b.src].model, S.ema_alpha)
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + v
                 n += 1
@@ -271,7 +270,7 @@ class PolicyGradient:
 
     def step(self, it: int) -> dict:
         ctx = self.ctx
-        trained = [ctx.model(c) for c in ("actor_train", "critic_train") if ctx.has(c)]
+        trained = [ctx.model(c.name) for c in ctx.phase("train")]
         for m in trained:
             m.offload()
         roll, metrics = self.rollout(it)
@@ -294,6 +293,6 @@ def run(ctx) -> dict:
     show = ("score", "kl_seq", "actor/actor_loss") if loop.critic else ("score", "kl_seq")
     return run_loop(ctx, S.iterations, loop.step, desc=ctx.cfg.algorithm,
                     limit_key=f"{ctx.cfg.algorithm}.iterations",
-                    eval_fn=lambda step: evaluate_pass_rate(ctx, "actor_gen", step),
+                    eval_fn=lambda step: evaluate_pass_rate(ctx, ACTOR_GEN, step),
                     eval_data=lambda: held_out_prompts(ctx), show=show,
                     updates_per_step=S.epochs * S.minibatches)

@@ -11,6 +11,7 @@ import torch
 from meshrl.engine.algorithms.calls import logprobs_call, scores_call, values_call
 from meshrl.engine.batch import PackedBatch, pack, split_by_tokens
 from meshrl.engine.data.jsonl import DataError
+from meshrl.engine.dataflow import REW_INF
 from meshrl.engine.generate import generator
 from meshrl.engine.sampling import SamplingParams
 from meshrl.engine.train import infer
@@ -111,16 +112,16 @@ def score(ctx, call: str, roll: Rollout) -> torch.Tensor:
         def fn(stage, local, first):
             texts = [ctx.tokenizer.decode(roll.responses[i], skip_special_tokens=True) for i in local]
             return [float(s) for s in ctx.verifier([roll.records[i] for i in local], texts)]
-        job = Job(call, idx, fn, reporter_only=True, timer="rew_inf")
+        job = Job(call, idx, fn, reporter_only=True, timer=REW_INF)
     else:
-        ctx.prepare("rew_inf")
-        mt, pad = ctx.max_tokens("rew_inf"), ctx.sp_pad("rew_inf")
+        ctx.prepare(REW_INF)
+        mt, pad = ctx.max_tokens(REW_INF), ctx.sp_pad(REW_INF)
 
         def fn(stage, local, first):
             mbs = microbatches(roll, local, mt, pad_to_multiple=pad)
             outs = infer(stage, mbs, scores_call())
             return torch.cat([o[mb.seqs["real"].bool()] for o, mb in zip(outs, mbs)]).tolist()
-        job = Job("rew_inf", idx, fn)
+        job = Job(REW_INF, idx, fn)
     scores = ctx.run_sharded_many([job])[0]
     out = torch.tensor(scores, dtype=torch.float32)
     r = ctx.cfg.reward  # name the source as configured, e.g. reward.verifier=pkg.mod:fn
@@ -189,8 +190,8 @@ def logprobs_job(ctx, call, roll, temperature: float, timer=None):
     return per_action_job(ctx, call, roll, logprobs_call(temperature), timer=timer)
 
 
-def values_job(ctx, call, roll):
-    return per_action_job(ctx, call, roll, values_call(), with_last=True)
+def values_job(ctx, call, roll, timer=None):
+    return per_action_job(ctx, call, roll, values_call(), with_last=True, timer=timer)
 
 
 def split_values(out) -> tuple[list[list[float]], torch.Tensor]:

@@ -6,6 +6,7 @@ from meshrl.engine.algorithms.losses import sequence_logps
 from meshrl.engine.batch import pack, split_by_tokens
 from meshrl.engine.data.datasets import load_sft
 from meshrl.engine.data.preference import load_pairs
+from meshrl.engine.dataflow import ACTOR_TRAIN, RM_TRAIN
 from meshrl.engine.train import global_token_count, infer
 
 from .common import (data_lengths, evaluate_pass_rate, global_batch, held_out, held_out_prompts,
@@ -65,12 +66,12 @@ def pair_position_logps(ctx, call: str, pairs) -> list:
 def run_sft(ctx) -> dict:
     cfg, S, d = ctx.cfg, ctx.cfg.sft, ctx.cfg.data
     data = training_data(ctx, _load_sft(ctx, d.train))
-    mt, pad = ctx.max_tokens("actor_train"), ctx.sp_pad("actor_train")
-    layout = ctx.layout("actor_train")
+    mt, pad = ctx.max_tokens(ACTOR_TRAIN), ctx.sp_pad(ACTOR_TRAIN)
+    layout = ctx.layout(ACTOR_TRAIN)
 
     def step(s):
         batch = [data[i] for i in global_batch(len(data), S.batch_size, s, cfg.seed)]
-        metrics = ctx.train_call("actor_train", batch, lambda local: sft_microbatches(local, mt, pad),
+        metrics = ctx.train_call(ACTOR_TRAIN, batch, lambda local: sft_microbatches(local, mt, pad),
                                  lambda mbs: sft_call(global_token_count(mbs, layout)))
         return {**metrics, **data_lengths(batch)}
 
@@ -78,7 +79,7 @@ def run_sft(ctx) -> dict:
         return held_out_prompts(ctx) or held_out(ctx, "sft", lambda path: _load_sft(ctx, path))
 
     def evaluate(s):
-        out = evaluate_pass_rate(ctx, "actor_train", s)
+        out = evaluate_pass_rate(ctx, ACTOR_TRAIN, s)
         if d.eval and not ctx.verifier:
             ev = eval_data()
 
@@ -89,7 +90,7 @@ def run_sft(ctx) -> dict:
                                 [b]), float(mb.tokens["loss_mask"][mb.meta.cu_seqlens[b]:
                                                                   mb.meta.cu_seqlens[b + 1]].sum()))
                         for lp, mb in zip(outs, mbs) for b in range(int(mb.seqs["real"].sum()))]
-            res = ctx.run_sharded("actor_train", ev, fn)
+            res = ctx.run_sharded(ACTOR_TRAIN, ev, fn)
             out = {"loss": sum(r[0] for r in res) / max(1.0, sum(r[1] for r in res))}
             ctx.log(s, out, phase="eval")
         return out
@@ -128,11 +129,11 @@ def pair_scores(ctx, call: str, pairs) -> list:
 def run_rm(ctx) -> dict:
     cfg, R = ctx.cfg, ctx.cfg.rm
     data = training_data(ctx, _load_pairs(ctx, cfg.data.train))
-    mt, pad = ctx.max_tokens("rm_train"), ctx.sp_pad("rm_train")
+    mt, pad = ctx.max_tokens(RM_TRAIN), ctx.sp_pad(RM_TRAIN)
 
     def step(s):
         batch = [data[i] for i in global_batch(len(data), R.batch_size, s, cfg.seed)]
-        metrics = ctx.train_call("rm_train", batch, lambda local: pair_microbatches(local, mt, pad),
+        metrics = ctx.train_call(RM_TRAIN, batch, lambda local: pair_microbatches(local, mt, pad),
                                  lambda mbs: reward_model_call(float(len(batch))))
         return {**metrics, **data_lengths(batch)}
 
@@ -142,7 +143,7 @@ def run_rm(ctx) -> dict:
     def evaluate(s):
         if not cfg.data.eval:
             return {}
-        sc = pair_scores(ctx, "rm_train", eval_data())
+        sc = pair_scores(ctx, RM_TRAIN, eval_data())
         out = {"accuracy": sum(c > r for c, r in sc) / len(sc),
                "margin": sum(c - r for c, r in sc) / len(sc)}
         ctx.log(s, out, phase="eval")
