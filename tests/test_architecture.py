@@ -233,6 +233,31 @@ def test_sandbox_child_uses_the_standard_library_only():
     assert not outside, "the sandbox child may import the standard library only:\n" + "\n".join(outside)
 
 
+DATAFLOW_TABLE = "meshrl/engine/dataflow.py"
+
+
+def call_name_literals(root: Path | None = None) -> list[str]:
+    """Every string constant under ``root`` that is a call name of the dataflow table, outside the
+    table itself: code names calls by the table's constants (docstrings and comments may say them)."""
+    from meshrl.engine.dataflow import DATAFLOWS
+    names = {c.name for flow in DATAFLOWS.values() for c in flow.calls()}
+    root = ROOT if root is None else root
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).as_posix()
+        if rel == DATAFLOW_TABLE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), filename=rel)):
+            if isinstance(node, ast.Constant) and node.value in names:
+                found.append(f"{rel}:{node.lineno} {node.value!r}")
+    return found
+
+
+def test_call_names_are_literals_only_in_the_dataflow_table():
+    found = call_name_literals()
+    assert not found, ("call names outside engine/dataflow.py (import its constants):\n" + "\n".join(found))
+
+
 # --- the checker itself can fail ------------------------------------------------------------------
 
 def _write(root: Path, rel: str, text: str):
@@ -270,6 +295,13 @@ def test_checker_finds_a_cycle():
               Arrow("meshrl/engine/fastgen/engine.py", 1, "meshrl.engine.fastgen.engine", "meshrl.engine.generate", "")]
     assert part_cycles(arrows, skip=set()) == [["engine", "engine.fastgen", "engine"]]
     assert part_cycles(arrows) == []
+
+
+def test_call_name_checker_finds_a_literal(tmp_path):
+    root = tmp_path / "meshrl"
+    _write(root, "engine/runtime/loop.py", 'def f(ctx):\n    """runs actor_gen"""\n    return ctx.has("ref_inf")\n')
+    _write(root, "engine/dataflow.py", 'REF_INF = "ref_inf"\n')
+    assert call_name_literals(root) == ["meshrl/engine/runtime/loop.py:3 'ref_inf'"]
 
 
 def test_relative_imports_resolve():
