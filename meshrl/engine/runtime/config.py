@@ -19,6 +19,7 @@ from meshrl.engine.generate import ENGINES as GENERATION_ENGINES
 from meshrl.engine.train import OptimConfig
 
 from .config_ranges import check_values
+from .metrics import check_trackers
 
 ALGORITHMS = ("sft", "rm", "dpo", "ppo", "grpo")
 DTYPES = ("fp32", "bf16", "fp16")
@@ -197,6 +198,14 @@ class LogSpec:
     # stop (saving and exporting as at the end) at the first held-out evaluation whose pass rate
     # reaches this; needs data.eval, a verifier and eval_every
     stop_at_pass_rate: Optional[float] = None
+    # experiment trackers besides metrics.jsonl and TensorBoard, written by rank 0 under the same
+    # phase/name keys; each needs its package (pip install meshrl[trackers])
+    wandb: bool = False
+    wandb_project: str = "meshrl"
+    wandb_mode: str = "offline"  # offline: run_dir/wandb/, upload with `wandb sync` | online | disabled
+    mlflow: bool = False
+    mlflow_uri: Optional[str] = None  # default: the file store file:RUN_DIR/mlruns
+    experiment: Optional[str] = None  # W&B group and MLflow experiment; default: run_dir's basename
 
 
 @dataclass(kw_only=True)
@@ -320,6 +329,7 @@ def validate(cfg: RunConfig) -> None:
             cfg.data.eval and cfg.reward.verifier and cfg.logging.eval_every):
         raise RunConfigError(f"logging.stop_at_pass_rate={cfg.logging.stop_at_pass_rate} needs a "
                              "held-out pass rate: set data.eval, reward.verifier and logging.eval_every")
+    check_trackers(cfg.logging, RunConfigError)
     if cfg.generation.engine not in GENERATION_ENGINES:
         raise RunConfigError(f"generation.engine={cfg.generation.engine}: use one of "
                              f"{', '.join(GENERATION_ENGINES)}")
