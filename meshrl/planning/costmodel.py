@@ -52,40 +52,60 @@ GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
+# ---- a call's shape ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CallShape:
+    """A call as the functions below see it, apart from its workload: the model, its head, the
+    parameter dtype's bytes (``dt``) and its layout's (tp, pp, dp)."""
+    mcfg: ModelConfig = field(hash=False)  # a ModelConfig is unhashable; equality still compares it
+    head: str = "lm"
+    dt: int = 4
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
 # ---- parameters per GPU ------------------------------------------------------------------------
 
-def kv_heads_local(cfg: ModelConfig, tp: int) -> int:
+def kv_heads_local(s: CallShape) -> int:
     """KV heads one tp rank holds: replicated (one each) when tp exceeds them."""
-    kv = cfg.num_key_value_heads
-    return kv // tp if kv % tp == 0 else 1
+    kv = s.mcfg.num_key_value_heads
+    return kv // s.tp if kv % s.tp == 0 else 1
 
 
-def layer_params(cfg: ModelConfig, tp: int) -> int:
+def layer_params(s: CallShape) -> int:
+    cfg, tp = s.mcfg, s.tp
     h, hd = cfg.hidden_size, cfg.head_dim
     q = cfg.num_attention_heads * hd // tp
-    kv = kv_heads_local(cfg, tp) * hd
+    kv = kv_heads_local(s) * hd
     f = cfg.intermediate_size // tp
     n = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h
     return n + (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias + (2 * f + h) * cfg.mlp_bias
 
 
-def stage_layer_count(cfg: ModelConfig, pp: int, stage: int) -> int:
-    L = cfg.num_hidden_layers
-    return (stage + 1) * L // pp - stage * L // pp
+def stage_layer_count(s: CallShape, stage: int) -> int:
+    L = s.mcfg.num_hidden_layers
+    return (stage + 1) * L // s.pp - stage * L // s.pp
 
 
-def stage_params(cfg: ModelConfig, tp: int, pp: int, stage: int, head: str = "lm") -> int:
+def stage_params(s: CallShape, stage: int) -> int:
     """Parameters one rank of pipeline stage ``stage`` holds (padded vocabulary included)."""
+    cfg = s.mcfg
     h = cfg.hidden_size
-    vocab_local = -(-cfg.vocab_size // tp) * h
-    n = stage_layer_count(cfg, pp, stage) * layer_params(cfg, tp)
+    vocab_local = -(-cfg.vocab_size // s.tp) * h
+    n = stage_layer_count(s, stage) * layer_params(s)
     if stage == 0:
         n += vocab_local
-    if stage == pp - 1:
+    if stage == s.pp - 1:
         n += h
-        if head == "value":
+        if s.head == "value":
             n += h
-        elif not (cfg.tie_word_embeddings and pp == 1):
+        elif not (cfg.tie_word_embeddings and s.pp == 1):
             n += vocab_local
     return n
 
@@ -162,10 +182,11 @@ class Memory:
         return self.params + self.grads + self.optim + self.activations + self.kv
 
 
-def act_bytes_per_token_layer(cfg: ModelConfig, tp: int, dt: int, sp: bool) -> float:
+def act_bytes_per_token_layer(s: CallShape, sp: bool) -> float:
+    cfg, tp, dt = s.mcfg, s.tp, s.dt
     h = cfg.hidden_size
     q = cfg.num_attention_heads * cfg.head_dim // tp
-    kv = kv_heads_local(cfg, tp) * cfg.head_dim
+    kv = kv_heads_local(s) * cfg.head_dim
     f = cfg.intermediate_size // tp
     norms = 2 * (4 * h + 2 * dt * h + 4)
     if sp and tp > 1:
@@ -173,24 +194,24 @@ def act_bytes_per_token_layer(cfg: ModelConfig, tp: int, dt: int, sp: bool) -> f
     return norms + dt * (3 * q + 2 * kv) + 4 * cfg.num_attention_heads // tp + dt * 4 * f
 
 
-def train_activations(cfg, tp, pp, stage, dt, *, sp, ckpt, mb_tokens, microbatches) -> float:
-    layers = stage_layer_count(cfg, pp, stage)
-    full = act_bytes_per_token_layer(cfg, tp, dt, sp)
+def train_activations(s: CallShape, stage, *, sp, ckpt, mb_tokens, microbatches) -> float:
+    layers = stage_layer_count(s, stage)
+    full = act_bytes_per_token_layer(s, sp)
     if ckpt:
-        per_mb = mb_tokens * layers * dt * cfg.hidden_size / (tp if sp and tp > 1 else 1)
+        per_mb = mb_tokens * layers * s.dt * s.mcfg.hidden_size / (s.tp if sp and s.tp > 1 else 1)
         one_layer = mb_tokens * full
     else:
         per_mb, one_layer = mb_tokens * layers * full, 0.0
-    return min(microbatches, pp - stage) * per_mb + one_layer
+    return min(microbatches, s.pp - stage) * per_mb + one_layer
 
 
-def forward_activations(cfg, tp, dt, tokens) -> float:
-    return tokens * dt * (2 * cfg.hidden_size + 3 * cfg.intermediate_size // tp)
+def forward_activations(s: CallShape, tokens) -> float:
+    return tokens * s.dt * (2 * s.mcfg.hidden_size + 3 * s.mcfg.intermediate_size // s.tp)
 
 
-def kv_cache_bytes(cfg, tp, pp, stage, dt, *, batch, context) -> float:
-    return (batch * context * stage_layer_count(cfg, pp, stage) * 2 * kv_heads_local(cfg, tp)
-            * cfg.head_dim * dt)
+def kv_cache_bytes(s: CallShape, stage, *, batch, context) -> float:
+    return (batch * context * stage_layer_count(s, stage) * 2 * kv_heads_local(s)
+            * s.mcfg.head_dim * s.dt)
 
 
 # ---- time ----------------------------------------------------------------------------------------
@@ -263,26 +284,27 @@ class CallTime:
         return self.flops / self.seconds / self.gpus / 1e12 if self.seconds > 0 else math.nan
 
 
-def _stages(cfg, tp, pp, head):
-    return [(s, stage_params(cfg, tp, pp, s, head), stage_layer_count(cfg, pp, s)) for s in range(pp)]
+def _stages(s: CallShape):
+    return [(i, stage_params(s, i), stage_layer_count(s, i)) for i in range(s.pp)]
 
 
-def _forward_pass(cfg, head, dt, tp, pp, dp, tokens_rep, mb_tokens, r: Rates, links: Links,
+def _forward_pass(s: CallShape, tokens_rep, mb_tokens, r: Rates, links: Links,
                   *, train: bool, ckpt: bool = False) -> tuple[float, dict]:
     """One pass over ``tokens_rep`` tokens per replica in microbatches through the pipeline."""
+    h, dt, pp = s.mcfg.hidden_size, s.dt, s.pp
     m = max(1, math.ceil(tokens_rep / mb_tokens))
     mbt = tokens_rep / m
     k, colls = (8 if ckpt else 6, 6 if ckpt else 4) if train else (2, 2)
     rate = (r.train_tflops if train else r.fwd_tflops) * 1e12
     fixed, per_layer = (r.train_mb_s, r.train_layer_s) if train else (r.fwd_mb_s, r.fwd_layer_s)
     worst, parts = 0.0, {}
-    for _, P, layers in _stages(cfg, tp, pp, head):
+    for _, P, layers in _stages(s):
         comp = k * P * mbt / rate
-        comm = colls * layers * links.tp.all_reduce(mbt * cfg.hidden_size * dt)
+        comm = colls * layers * links.tp.all_reduce(mbt * h * dt)
         over = fixed + layers * per_layer
         if comp + comm + over > worst:
             worst, parts = comp + comm + over, {"compute": comp, "tp_comm": comm, "overhead": over}
-    p2p = (2 if train else 1) * links.pp.p2p(mbt * cfg.hidden_size * dt) if pp > 1 else 0.0
+    p2p = (2 if train else 1) * links.pp.p2p(mbt * h * dt) if pp > 1 else 0.0
     slots = m + pp - 1
     out = {k2: v * m for k2, v in parts.items()}
     out["pp_comm"] = p2p * slots
@@ -290,58 +312,58 @@ def _forward_pass(cfg, head, dt, tp, pp, dp, tokens_rep, mb_tokens, r: Rates, li
     return worst * slots + p2p * slots, out
 
 
-def forward_time(cfg, head, dt, tp, pp, dp, *, tokens, mb_tokens, r: Rates, links: Links) -> CallTime:
-    secs, parts = _forward_pass(cfg, head, dt, tp, pp, dp, tokens / dp, mb_tokens, r, links, train=False)
-    return CallTime(secs, tokens, 2 * cfg.num_params(value_head=head == "value") * tokens,
-                    tp * pp * dp, parts)
+def forward_time(s: CallShape, *, tokens, mb_tokens, r: Rates, links: Links) -> CallTime:
+    secs, parts = _forward_pass(s, tokens / s.dp, mb_tokens, r, links, train=False)
+    return CallTime(secs, tokens, 2 * s.mcfg.num_params(value_head=s.head == "value") * tokens,
+                    s.gpus, parts)
 
 
-def train_time(cfg, head, dt, tp, pp, dp, *, tokens, mb_tokens, updates, zero1, ckpt,
+def train_time(s: CallShape, *, tokens, mb_tokens, updates, zero1, ckpt,
                r: Rates, links: Links) -> CallTime:
     """``updates`` optimizer steps (minibatches × epochs) over ``tokens`` per epoch in all."""
     per_update = tokens / updates
-    secs, parts = _forward_pass(cfg, head, dt, tp, pp, dp, per_update / dp, mb_tokens, r, links,
-                                train=True, ckpt=ckpt)
-    P = max(p for _, p, _ in _stages(cfg, tp, pp, head))
+    secs, parts = _forward_pass(s, per_update / s.dp, mb_tokens, r, links, train=True, ckpt=ckpt)
+    P = max(p for _, p, _ in _stages(s))
     if zero1:
-        sync = links.dp.half(4 * P) + links.dp.half(dt * P)
+        sync = links.dp.half(4 * P) + links.dp.half(s.dt * P)
     else:
         sync = links.dp.all_reduce(4 * P)
-    opt = r.opt_fixed_s + r.opt_s_per_param * P / (dp if zero1 else 1)
+    opt = r.opt_fixed_s + r.opt_s_per_param * P / (s.dp if zero1 else 1)
     parts = {k: v * updates for k, v in parts.items()}
     parts.update(dp_comm=sync * updates, optimizer=opt * updates)
-    P_all = cfg.num_params(value_head=head == "value")
+    P_all = s.mcfg.num_params(value_head=s.head == "value")
     # model FLOPs (6·P·T), as the benchmark counts them: recomputation is cost, not work
-    return CallTime((secs + sync + opt) * updates, tokens, 6 * P_all * tokens, tp * pp * dp, parts)
+    return CallTime((secs + sync + opt) * updates, tokens, 6 * P_all * tokens, s.gpus, parts)
 
 
-def generate_time(cfg, dt, tp, pp, dp, *, prompts, prompt_len, new_tokens, decode_steps,
+def generate_time(s: CallShape, *, prompts, prompt_len, new_tokens, decode_steps,
                   batch_size, r: Rates, links: Links) -> CallTime:
     """``prompts`` sequences in all; each replica decodes its share in batches of ``batch_size``."""
-    per_rep = math.ceil(prompts / dp)
+    s = dataclasses.replace(s, head="lm")  # sampling runs the LM head
+    dt, pp = s.dt, s.pp
+    per_rep = math.ceil(prompts / s.dp)
     n_batches = max(1, math.ceil(per_rep / batch_size))
     b = per_rep / n_batches
     ctx = prompt_len + decode_steps / 2  # mean context over the decoding steps
-    h = cfg.hidden_size
+    h = s.mcfg.hidden_size
     step = compute = over = comm = 0.0
-    for s, P, layers in _stages(cfg, tp, pp, "lm"):
-        nbytes = P * dt + kv_cache_bytes(cfg, tp, pp, s, dt, batch=b, context=ctx)
+    for stage, P, layers in _stages(s):
+        nbytes = P * dt + kv_cache_bytes(s, stage, batch=b, context=ctx)
         c = max(nbytes / (r.copy_tbps * 1e12), 2 * P * b / (r.fwd_tflops * 1e12))
         o = layers * r.decode_layer_s
         t = 2 * layers * links.tp.all_reduce(b * h * dt)
         compute, over, comm = compute + c, over + o, comm + t
     p2p = (pp - 1) * links.pp.p2p(b * h * dt)
     step = compute + over + comm + p2p + r.decode_step_s
-    prefill, _ = _forward_pass(cfg, "lm", dt, tp, pp, dp, b * prompt_len, b * prompt_len, r,
-                                    links, train=False)
+    prefill, _ = _forward_pass(s, b * prompt_len, b * prompt_len, r, links, train=False)
     secs = n_batches * (prefill + decode_steps * step)
     parts = {"decode_memory": n_batches * decode_steps * compute,
              "overhead": n_batches * decode_steps * (over + r.decode_step_s),
              "tp_comm": n_batches * decode_steps * comm, "pp_comm": n_batches * decode_steps * p2p,
              "prefill": n_batches * prefill}
-    P_all = cfg.num_params()
+    P_all = s.mcfg.num_params()
     flops = 2 * P_all * prompts * (prompt_len + new_tokens)
-    return CallTime(secs, prompts * new_tokens, flops, tp * pp * dp, parts)
+    return CallTime(secs, prompts * new_tokens, flops, s.gpus, parts)
 
 
 # ---- reallocation -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from meshrl.engine.model.config import ConfigError, ModelConfig
 from meshrl.engine.model.llama import check_layout_fits
@@ -74,6 +75,10 @@ class CallPlan:
     @property
     def tag(self) -> str:
         return f"tp{self.spec.tp}·pp{self.spec.pp}·dp{self.spec.dp}"
+
+    @cached_property
+    def shape(self) -> cm.CallShape:
+        return cm.CallShape(self.mcfg, self.head, self.dt, self.spec.tp, self.spec.pp, self.spec.dp)
 
 
 @dataclass
@@ -209,24 +214,22 @@ def _microbatches(p: CallPlan, wl: cm.Workload) -> int:
 def own_memory(p: CallPlan, cfg: RunConfig, wl: cm.Workload, stage: int) -> cm.Memory:
     """This call's parameters (home or view), its training state, activations and KV cache on a
     rank of pipeline stage ``stage``."""
-    c, m, spec = p.mcfg, cfg.models[p.model], p.spec
-    P = cm.stage_params(c, spec.tp, spec.pp, stage, p.head)
+    s, m, spec = p.shape, cfg.models[p.model], p.spec
+    P = cm.stage_params(s, stage)
     mem = cm.Memory(params=P * p.dt)
     if p.kind == "train":
         per_rep = wl.tokens * wl.epochs / wl.updates / spec.dp
         mem.grads = 4 * P
         mem.optim = 12 * P / (spec.dp if m.optim.zero1 else 1)
         mem.activations = cm.train_activations(
-            c, spec.tp, spec.pp, stage, p.dt, sp=m.sequence_parallel, ckpt=m.activation_checkpointing,
+            s, stage, sp=m.sequence_parallel, ckpt=m.activation_checkpointing,
             mb_tokens=min(spec.microbatch_tokens, per_rep), microbatches=_microbatches(p, wl))
     elif p.kind == "gen":
         b = min(cfg.generation.batch_size, math.ceil(wl.sequences / spec.dp))
-        mem.kv = cm.kv_cache_bytes(c, spec.tp, spec.pp, stage, p.dt, batch=b,
-                                   context=wl.prompt_len + wl.decode_steps)
-        mem.activations = cm.forward_activations(c, spec.tp, p.dt, b * wl.prompt_len)
+        mem.kv = cm.kv_cache_bytes(s, stage, batch=b, context=wl.prompt_len + wl.decode_steps)
+        mem.activations = cm.forward_activations(s, b * wl.prompt_len)
     else:
-        mem.activations = cm.forward_activations(
-            c, spec.tp, p.dt, min(spec.microbatch_tokens, wl.tokens / spec.dp))
+        mem.activations = cm.forward_activations(s, min(spec.microbatch_tokens, wl.tokens / spec.dp))
     return mem
 
 
@@ -240,7 +243,7 @@ def _static_bytes(placements: list[CallPlan], cfg: RunConfig, kind: str, rank: i
         coord = p.layout.coord_of(rank)
         if coord is None:
             continue
-        P = cm.stage_params(p.mcfg, p.spec.tp, p.spec.pp, coord.pp, p.head)
+        P = cm.stage_params(p.shape, coord.pp)
         total += P * p.dt
         if p.home and p.model in trained:
             m = cfg.models[p.model]
@@ -339,17 +342,15 @@ def _model_of(report: PlanReport, call: str) -> str | None:
 
 def call_time(p: CallPlan, cfg: RunConfig, r: Rates, wl: cm.Workload) -> cm.CallTime:
     s, links, m = p.spec, cm.group_links(p.layout, cfg.cluster, r), cfg.models[p.model]
-    dims = (p.spec.tp, p.spec.pp, p.spec.dp)
     if p.kind == "gen":
-        return cm.generate_time(p.mcfg, p.dt, *dims, prompts=wl.generated, prompt_len=wl.prompt_len,
+        return cm.generate_time(p.shape, prompts=wl.generated, prompt_len=wl.prompt_len,
                                 new_tokens=wl.response_len, decode_steps=wl.decode_steps,
                                 batch_size=cfg.generation.batch_size, r=r, links=links)
     if p.kind == "train":
-        return cm.train_time(p.mcfg, p.head, p.dt, *dims, tokens=wl.tokens * wl.epochs,
+        return cm.train_time(p.shape, tokens=wl.tokens * wl.epochs,
                              mb_tokens=s.microbatch_tokens, updates=wl.updates, zero1=m.optim.zero1,
                              ckpt=m.activation_checkpointing, r=r, links=links)
-    return cm.forward_time(p.mcfg, p.head, p.dt, *dims, tokens=wl.tokens,
-                           mb_tokens=s.microbatch_tokens, r=r, links=links)
+    return cm.forward_time(p.shape, tokens=wl.tokens, mb_tokens=s.microbatch_tokens, r=r, links=links)
 
 
 def _times(report: PlanReport):

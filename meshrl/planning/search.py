@@ -258,10 +258,10 @@ class Search:
         if key not in self._static:
             m, mc = self.cfg.models[model], self.mcfg[model]
             base, fixed, off = (np.zeros(self.world) for _ in range(3))
-            dt, head = cm.DTYPE_BYTES[m.dtype], self.heads[model]
+            shape = cm.CallShape(mc, self.heads[model], cm.DTYPE_BYTES[m.dtype], ch.tp, ch.pp, ch.dp)
             for r in layout.ranks:
-                P = cm.stage_params(mc, ch.tp, ch.pp, layout.coord_of(r).pp, head)
-                base[r] = P * dt
+                P = cm.stage_params(shape, layout.coord_of(r).pp)
+                base[r] = P * shape.dt
                 if home and model in self.trained:
                     base[r] += 4 * P
                     (off if m.offload_when_idle else fixed)[r] = 12 * P / (ch.dp if m.optim.zero1 else 1)
@@ -590,7 +590,7 @@ def no_fit_message(s: Search) -> str:
             worst, need = name, best
     state = 0.0  # every model's weights, and a trained model's fp32 grads and Adam moments
     for model, mc in s.mcfg.items():
-        P = cm.stage_params(mc, 1, 1, 0, s.heads[model])
+        P = cm.stage_params(cm.CallShape(mc, s.heads[model]), 0)
         state += P * cm.DTYPE_BYTES[s.cfg.models[model].dtype] + (16 * P if model in s.trained else 0)
     cl = s.cfg.cluster
     nodes = max(math.ceil(state / (s.budget_bytes * s.gpn)), cl.nodes + 1)  # this one failed

@@ -43,12 +43,12 @@ def _llama(**kw):
 def test_stage_params_by_hand():
     cfg = _llama()
     # tp2: q 8 cols, one 4-wide KV head, MLP 16: 16·8 + 2·16·4 + 8·16 + 3·16·16 + 2·16 = 1184
-    assert cm.layer_params(cfg, 2) == 1184
+    assert cm.layer_params(cm.CallShape(cfg, tp=2)) == 1184
     # stage 0: layers 0-1 and the embedding (vocab 10 → 5 rows per rank)
-    assert cm.stage_params(cfg, 2, 2, 0) == 2 * 1184 + 5 * 16
+    assert cm.stage_params(cm.CallShape(cfg, tp=2, pp=2), 0) == 2 * 1184 + 5 * 16
     # stage 1: layers 2-3, final norm and the output head
-    assert cm.stage_params(cfg, 2, 2, 1) == 2 * 1184 + 16 + 5 * 16
-    assert cm.stage_params(cfg, 2, 2, 1, head="value") == 2 * 1184 + 16 + 16
+    assert cm.stage_params(cm.CallShape(cfg, tp=2, pp=2), 1) == 2 * 1184 + 16 + 5 * 16
+    assert cm.stage_params(cm.CallShape(cfg, "value", tp=2, pp=2), 1) == 2 * 1184 + 16 + 16
 
 
 @pytest.mark.parametrize("kw,tp,pp,head", [
@@ -61,7 +61,7 @@ def test_stage_params_match_meta_built_stages(kw, tp, pp, head):
     for r in lay.ranks:
         stage = LlamaStage(cfg, lay.as_seen_by(r), head=head, device="meta")
         got = sum(p.numel() for p in stage.parameters())
-        assert cm.stage_params(cfg, tp, pp, lay.coord_of(r).pp, head) == got, (r, kw)
+        assert cm.stage_params(cm.CallShape(cfg, head, tp=tp, pp=pp), lay.coord_of(r).pp) == got, (r, kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -86,7 +86,7 @@ def test_activation_formula_matches_saved_tensors(dtype):
     saved = sum(b for ptr, b in seen.items() if ptr not in skip)
     dt = torch.empty((), dtype=dtype).element_size()
     # fp32: the layer's input is the previous layer's output; here it is x, so add its copy back
-    expected = n * cm.act_bytes_per_token_layer(cfg, 1, dt, sp=False)
+    expected = n * cm.act_bytes_per_token_layer(cm.CallShape(cfg, dt=dt), sp=False)
     assert saved + (n * 64 * 4 if dtype == torch.float32 else 0) == expected
 
 
