@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from meshrl.engine.dataflow import ROUND, TRAIN_CALLS, UPDATE, Call, dataflow
 from meshrl.engine.model.config import ConfigError, ModelConfig
 from meshrl.engine.model.llama import check_layout_fits
 from meshrl.parallel.layout import LayoutError, ParallelLayout, parse_ranks
@@ -29,21 +30,6 @@ from meshrl.engine.runtime.models import DTYPES, complete_calls, load_model_conf
 from .plan_format import format_report
 from .rates import RATES_ENV, Rates, load_rates
 
-TRAIN_CALLS = ("actor_train", "critic_train", "rm_train")  # the runtime's home-layout order
-KIND = {"actor_gen": "gen", "actor_train": "train", "critic_train": "train", "rm_train": "train"}
-DATAFLOW = {  # phases of (row, config call whose layout it runs in), in the runtime's order
-    # a phase's calls run before one gather of their results: on disjoint meshes they overlap
-    "ppo": [[("actor_gen", "actor_gen")], [("rew_inf", "rew_inf")],
-            [("actor_inf", "actor_train"), ("ref_inf", "ref_inf"), ("critic_inf", "critic_inf")],
-            [("actor_train", "actor_train"), ("critic_train", "critic_train")]],
-    "grpo": [[("actor_gen", "actor_gen")], [("rew_inf", "rew_inf")],
-             [("actor_inf", "actor_train"), ("ref_inf", "ref_inf")], [("actor_train", "actor_train")]],
-    "sft": [[("actor_train", "actor_train")]],
-    "rm": [[("rm_train", "rm_train")]],
-    "dpo": [[("actor_gen", "actor_gen")], [("rew_inf", "rew_inf")], [("ref_inf", "ref_inf")],
-            [("actor_train", "actor_train")]],
-}
-PER_ROUND = {"dpo": ("actor_gen", "rew_inf")}  # rows that run once per online round, not per step
 
 
 class PlanError(RunConfigError):
@@ -169,17 +155,34 @@ def home_calls(calls: dict[str, CallSpec]) -> dict[str, str]:
 
 
 def dataflow_rows(cfg: RunConfig, calls: dict[str, CallSpec]) -> list[tuple[str, str, int]]:
-    """(row, config call whose layout it runs in, phase), in the runtime's order."""
-    phases = DATAFLOW.get(cfg.algorithm, [[(n, n)] for n in sorted(calls)])
-    return [(row, src, i) for i, phase in enumerate(phases) for row, src in phase if src in calls]
+    """(row, config call whose layout it runs in, phase) of every call the algorithm's dataflow
+    runs in this config (`meshrl.engine.dataflow`), in the runtime's order."""
+    return [(c.name, c.config_call, i) for i, c in dataflow(cfg.algorithm).rows(cfg, calls)]
+
+
+def row_call(cfg: RunConfig, row: str) -> Call:
+    """The dataflow's call of a row (a config call's own, for placements)."""
+    return next(c for c in dataflow(cfg.algorithm).calls() if c.name == row)
+
+
+def per_round_calls(cfg: RunConfig) -> set[str]:
+    """Config calls that run once per online round (iterative DPO's sampling), not per step."""
+    return {c.config_call for c in dataflow(cfg.algorithm).calls() if c.every == ROUND}
+
+
+def blends(cfg: RunConfig, calls) -> list[tuple[str, str, str]]:
+    """(dst call, src call, how often) of the weight blends this config runs: the EMA reference
+    per actor update, iterative DPO's next reference per round."""
+    return [(b.dst, b.src, b.every) for b in dataflow(cfg.algorithm).active_blends(cfg, calls)]
 
 
 def call_plan(cfg: RunConfig, row: str, src: str, spec: CallSpec, *, head: str, mcfg: ModelConfig,
               layout: ParallelLayout, home: bool, phase: int = 0) -> CallPlan:
+    call = row_call(cfg, row)
     return CallPlan(name=row, source=src, spec=spec, model=spec.model, head=head,
-                    kind=KIND.get(row, "inf"), mcfg=mcfg, layout=layout,
+                    kind=call.kind, mcfg=mcfg, layout=layout,
                     dt=cm.DTYPE_BYTES[cfg.models[spec.model].dtype], home=home,
-                    per_round=row in PER_ROUND.get(cfg.algorithm, ()), phase=phase)
+                    per_round=call.every == ROUND, phase=phase)
 
 
 def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPlan]]:
@@ -305,32 +308,36 @@ def _reallocs(report: PlanReport) -> list[dict]:
               local_bw=r.local_copy_gbps * 1e9, latency=r.latency_s)
     homes = {p.model: p for p in report.placements if p.home}
     trained = {p.model for p in report.placements if p.source in TRAIN_CALLS}
-    ema = cfg.algorithm == "ppo" and cfg.ppo.ema_ref
+    calls = {p.source for p in report.placements}
+    pairs = [(_model_of(report, dst), _model_of(report, src), every)
+             for dst, src, every in blends(cfg, calls)]
+    blended = {dst for dst, _, every in pairs if every == UPDATE}  # its views refill every step
+    per_round = per_round_calls(cfg)
     out = []
     for v in report.placements:
         if v.home:
             continue
         h = homes[v.model]
         cost = cm.realloc_cost(h.mcfg, h.head, DTYPES[cfg.models[v.model].dtype], h.layout, v.layout, **kw)
-        fresh = v.model in trained or (ema and v.model == _model_of(report, "ref_inf"))
-        if v.source in PER_ROUND.get(cfg.algorithm, ()):
+        fresh = v.model in trained or v.model in blended
+        if v.source in per_round:
             # refilled once per online round; offline, the view serves evaluation only
-            per_step, per_round = 0, int(fresh and report.round_workload is not None)
+            per_step, per_round_n = 0, int(fresh and report.round_workload is not None)
         else:
-            per_step, per_round = int(fresh), 0
+            per_step, per_round_n = int(fresh), 0
         out.append({"model": v.model, "src": h.source, "dst": v.source, "per_step": per_step,
-                    "per_round": per_round, **cost})
-    actor, ref = _model_of(report, "actor_train"), _model_of(report, "ref_inf")
-    if ema and actor and ref:
-        a, b = homes[actor], homes[ref]
-        cost = cm.realloc_cost(a.mcfg, a.head, DTYPES[cfg.models[actor].dtype], a.layout, b.layout, **kw)
-        out.append({"model": f"{ref}←{actor} (EMA)", "src": a.source, "dst": b.source,
-                    "per_step": report.workload.updates, **cost})
-    if report.round_workload is not None and actor and ref and actor != ref:
-        a, b = homes[actor], homes[ref]  # the round's result becomes the next round's reference
-        cost = cm.realloc_cost(a.mcfg, a.head, DTYPES[cfg.models[actor].dtype], a.layout, b.layout, **kw)
-        out.append({"model": f"{ref}←{actor}", "src": a.source, "dst": b.source, "per_step": 0,
-                    "per_round": 1, **cost})
+                    "per_round": per_round_n, **cost})
+    for dst, src, every in pairs:
+        if dst == src:
+            continue
+        a, b = homes[src], homes[dst]
+        cost = cm.realloc_cost(a.mcfg, a.head, DTYPES[cfg.models[src].dtype], a.layout, b.layout, **kw)
+        if every == UPDATE:  # the EMA reference trails the actor after each update
+            out.append({"model": f"{dst}←{src} (EMA)", "src": a.source, "dst": b.source,
+                        "per_step": report.workload.updates, **cost})
+        elif report.round_workload is not None:  # the round's result becomes the next reference
+            out.append({"model": f"{dst}←{src}", "src": a.source, "dst": b.source, "per_step": 0,
+                        "per_round": 1, **cost})
     return out
 
 

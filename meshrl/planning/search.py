@@ -37,13 +37,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from meshrl.engine.dataflow import GENERATE, TRAIN_CALLS, UPDATE
 from meshrl.engine.model.config import ModelConfig
-
-from . import costmodel as cm
 from meshrl.engine.runtime.config import CallSpec, RunConfig, RunConfigError
 from meshrl.engine.runtime.models import DTYPES, complete_calls, load_model_config, model_heads
-from .plan import (PER_ROUND, TRAIN_CALLS, CallPlan, PlanError, PlanReport, call_layout, call_plan,
-                   call_time, dataflow_rows, home_calls, own_memory, plan_config, steps_per_round)
+
+from . import costmodel as cm
+from .plan import (CallPlan, PlanError, PlanReport, blends, call_layout, call_plan, call_time,
+                   dataflow_rows, home_calls, own_memory, per_round_calls, plan_config, row_call,
+                   steps_per_round)
 from .rates import Rates, load_rates
 
 MICROBATCH_TOKENS = (1024, 2048, 4096, 8192, 16384)
@@ -186,7 +188,7 @@ class Search:
     # ---- candidates -----------------------------------------------------------------------------
     def _choices(self, name: str) -> list[Choice]:
         c = self.calls[name]
-        takes_mb = any(src == name and row != "actor_gen" for row, src, _ in self.rows)
+        takes_mb = any(src == name and row_call(self.cfg, row).kind != GENERATE for row, src, _ in self.rows)
         if name not in self.free:
             return [Choice(tuple(int(r) for r in c.ranks.split(",")), c.tp, c.pp, c.microbatch_tokens)]
         mbs = sorted({*self.microbatch_tokens, c.microbatch_tokens}) if takes_mb else [c.microbatch_tokens]
@@ -308,12 +310,13 @@ class Search:
             for ph in phases:
                 lo = min((c.phases.get(ph, 0.0) for c in cands[order[i]]), default=math.inf)
                 rest[i][ph] = max(rest[i][ph], lo)
-        alg = self.cfg.algorithm
-        ema = alg == "ppo" and self.cfg.ppo.ema_ref
-        actor = self.calls["actor_train"].model if "actor_train" in self.calls else None
-        ref = self.calls["ref_inf"].model if "ref_inf" in self.calls else None
         # the EMA blend (per actor update) and iterative DPO's reference refill (per round) move
         # the actor's home weights into the reference's: priced once both homes are chosen
+        moves_of = blends(self.cfg, self.calls)
+        ema = any(every == UPDATE for *_, every in moves_of)
+        actor, ref = ((self.calls[moves_of[0][1]].model, self.calls[moves_of[0][0]].model) if moves_of
+                      else (None, None))
+        per_round = per_round_calls(self.cfg)
         pair = ((self.home_call[actor], self.home_call[ref]) if actor and ref else None)
         pair_cost = (self.wl.updates * W if ema else 0) + (1 if self.round_wl and actor != ref else 0)
         pair_at = max(order.index(pair[0]), order.index(pair[1])) if pair and pair_cost else -1
@@ -385,7 +388,7 @@ class Search:
                     new_placed = placed | {lkey}
                     if not home:  # filled from home whenever the home weights changed
                         fresh = model in self.trained or (ema and model == ref)
-                        refill = (int(fresh and self.round_wl is not None) if name in PER_ROUND.get(alg, ())
+                        refill = (int(fresh and self.round_wl is not None) if name in per_round
                                   else int(fresh) * W)
                 rows = picked + [cand]
                 # new weights can crowd every call chosen so far; else only cand itself is new

@@ -127,8 +127,8 @@ def evaluate_pass_rate(ctx, call: str, step: int) -> dict:
     params = sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, 0, greedy=True)
     roll = sample(ctx, call, held_out_prompts(ctx), params)
     out = {metric: score(ctx, call, roll).mean().item()}
-    ctx.pop_timings()  # evaluation is not part of the step being timed
-    ctx.log(step, out, phase="eval")
+    ctx.end_step(None)  # evaluation is not part of the step being timed
+    ctx.services.log(step, out, phase="eval")
     return out
 
 
@@ -165,7 +165,7 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
         return final_evaluation(ctx.cfg.run_dir, ctx.start_step)
     if eval_fn and eval_data and ctx.cfg.data.eval:
         eval_data()
-    for m in ctx.trained_models().values():
+    for m in ctx.executor.trained_models().values():
         if m.trainer is not None and m.trainer.cfg.total_steps is None:
             m.trainer.cfg.total_steps = total * updates_per_step
     with ctx.watchdog.inside(f"the {desc} loop"):
@@ -175,7 +175,7 @@ def run_loop(ctx, total: int, step_fn, *, desc: str, limit_key: str, eval_fn=Non
 def _loop(ctx, total, step_fn, *, desc, eval_fn, show):
     """``run_loop``'s steps, from the resumed step to the end."""
     cfg = ctx.cfg.logging
-    bar = ctx.progress(total, desc, initial=ctx.start_step)
+    bar = ctx.services.progress(total, desc, initial=ctx.start_step)
     last = {}
     stop_at, end = cfg.stop_at_pass_rate, total
     for step in range(ctx.start_step, total):
@@ -183,10 +183,8 @@ def _loop(ctx, total, step_fn, *, desc, eval_fn, show):
         t0 = time.perf_counter()
         metrics = step_fn(step)
         metrics["step_seconds"] = time.perf_counter() - t0
-        metrics.update(ctx.pop_timings())
-        if step < ctx.start_step + 2:
-            ctx.record_dataflow(step)
-        ctx.log(step, metrics)
+        metrics.update(ctx.end_step(step))
+        ctx.services.log(step, metrics)
         done = step + 1
         if cfg.save_every and done % cfg.save_every == 0 and done < total:
             ctx.save(done)

@@ -35,8 +35,9 @@ class DPO:
         ctx, D = self.ctx, self.D
         ref = pair_position_logps(ctx, REF_INF, pairs)
         index = {id(p): i for i, p in enumerate(pairs)}
-        mt, pad = ctx.max_tokens(ACTOR_TRAIN), ctx.sp_pad(ACTOR_TRAIN)
-        dp_group = ctx.layout(ACTOR_TRAIN).dp_group
+        x = ctx.executor
+        mt, pad = x.max_tokens(ACTOR_TRAIN), x.sp_pad(ACTOR_TRAIN)
+        dp_group = ctx.executor.layout(ACTOR_TRAIN).dp_group
 
         def make(local):
             return pair_microbatches(local, mt, pad, ref_logps=[ref[index[id(p)]] for p in local])
@@ -49,7 +50,7 @@ class DPO:
                             length_normalize=length_normalized(D),
                             label_smoothing=D.label_smoothing, sft_coef=D.sft_coef)
 
-        metrics = ctx.train_call(ACTOR_TRAIN, pairs, make, loss_of)
+        metrics = ctx.executor.train_call(ACTOR_TRAIN, pairs, make, loss_of)
         return {**metrics, **data_lengths(pairs)}
 
     # ---- offline --------------------------------------------------------------------------------
@@ -71,12 +72,13 @@ class DPO:
                                                       lambda path: _load_pairs(self.ctx, path))
 
     def evaluate(self, step: int) -> dict:
-        out = evaluate_pass_rate(self.ctx, ACTOR_GEN if self.ctx.has(ACTOR_GEN) else ACTOR_TRAIN,
+        gen = ACTOR_GEN if self.ctx.executor.has(ACTOR_GEN) else ACTOR_TRAIN
+        out = evaluate_pass_rate(self.ctx, gen,
                                  step)
         if self.cfg.data.eval and not self.ctx.verifier:
             m = self.implicit_margins(self.eval_data())
             out = {"accuracy": (m > 0).float().mean().item(), "margin": m.mean().item()}
-            self.ctx.log(step, out, phase="eval")
+            self.ctx.services.log(step, out, phase="eval")
         return out
 
     def implicit_margins(self, pairs) -> torch.Tensor:
@@ -111,7 +113,6 @@ class DPO:
     def run_iterative(self) -> dict:
         ctx, cfg, D = self.ctx, self.cfg, self.D
         prompts = train_prompts(ctx)
-        blends = [b for b in ctx.flow.active_blends(cfg, ctx.calls) if b.every == ROUND]
 
         def round_step(r):
             pairs, stats = self.make_pairs(r, prompts)
@@ -122,8 +123,8 @@ class DPO:
                     for key, v in self.train_step([pairs[i] for i in chunk]).items():
                         totals[key] = totals.get(key, 0.0) + v
                     n += 1
-            for b in blends:  # the round's result becomes the next round's reference
-                ctx.blend(ctx.calls[b.dst].model, ctx.calls[b.src].model, None)
+            for dst, src in ctx.executor.blends(ROUND):  # the result becomes the next round's reference
+                ctx.executor.blend(dst, src, None)
             stats.update({k: v / max(n, 1) for k, v in totals.items()}, pairs=float(len(pairs)))
             return stats
 

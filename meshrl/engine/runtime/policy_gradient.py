@@ -71,7 +71,7 @@ class PolicyGradient:
         self.S = S = ctx.cfg.ppo if self.critic else ctx.cfg.grpo
         self.k = 1 if self.critic else S.group_size
         self.prompts = train_prompts(ctx)
-        self.use_ref = ctx.runs(REF_INF)
+        self.use_ref = ctx.executor.runs(REF_INF)
         self.kl_in_loss = not self.critic and S.kl_in == "loss" and self.use_ref
         if self.critic:
             self.kl_ctl = (L.AdaptiveKLController(S.kl_coef, S.kl_target, S.kl_horizon) if S.adaptive_kl
@@ -126,12 +126,13 @@ class PolicyGradient:
         """The dataflow's inference phase (old and reference log-probs, values) in one gather — on
         disjoint meshes they compute at the same time — then the estimator's advantages."""
         ctx, S, T = self.ctx, self.S, self.cfg.generation.temperature
+        x = ctx.executor
         job_for = {"old_logp": lambda c: logprobs_job(ctx, c.config_call, roll, T, timer=c.name),
                    "ref_logp": lambda c: logprobs_job(ctx, c.config_call, roll, T, timer=c.name),
                    "values": lambda c: values_job(ctx, c.config_call, roll, timer=c.name)}
-        calls = ctx.phase("infer")
+        calls = x.phase("infer")
         outs = dict(zip([c.produces[0] for c in calls],
-                        ctx.run_sharded_many([job_for[c.produces[0]](c) for c in calls])))
+                        x.run_sharded_many([job_for[c.produces[0]](c) for c in calls])))
         old, ref = outs["old_logp"], outs.get("ref_logp")
         lp, cu = flatten(old)
         rlp = flatten(ref)[0] if ref is not None else None
@@ -228,15 +229,16 @@ class PolicyGradient:
     # ---- training -------------------------------------------------------------------------------
     def train(self, roll: Rollout, it: int) -> dict:
         ctx, S, T = self.ctx, self.S, self.cfg.generation.temperature
+        x = ctx.executor
         fields = {k: roll.extra[k] for k in ("old_logp", "advantages", "counted", "ref_logp",
                                               "returns", "old_values") if k in roll.extra}
         norm_len = float(S.loss_agg_len or self.cfg.generation.max_new_tokens)
 
         def batches(call):
-            return lambda local: microbatches(roll, local, ctx.max_tokens(call), fields, ctx.sp_pad(call))
+            return lambda local: microbatches(roll, local, x.max_tokens(call), fields, x.sp_pad(call))
 
         def counts(call, mbs):
-            layout = ctx.layout(call)
+            layout = ctx.executor.layout(call)
             return LossCounts(tokens=max(global_token_count(mbs, layout, "action_mask"), 1.0),
                               seqs=max(global_seq_count(mbs, layout, "action_mask"), 1.0),
                               norm_len=norm_len)
@@ -249,20 +251,20 @@ class PolicyGradient:
         critic = lambda mbs: ppo_critic_call(counts(CRITIC_TRAIN, mbs).tokens,  # noqa: E731
                                              value_clip=S.value_clip)
         loss_of = {ACTOR_TRAIN: actor, CRITIC_TRAIN: critic}
-        calls = ctx.phase("train")
-        blends = [b for b in ctx.flow.active_blends(self.cfg, ctx.calls) if b.every == UPDATE]
+        calls = ctx.executor.phase("train")
+        blends = x.blends(UPDATE)
         totals, n = {}, 0
         for epoch in range(S.epochs):
             for mb_idx in split_even(epoch_order(len(roll), self.cfg.seed + it, epoch), S.minibatches):
                 if not mb_idx:  # a dynamic-sampling batch smaller than the minibatch count
                     continue
                 # the train phase's steps (actor, critic) in one gather: on disjoint meshes they overlap
-                outs = ctx.train_calls([TrainJob(c.name, mb_idx, batches(c.name), loss_of[c.name])
+                outs = x.train_calls([TrainJob(c.name, mb_idx, batches(c.name), loss_of[c.name])
                                         for c in calls])
                 m = {f"{c.model}/{k}": v for c, out in zip(calls, outs) for k, v in out.items()}
-                for b in blends:  # the EMA reference trails the actor; the critic never reads it
-                    with ctx.timed("ema_ref"):
-                        ctx.blend(ctx.calls[b.dst].model, ctx.calls[b.src].model, S.ema_alpha)
+                for dst, src in blends:  # the EMA reference trails the actor; the critic never reads it
+                    with ctx.services.timed("ema_ref"):
+                        x.blend(dst, src, S.ema_alpha)
                 for k, v in m.items():
                     totals[k] = totals.get(k, 0.0) + v
                 n += 1
@@ -270,7 +272,7 @@ class PolicyGradient:
 
     def step(self, it: int) -> dict:
         ctx = self.ctx
-        trained = [ctx.model(c.name) for c in ctx.phase("train")]
+        trained = [ctx.executor.model(c.name) for c in ctx.executor.phase("train")]
         for m in trained:
             m.offload()
         roll, metrics = self.rollout(it)

@@ -66,7 +66,7 @@ def sampling_params(gen_cfg, eos_ids, seed: int, iteration: int, *, greedy=False
 def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1) -> Rollout:
     """``k`` responses per prompt (copies adjacent) from the call's model. Sequence ids for the
     sampling noise are global (prompt index × k + copy), so the draw does not depend on layouts."""
-    ctx.prepare(call)
+    ctx.executor.prepare(call)
     batch = ctx.cfg.generation.batch_size
 
     def fn(stage, local, first):
@@ -81,7 +81,7 @@ def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1)
                 out += list(zip(r.output_ids, r.logprobs, r.finish_reason))
         return [out[i * k:(i + 1) * k] for i in range(len(local))]
 
-    per_prompt = ctx.run_sharded(call, prompts, fn)
+    per_prompt = ctx.executor.run_sharded(call, prompts, fn)
     samples = [s for group in per_prompt for s in group]
     return Rollout([p.prompt_ids for p in prompts for _ in range(k)], [s[0] for s in samples],
                    [s[1] for s in samples], [s[2] for s in samples],
@@ -114,15 +114,16 @@ def score(ctx, call: str, roll: Rollout) -> torch.Tensor:
             return [float(s) for s in ctx.verifier([roll.records[i] for i in local], texts)]
         job = Job(call, idx, fn, reporter_only=True, timer=REW_INF)
     else:
-        ctx.prepare(REW_INF)
-        mt, pad = ctx.max_tokens(REW_INF), ctx.sp_pad(REW_INF)
+        ctx.executor.prepare(REW_INF)
+        x = ctx.executor
+        mt, pad = x.max_tokens(REW_INF), x.sp_pad(REW_INF)
 
         def fn(stage, local, first):
             mbs = microbatches(roll, local, mt, pad_to_multiple=pad)
             outs = infer(stage, mbs, scores_call())
             return torch.cat([o[mb.seqs["real"].bool()] for o, mb in zip(outs, mbs)]).tolist()
         job = Job(REW_INF, idx, fn)
-    scores = ctx.run_sharded_many([job])[0]
+    scores = ctx.executor.run_sharded_many([job])[0]
     out = torch.tensor(scores, dtype=torch.float32)
     r = ctx.cfg.reward  # name the source as configured, e.g. reward.verifier=pkg.mod:fn
     check_scores(out, f"reward.verifier={r.verifier}" if ctx.verifier is not None
@@ -176,8 +177,8 @@ def per_action_job(ctx, call: str, roll: Rollout, fn_call, *, with_last=False, t
     """An inference call over every sequence, as a job for ``RunContext.run_sharded_many``: its
     result is per-sequence lists of per-action outputs (and, ``with_last``, the last token's)."""
     from .context import Job
-    ctx.prepare(call)
-    mt, pad = ctx.max_tokens(call), ctx.sp_pad(call)
+    ctx.executor.prepare(call)
+    mt, pad = ctx.executor.max_tokens(call), ctx.executor.sp_pad(call)
 
     def fn(stage, local, first):
         mbs = microbatches(roll, local, mt, pad_to_multiple=pad)

@@ -52,26 +52,26 @@ def _real_seqs(mbs, outs):
 
 def pair_position_logps(ctx, call: str, pairs) -> list:
     """Per pair: (chosen, rejected) per-position log-probs under the call's model."""
-    ctx.prepare(call)
-    mt, pad = ctx.max_tokens(call), ctx.sp_pad(call)
+    ctx.executor.prepare(call)
+    mt, pad = ctx.executor.max_tokens(call), ctx.executor.sp_pad(call)
 
     def fn(stage, local, first):
         mbs = pair_microbatches(local, mt, pad)
         seqs = [s.tolist() for s in _real_seqs(mbs, infer(stage, mbs, logprobs_call()))]
         return [(seqs[2 * i], seqs[2 * i + 1]) for i in range(len(local))]
 
-    return ctx.run_sharded(call, pairs, fn)
+    return ctx.executor.run_sharded(call, pairs, fn)
 
 
 def run_sft(ctx) -> dict:
     cfg, S, d = ctx.cfg, ctx.cfg.sft, ctx.cfg.data
     data = training_data(ctx, _load_sft(ctx, d.train))
-    mt, pad = ctx.max_tokens(ACTOR_TRAIN), ctx.sp_pad(ACTOR_TRAIN)
-    layout = ctx.layout(ACTOR_TRAIN)
+    mt, pad = ctx.executor.max_tokens(ACTOR_TRAIN), ctx.executor.sp_pad(ACTOR_TRAIN)
+    layout = ctx.executor.layout(ACTOR_TRAIN)
 
     def step(s):
         batch = [data[i] for i in global_batch(len(data), S.batch_size, s, cfg.seed)]
-        metrics = ctx.train_call(ACTOR_TRAIN, batch, lambda local: sft_microbatches(local, mt, pad),
+        metrics = ctx.executor.train_call(ACTOR_TRAIN, batch, lambda local: sft_microbatches(local, mt, pad),
                                  lambda mbs: sft_call(global_token_count(mbs, layout)))
         return {**metrics, **data_lengths(batch)}
 
@@ -90,9 +90,9 @@ def run_sft(ctx) -> dict:
                                 [b]), float(mb.tokens["loss_mask"][mb.meta.cu_seqlens[b]:
                                                                   mb.meta.cu_seqlens[b + 1]].sum()))
                         for lp, mb in zip(outs, mbs) for b in range(int(mb.seqs["real"].sum()))]
-            res = ctx.run_sharded(ACTOR_TRAIN, ev, fn)
+            res = ctx.executor.run_sharded(ACTOR_TRAIN, ev, fn)
             out = {"loss": sum(r[0] for r in res) / max(1.0, sum(r[1] for r in res))}
-            ctx.log(s, out, phase="eval")
+            ctx.services.log(s, out, phase="eval")
         return out
 
     return run_loop(ctx, step_count(len(data), S.batch_size, S.epochs, S.steps), step, desc="sft",
@@ -115,7 +115,7 @@ def _load_pairs(ctx, path):
 
 def pair_scores(ctx, call: str, pairs) -> list:
     """Reward-model (chosen, rejected) scores per pair."""
-    mt, pad = ctx.max_tokens(call), ctx.sp_pad(call)
+    mt, pad = ctx.executor.max_tokens(call), ctx.executor.sp_pad(call)
 
     def fn(stage, local, first):
         mbs = pair_microbatches(local, mt, pad)
@@ -123,17 +123,17 @@ def pair_scores(ctx, call: str, pairs) -> list:
         s = [v for o, mb in zip(outs, mbs) for v in o[mb.seqs["real"].bool()].tolist()]
         return [(s[2 * i], s[2 * i + 1]) for i in range(len(local))]
 
-    return ctx.run_sharded(call, pairs, fn)
+    return ctx.executor.run_sharded(call, pairs, fn)
 
 
 def run_rm(ctx) -> dict:
     cfg, R = ctx.cfg, ctx.cfg.rm
     data = training_data(ctx, _load_pairs(ctx, cfg.data.train))
-    mt, pad = ctx.max_tokens(RM_TRAIN), ctx.sp_pad(RM_TRAIN)
+    mt, pad = ctx.executor.max_tokens(RM_TRAIN), ctx.executor.sp_pad(RM_TRAIN)
 
     def step(s):
         batch = [data[i] for i in global_batch(len(data), R.batch_size, s, cfg.seed)]
-        metrics = ctx.train_call(RM_TRAIN, batch, lambda local: pair_microbatches(local, mt, pad),
+        metrics = ctx.executor.train_call(RM_TRAIN, batch, lambda local: pair_microbatches(local, mt, pad),
                                  lambda mbs: reward_model_call(float(len(batch))))
         return {**metrics, **data_lengths(batch)}
 
@@ -146,7 +146,7 @@ def run_rm(ctx) -> dict:
         sc = pair_scores(ctx, RM_TRAIN, eval_data())
         out = {"accuracy": sum(c > r for c, r in sc) / len(sc),
                "margin": sum(c - r for c, r in sc) / len(sc)}
-        ctx.log(s, out, phase="eval")
+        ctx.services.log(s, out, phase="eval")
         return out
 
     return run_loop(ctx, step_count(len(data), R.batch_size, R.epochs, R.steps), step, desc="rm",

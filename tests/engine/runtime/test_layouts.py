@@ -141,7 +141,8 @@ def _concurrency(cfg):
         return [(t0, time.time())] * len(local)
 
     ctx.barrier()  # all ranks start together, so only the runtime could serialise the two calls
-    ref, critic = ctx.run_sharded_many([Job("ref_inf", [0, 1], work), Job("critic_train", [0, 1], work)])
+    jobs = [Job("ref_inf", [0, 1], work), Job("critic_train", [0, 1], work)]
+    ref, critic = ctx.executor.run_sharded_many(jobs)
     ctx.close()
     return ref[0], critic[0]
 

@@ -62,10 +62,11 @@ def test_the_data_is_tokenized_for_the_actor_whatever_the_model_order(monkeypatc
     from meshrl.engine.runtime import context
     monkeypatch.setattr(context, "load_tokenizer", lambda path: f"tokenizer of {path}")
     model = lambda name: types.SimpleNamespace(name=name, source_dir=f"/models/{name}")  # noqa: E731
-    fake = types.SimpleNamespace(models={n: model(n) for n in ("reward", "critic", "actor")},
+    models = {n: model(n) for n in ("reward", "critic", "actor")}
+    fake = types.SimpleNamespace(executor=types.SimpleNamespace(models=models),
                                  cfg=types.SimpleNamespace(extra={}))
     assert context.RunContext._tokenizer(fake) == "tokenizer of /models/actor"
-    del fake.models["actor"]
+    del models["actor"]
     assert context.RunContext._tokenizer(fake) == "tokenizer of /models/reward"
 
 

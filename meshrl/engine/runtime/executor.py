@@ -1,0 +1,248 @@
+"""The executor of one run, on every rank: the calls' layouts, the models in their home layouts and
+their views in the others, and the model function calls over them — sharded calls and training
+steps issued a phase at a time (one gather per phase, so calls on disjoint meshes compute at the
+same time), reallocations into views and blends between models. It runs the dataflow table's
+calls (`meshrl.engine.dataflow`) and records what each step executed; it keeps no metrics, files
+or schedules (`RunServices`) and knows nothing of an algorithm's math (the loops)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from meshrl.engine.dataflow import TRAIN_CALLS, Call, dataflow
+
+from .config import RunConfig, RunConfigError
+from .models import ModelRuntime, build_layouts, complete_calls, load_model_config, model_heads
+from .placement import View, all_gather_objects, blend_into, is_reporter, share
+
+
+@dataclass
+class Job:
+    """One sharded call: ``fn(stage, local_items, first_index)`` over the call's data shares."""
+    call: str
+    items: list
+    fn: object
+    reporter_only: bool = False
+    timer: str | None = None
+
+
+@dataclass
+class TrainJob:
+    """One optimizer step: ``make_batches(local_items) -> microbatches``, ``loss_fn_of(mbs)``."""
+    call: str
+    items: list
+    make_batches: object
+    loss_fn_of: object
+
+
+class Executor:
+    """Layouts, models, views and the calls over them. ``timed(name, label)`` is the run's timer
+    (`RunServices.timed`), ``watchdog`` its hang reporter; every method that moves data is
+    collective over the world (every rank calls it for the same calls in the same order)."""
+
+    def __init__(self, cfg: RunConfig, *, world: int, rank: int, device, watchdog, timed,
+                 optim_steps: dict[str, int] | None = None):
+        self.cfg, self.world, self.rank, self.device = cfg, world, rank, device
+        self.watchdog, self.timed = watchdog, timed
+        self.calls = complete_calls(cfg, world)
+        self.flow = dataflow(cfg.algorithm)
+        self.layouts = build_layouts(self.calls, world)
+        heads = model_heads(self.calls)
+        trained = {self.calls[c].model for c in TRAIN_CALLS if c in self.calls}
+        self.models: dict[str, ModelRuntime] = {}
+        for name in self._build_order(heads):
+            self.models[name] = ModelRuntime(
+                name, cfg.models[name], heads[name], self.layout_of_model(name), device=device,
+                seed=cfg.seed, trains=name in trained, optim_steps=(optim_steps or {}).get(name),
+                stage_config=load_model_config(cfg.models[name], cfg.models)).build(self.models)
+        self._blend_plans: dict = {}
+        self.views = {call: View(self.model(call), self.layouts[call], node_of=self.node_of)
+                      for call in sorted(self.calls)
+                      if self.layouts[call] is not self.model(call).layout}
+        self.realloc_bytes: dict[str, int] = {}
+        self.executed: list[dict] = []  # this step's gathers, refills and blends, in order
+
+    def pop_executed(self) -> list[dict]:
+        """What the executor did since the last call (the step's dataflow record)."""
+        out, self.executed = self.executed, []
+        return out
+
+    def node_of(self, rank: int) -> int:
+        """The node a global rank sits on: torchrun's local world size when launched by it (so a
+        simulated multi-node launch is seen as such), else the cluster's GPUs per node."""
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or self.cfg.cluster.gpus_per_node
+        return rank // per_node
+
+    def _build_order(self, heads):
+        names = [n for n in self.cfg.models if n in heads]
+        done, order = set(), []
+        while names:
+            for n in list(names):
+                dep = self.cfg.models[n].init_from
+                if dep is None or dep in done or dep not in heads:
+                    order.append(n)
+                    done.add(n)
+                    names.remove(n)
+        return order
+
+    def layout_of_model(self, model: str):
+        for name in TRAIN_CALLS + tuple(sorted(self.calls)):
+            if name in self.calls and self.calls[name].model == model:
+                return self.layouts[name]
+        raise RunConfigError(f"model {model} has no call")
+
+    def model(self, call: str) -> ModelRuntime:
+        return self.models[self.calls[call].model]
+
+    def stage(self, call: str):
+        """The stage a call computes with on this rank (home or view); None outside its layout."""
+        view = self.views.get(call)
+        return view.stage if view is not None else self.model(call).stage
+
+    def prepare(self, call: str):
+        """Bring a view call's weights up to date (collective over the world: every rank calls
+        this for the same calls in the same order)."""
+        view = self.views.get(call)
+        if view is None:
+            return
+        with self.timed(f"realloc/{call}"):
+            counts = view.refresh()
+        if counts is not None:
+            self.realloc_bytes[call] = self.realloc_bytes.get(call, 0) + counts["sent"] + counts["local"]
+            self.executed.append({"realloc": call, "model": view.model.name})
+
+    def run_sharded(self, call: str, items: list, fn, *, reporter_only: bool = False) -> list:
+        """``fn(stage, local_items, first_index) -> list aligned with local_items`` on every member of
+        the call's layout, over its replica's share of ``items``; the replicas' results gathered to
+        every rank in the order of ``items``. ``reporter_only`` runs fn on one rank per replica (host
+        work such as a verifier, which must not run tp·pp times over)."""
+        return self.run_sharded_many([Job(call, items, fn, reporter_only=reporter_only)])[0]
+
+    def run_sharded_many(self, jobs: list["Job"]) -> list[list]:
+        """Several sharded calls with one gather at the end: calls on disjoint meshes compute at the
+        same time (a rank runs only the calls its layouts include), and every rank gets every result."""
+        self.executed.append({"gather": [{"call": job.timer or job.call, "layout": job.call,
+                                          **({"host": True} if job.reporter_only else {})}
+                                         for job in jobs]})
+        mine = []
+        for k, job in enumerate(jobs):
+            layout = self.layouts[job.call]
+            if not layout.is_member or (job.reporter_only and not is_reporter(layout)):
+                continue
+            local, first = share(job.items, layout)
+            timer = job.timer or job.call
+            with self.timed(timer, label=job.call if timer == job.call else f"{job.call} ({timer})"):
+                res = job.fn(self.stage(job.call), local, first)
+            if is_reporter(layout):
+                mine.append((k, first, list(res)))
+        outs = [[None] * len(job.items) for job in jobs]
+        with self.watchdog.inside("the gather after " + ", ".join(job.call for job in jobs)):
+            parts = all_gather_objects(mine)
+        for part in parts:
+            for k, first, res in part:
+                outs[k][first:first + len(res)] = res
+        return outs
+
+    def train_call(self, call: str, items: list, make_batches, loss_fn_of) -> dict:
+        """One optimizer step of the call's model on its replica's share of ``items``:
+        ``make_batches(local) -> microbatches``, ``loss_fn_of(microbatches) -> loss fn``. The global
+        metrics reach every rank."""
+        return self.train_calls([TrainJob(call, items, make_batches, loss_fn_of)])[0]
+
+    def train_calls(self, jobs: list["TrainJob"]) -> list[dict]:
+        """Several models' optimizer steps with one gather of their metrics at the end: models
+        trained on disjoint meshes step at the same time (a rank steps only the models whose
+        layouts include it), and every rank gets every call's metrics (from its first rank)."""
+        self.executed.append({"gather": [{"call": job.call, "layout": job.call} for job in jobs]})
+        mine = []
+        for k, job in enumerate(jobs):
+            model, layout = self.model(job.call), self.layouts[job.call]
+            if not layout.is_member:
+                model.version += 1
+                continue
+            with self.timed(job.call):
+                mbs = job.make_batches(share(job.items, layout)[0])
+                metrics = model.step(mbs, job.loss_fn_of(mbs))
+            if self.rank == layout.ranks[0]:
+                mine.append((k, metrics))
+        outs = [None] * len(jobs)
+        with self.watchdog.inside("the gather after " + ", ".join(job.call for job in jobs)):
+            for part in all_gather_objects(mine):
+                for k, metrics in part:
+                    outs[k] = metrics
+        return outs
+
+    def blend(self, dst: str, src: str, alpha: float | None):
+        """dst model ← α·dst + (1−α)·src (EMA), or a copy when alpha is None."""
+        blend_into(self.models[dst], self.models[src], self._blend_plans, alpha=alpha,
+                   node_of=self.node_of)
+        self.models[dst].version += 1
+        self.executed.append({"blend": dst, "from": src})
+
+    def has(self, call: str) -> bool:
+        return call in self.calls
+
+    def rows(self) -> list[tuple[int, Call]]:
+        """(phase, call) of every dataflow call this run runs, in the table's order."""
+        return self.flow.rows(self.cfg, self.calls)
+
+    def blends(self, every: str) -> list[tuple[str, str]]:
+        """(dst model, src model) of the dataflow's blends this run makes ``every`` (`blend`)."""
+        return [(self.calls[b.dst].model, self.calls[b.src].model)
+                for b in self.flow.active_blends(self.cfg, self.calls) if b.every == every]
+
+    def runs(self, call: str) -> bool:
+        """Whether the dataflow's call ``call`` runs in this run (laid out, and its condition holds)."""
+        return any(c.name == call and self.flow.runs(c, self.cfg, self.calls) for c in self.flow.calls())
+
+    def phase(self, name: str) -> list:
+        """The dataflow phase's calls that run in this run, in the table's order."""
+        return [c for c in self.flow.phase(name).calls if self.flow.runs(c, self.cfg, self.calls)]
+
+    def layout(self, call: str):
+        return self.layouts[call]
+
+    def max_tokens(self, call: str) -> int:
+        return self.calls[call].microbatch_tokens
+
+    def sp_pad(self, call: str) -> int:
+        m, layout = self.model(call), self.layouts[call]
+        return layout.tp_size if m.spec.sequence_parallel and layout.tp_size > 1 else 1
+
+    def trained_models(self) -> dict:
+        """Models with an optimizer (on every rank, whether or not it holds them)."""
+        return {n: m for n, m in self.models.items() if m.trains}
+
+    def held(self) -> tuple[dict, dict]:
+        """(stages, trainers) this rank holds, by model: what a checkpoint saves and loads."""
+        models = {n: m.stage for n, m in self.models.items() if m.stage is not None}
+        trainers = {n: m.trainer for n, m in self.models.items() if m.trainer is not None}
+        return models, trainers
+
+    def home_layouts(self) -> dict:
+        """Each model's home layout, as checkpoints record it (shards load only into it)."""
+        return {n: {"ranks": list(m.layout.ranks), "tp": m.layout.tp_size, "pp": m.layout.pp_size,
+                    "dp": m.layout.dp_size} for n, m in self.models.items()}
+
+    def placement_report(self, searched: dict | None) -> dict:
+        """Where each call runs and what reallocating each view moves (run_dir/placement.json);
+        printed too."""
+        report = {"calls": {n: {"model": c.model, "ranks": self.layouts[n].ranks, "tp": c.tp,
+                                "pp": c.pp, "dp": c.dp, "microbatch_tokens": c.microbatch_tokens}
+                            for n, c in self.calls.items()},
+                  "reallocation": {}}
+        if searched is not None:  # calls: auto
+            report["search"] = searched
+            print(f"calls: auto: searched {searched['searched']} on {self.world} ranks, estimate "
+                  f"{searched['estimate_seconds']:.4g} s per step ({searched['rates']} rates): "
+                  + ", ".join(f"{n} {c.tp}·{c.pp}·{c.dp} on {c.ranks}" for n, c in self.calls.items()))
+        for call, view in self.views.items():
+            st = view.plan.stats()
+            keep = ("remote_bytes", "local_bytes", "cross_node_bytes", "senders", "sender_max_bytes",
+                    "sender_min_bytes", "recv_over_min_max")
+            report["reallocation"][call] = {k: st[k] for k in keep}
+            print(f"realloc {self.model(call).name} home -> {call}: "
+                  f"{st['remote_bytes'] / 2**20:.2f} MiB remote ({st['cross_node_bytes'] / 2**20:.2f} "
+                  f"MiB across nodes), {st['local_bytes'] / 2**20:.2f} MiB local copies, "
+                  f"{st['senders']} senders, max/min {st['sender_max_over_min']:.2f}")
+        return report
