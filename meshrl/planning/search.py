@@ -357,24 +357,37 @@ class Search:
             # floor + Σ max(0, t − base) ≥ floor + cost − Σ base over the call's phases (the same
             # for all its candidates): sorted by cost, the first over the bound ends the list
             cs, table = cands[name], tables[name]
+            B = bound()
             end = len(cs)
-            if math.isfinite(bound()):
-                end = int(np.searchsorted(table.cost, bound() - floor + spare, side="left"))
+            if math.isfinite(B):
+                end = int(np.searchsorted(table.cost, B - floor + spare, side="left"))
             cols = [base[ph] for ph in table.phases]
             alone = floor + np.maximum(table.times[:end] - np.array(cols), 0.0).sum(axis=1) \
                 if table.phases else np.full(end, floor)
-            for j in np.flatnonzero(alone < bound()):
-                cand = cs[j]
+            js = np.flatnonzero(alone < B)
+            if not len(js):
+                return
+            # every surviving candidate's new phase peaks and lower bound at once: a phase's load
+            # on a candidate's mesh is one range maximum per distinct mesh (np.maximum.reduceat)
+            mesh = table.mesh_of[js]
+            grown = {}
+            for k, ph in enumerate(table.phases):
+                on_mesh = table.mesh_loads(loads[ph])
+                grown[ph] = np.maximum(peaks[ph], on_mesh[mesh] + table.times[js, k])
+            total = 0
+            for ph in phases:  # summed in phase order, as the scalar form would
+                total = total + (np.maximum(grown[ph], later[ph]) if ph in grown else max(peaks[ph], later[ph]))
+            lowers = moves + total
+            for pos, j in enumerate(js.tolist()):
                 if state["stopped"]:
                     return
-                if alone[j] >= bound():  # the bound fell since the filter
+                lower = float(lowers[pos])
+                if alone[j] >= B or lower >= B:  # the bound fell since the filter
                     continue
+                cand = cs[j]
                 new_peaks = dict(peaks)
-                for ph, t in cand.phases.items():
-                    new_peaks[ph] = max(peaks[ph], float(loads[ph][cand.idx].max()) + t)
-                lower = moves + sum(max(new_peaks[ph], later[ph]) for ph in phases)
-                if lower >= bound():
-                    continue
+                for ph in grown:
+                    new_peaks[ph] = float(grown[ph][pos])
                 state["visited"] += 1
                 if state["visited"] > self.node_budget:
                     state["stopped"] = True
@@ -402,34 +415,58 @@ class Search:
                     moved.append((refill, model, chosen[self.home_call[model]], ch))
                 if i == pair_at:
                     moved.append((pair_cost, actor, new_chosen[pair[0]], new_chosen[pair[1]]))
-                if moved and lower + sum(n * self._realloc_floor(m, a, b) for n, m, a, b in moved) >= bound():
+                if moved and lower + sum(n * self._realloc_floor(m, a, b) for n, m, a, b in moved) >= B:
                     continue
                 add = sum(n * self._realloc_seconds(m, a, b) for n, m, a, b in moved)
-                if lower + add >= bound():
+                if lower + add >= B:
                     continue
                 new_loads = dict(loads)
                 for ph, t in cand.phases.items():
                     new_loads[ph] = loads[ph].copy()
                     new_loads[ph][cand.idx] += t
                 dfs(i + 1, moves + add, new_loads, new_peaks, new_chosen, new_placed, new_static, rows)
+                B = bound()
 
         if all(cands[n] for n in order):
             zero = np.zeros(self.world)
-            dfs(0, 0.0, dict.fromkeys(phases, zero), dict.fromkeys(phases, 0.0), {}, frozenset(),
+            spare = np.zeros(self.world + 1)  # loads: one element past the last rank (_CostTable)
+            dfs(0, 0.0, dict.fromkeys(phases, spare), dict.fromkeys(phases, 0.0), {}, frozenset(),
                 (zero, zero, zero), [])
         return SearchResult(self.cfg, best, not state["stopped"], state["visited"],
                             {n: len(cands[n]) for n in order}, time.perf_counter() - t0)
 
 
 class _CostTable:
-    """A call's candidates' costs as arrays: the total (ascending, as the candidates are sorted)
-    and the time per phase, for filtering a whole list at once."""
+    """A call's candidates' costs as arrays: the total (ascending, as the candidates are sorted),
+    the time per phase, and each one's mesh among the call's distinct meshes, for pricing a whole
+    list at once. ``bounds`` holds each mesh's [start, end) for `np.maximum.reduceat` (loads carry
+    one spare element past the last rank for it); ``meshes`` the index of each, when one is not a
+    contiguous range of ranks."""
 
     def __init__(self, cands: list[Candidate], phases: list[int]):
         self.phases = phases
         self.cost = np.array([c.cost for c in cands])
         self.times = np.array([[c.phases.get(ph, 0.0) for ph in phases] for c in cands]).reshape(
             len(cands), len(phases))
+        keys = {}
+        for c in cands:
+            keys.setdefault(_mesh_key(c.idx), c.idx)
+        order = list(keys)
+        self.mesh_of = np.array([order.index(_mesh_key(c.idx)) for c in cands], dtype=np.int64)
+        self.meshes = list(keys.values())
+        self.contiguous = all(isinstance(ix, slice) for ix in self.meshes)
+        self.bounds = np.array([b for ix in self.meshes for b in (ix.start, ix.stop)] if self.contiguous
+                               else [], dtype=np.int64)
+
+    def mesh_loads(self, load: np.ndarray) -> np.ndarray:
+        """The busiest rank's load on each of the call's meshes."""
+        if self.contiguous:
+            return np.maximum.reduceat(load, self.bounds)[::2]
+        return np.array([load[ix].max() for ix in self.meshes])
+
+
+def _mesh_key(idx) -> tuple:
+    return (idx.start, idx.stop) if isinstance(idx, slice) else tuple(idx.tolist())
 
 
 def _index(ranks) -> slice | np.ndarray:
