@@ -31,6 +31,11 @@ GENERATE, INFER, TRAIN = "gen", "inf", "train"
 # how often it runs
 STEP, UPDATE, ROUND = "step", "update", "round"
 
+# the timer (``time/dataflow`` in metrics.jsonl) of a step's whole dataflow, wall time: every
+# phase (its calls and their gather), refill and blend, calls on disjoint meshes overlapping. It is
+# what the planner prices as the step (each call also has its own ``time/<call>``)
+DATAFLOW_TIMER = "dataflow"
+
 
 @dataclass(frozen=True)
 class Call:

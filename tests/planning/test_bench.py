@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meshrl.engine.data.jsonl import write_jsonl
-from meshrl.planning.bench import bench_config, format_bench
+from meshrl.planning.bench import STEP_ROW, bench_config, format_bench
 from meshrl.engine.runtime.config import load_run_config
 from meshrl.engine.tasks import make_dataset
 from meshrl.study.setup import init_scratch_model
@@ -41,7 +41,7 @@ def test_plan_estimate_against_measured_cpu_run(tmp_path, one_thread):
     assert res["plan"].rates.device == "cpu"
     rows = {r["call"]: r for r in res["rows"]}
     for name in ("actor_gen", "actor_inf", "ref_inf", "critic_inf", "actor_train", "critic_train",
-                 "total (modelled calls)"):
+                 STEP_ROW):
         m, e = rows[name]["measured_s"], rows[name]["estimated_s"]
         assert math.isfinite(m) and math.isfinite(e) and m > 0 and e > 0, name
         assert 0.1 < e / m < 10, (name, m, e)
@@ -75,7 +75,7 @@ def test_supervised_plan_estimate_against_measured_cpu_run(tmp_path, one_thread,
     assert plan.workload.tokens == pytest.approx(
         16 * per_example * (work["prompt_len"] + work["response_len"]))
     rows = {r["call"]: r for r in res["rows"]}
-    for name in ("actor_train", "total (modelled calls)") + (("ref_inf",) if algorithm == "dpo" else ()):
+    for name in ("actor_train", STEP_ROW) + (("ref_inf",) if algorithm == "dpo" else ()):
         m, e = rows[name]["measured_s"], rows[name]["estimated_s"]
         assert math.isfinite(m) and math.isfinite(e) and m > 0 and e > 0, name
         assert 0.1 < e / m < 10, (name, m, e)

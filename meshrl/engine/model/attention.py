@@ -2,7 +2,8 @@
 
 Packed: tokens of B sequences are concatenated into one [N, heads, head_dim] tensor, and
 ``cu_seqlens`` (int32 [B+1]) marks the boundaries. On CUDA a varlen flash kernel runs all sequences
-at once; on CPU (where that op does not exist) each sequence goes through SDPA.
+at once; on CPU (where that op does not exist) SDPA runs over blocks of whole sequences, each with
+its block-diagonal causal mask (`DENSE_BLOCK_TOKENS`).
 """
 from __future__ import annotations
 
@@ -106,28 +107,64 @@ def varlen_causal_attention(q, k, v, meta: PackedMeta, *, window: int | None = N
             k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         cu = meta.cu_seqlens.to(q.device, torch.int32)
         return style["fn"](q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
-    lengths = meta.lengths
-    if len(lengths) > 1 and q.shape[0] <= _DENSE_MASK_MAX_TOKENS:
-        return _block_diagonal_sdpa(q, k, v, lengths, window)
-    return _per_sequence_sdpa(q, k, v, lengths, window)
+    return _blocked_sdpa(q, k, v, meta.lengths, window)
 
 
-# Many short sequences (RL responses) make a per-sequence loop slow on CPU; up to this many tokens
-# one SDPA call with a block-diagonal causal mask is cheaper (the N² mask stays a few MB).
-_DENSE_MASK_MAX_TOKENS = 2048
+# Many short sequences (RL responses) make a per-sequence SDPA loop slow on CPU, and one SDPA with
+# an N×N block-diagonal mask over a whole microbatch costs N² (two thirds of a CPU PPO step at
+# N = 2,800). Consecutive sequences are grouped into blocks of at most this many tokens, and the
+# blocks run as one batched SDPA, each with its block-diagonal causal mask: N·DENSE_BLOCK_TOKENS.
+# A longer sequence runs on its own (plain causal SDPA).
+DENSE_BLOCK_TOKENS = 256
 
 
-def _block_diagonal_sdpa(q, k, v, lengths, window):
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
-                                  torch.tensor(lengths, device=q.device))
-    i = torch.arange(q.shape[0], device=q.device)
-    mask = (seq[:, None] == seq[None, :]) & (i[None, :] <= i[:, None])
-    if window is not None:
-        mask &= i[:, None] - i[None, :] < window
-    qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask,
-                                         enable_gqa=k.shape[1] != q.shape[1])
-    return out.squeeze(0).transpose(0, 1)
+def _blocked_sdpa(q, k, v, lengths, window):
+    starts = [0]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    blocks, cur, filled, long = [], [], 0, []  # blocks: lists of sequence indices
+    for i, n in enumerate(lengths):
+        if cur and (n > DENSE_BLOCK_TOKENS or filled + n > DENSE_BLOCK_TOKENS):
+            blocks.append(cur)  # a block holds consecutive tokens
+            cur, filled = [], 0
+        if n > DENSE_BLOCK_TOKENS:
+            long.append(i)
+        elif n:
+            cur.append(i)
+            filled += n
+    if cur:
+        blocks.append(cur)
+    if not long and len(blocks) <= 1 and sum(map(len, blocks)) <= 1:  # no or one sequence
+        return _per_sequence_sdpa(q, k, v, lengths, window)
+    out = torch.empty_like(q) if long else None
+    if blocks:
+        width = max(sum(lengths[j] for j in b) for b in blocks)
+        # token index of each (block, slot), the sequence it belongs to (-1: padding) and its
+        # position in the block; padding attends to padding only, so no row is fully masked
+        index = torch.zeros(len(blocks), width, dtype=torch.long)
+        seq = torch.full((len(blocks), width), -1, dtype=torch.long)
+        for g, b in enumerate(blocks):
+            lo, hi = starts[b[0]], starts[b[-1] + 1]
+            index[g, :hi - lo] = torch.arange(lo, hi)
+            seq[g, :hi - lo] = torch.repeat_interleave(torch.tensor(b), torch.tensor([lengths[j] for j in b]))
+        index, seq = index.to(q.device), seq.to(q.device)
+        pos = torch.arange(width, device=q.device)
+        mask = (seq[:, :, None] == seq[:, None, :]) & (pos[None, None, :] <= pos[None, :, None])
+        if window is not None:
+            mask &= pos[None, :, None] - pos[None, None, :] < window
+        qs, ks, vs = (t[index].transpose(1, 2) for t in (q, k, v))  # [blocks, heads, width, dim]
+        res = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None],
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        res = res.transpose(1, 2).reshape(-1, *q.shape[1:])
+        valid = (seq >= 0).reshape(-1).nonzero().squeeze(1)  # block order is token order
+        if out is None:
+            return res.index_select(0, valid)
+        tokens = index.reshape(-1).index_select(0, valid)
+        out[tokens] = res.index_select(0, valid)
+    for i in long:
+        sl = slice(starts[i], starts[i + 1])
+        out[sl] = _per_sequence_sdpa(q[sl], k[sl], v[sl], [lengths[i]], window)
+    return out
 
 
 def _per_sequence_sdpa(q, k, v, lengths, window):

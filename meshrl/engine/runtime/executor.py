@@ -6,14 +6,25 @@ calls (`meshrl.engine.dataflow`) and records what each step executed; it keeps n
 or schedules (`RunServices`) and knows nothing of an algorithm's math (the loops)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
-from meshrl.engine.dataflow import TRAIN_CALLS, Call, dataflow
+from meshrl.engine.dataflow import DATAFLOW_TIMER, TRAIN_CALLS, Call, dataflow
 
 from .config import RunConfig, RunConfigError
 from .models import ModelRuntime, build_layouts, complete_calls, load_model_config, model_heads
 from .placement import View, all_gather_objects, blend_into, is_reporter, share
+
+
+def _in_dataflow(method):
+    """An executor operation the step's dataflow time counts (`Executor._dataflow_time`)."""
+    @functools.wraps(method)
+    def timed_method(self, *args, **kwargs):
+        with self._dataflow_time():
+            return method(self, *args, **kwargs)
+    return timed_method
 
 
 @dataclass
@@ -61,6 +72,21 @@ class Executor:
                       if self.layouts[call] is not self.model(call).layout}
         self.realloc_bytes: dict[str, int] = {}
         self.executed: list[dict] = []  # this step's gathers, refills and blends, in order
+        self._in_dataflow = False
+
+    @contextlib.contextmanager
+    def _dataflow_time(self):
+        """Time the outermost executor operation under DATAFLOW_TIMER (an operation issued inside
+        another is already counted)."""
+        if self._in_dataflow:
+            yield
+            return
+        self._in_dataflow = True
+        try:
+            with self.timed(DATAFLOW_TIMER, label="the dataflow"):
+                yield
+        finally:
+            self._in_dataflow = False
 
     def pop_executed(self) -> list[dict]:
         """What the executor did since the last call (the step's dataflow record)."""
@@ -99,6 +125,7 @@ class Executor:
         view = self.views.get(call)
         return view.stage if view is not None else self.model(call).stage
 
+    @_in_dataflow
     def prepare(self, call: str):
         """Bring a view call's weights up to date (collective over the world: every rank calls
         this for the same calls in the same order)."""
@@ -118,6 +145,7 @@ class Executor:
         work such as a verifier, which must not run tp·pp times over)."""
         return self.run_sharded_many([Job(call, items, fn, reporter_only=reporter_only)])[0]
 
+    @_in_dataflow
     def run_sharded_many(self, jobs: list["Job"]) -> list[list]:
         """Several sharded calls with one gather at the end: calls on disjoint meshes compute at the
         same time (a rank runs only the calls its layouts include), and every rank gets every result."""
@@ -149,6 +177,7 @@ class Executor:
         metrics reach every rank."""
         return self.train_calls([TrainJob(call, items, make_batches, loss_fn_of)])[0]
 
+    @_in_dataflow
     def train_calls(self, jobs: list["TrainJob"]) -> list[dict]:
         """Several models' optimizer steps with one gather of their metrics at the end: models
         trained on disjoint meshes step at the same time (a rank steps only the models whose
@@ -172,6 +201,7 @@ class Executor:
                     outs[k] = metrics
         return outs
 
+    @_in_dataflow
     def blend(self, dst: str, src: str, alpha: float | None):
         """dst model ← α·dst + (1−α)·src (EMA), or a copy when alpha is None."""
         blend_into(self.models[dst], self.models[src], self._blend_plans, alpha=alpha,
