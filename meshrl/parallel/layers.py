@@ -55,11 +55,18 @@ class ColumnParallelLinear(nn.Module):
             self.bias = _param((rows,), ShardSpec("", (out_features,), 0, start, stop),
                                dtype=dtype, device=device, partial=replicated)
 
-    def forward(self, x):
+    def enter(self, x):
+        """``x`` brought into the tensor-parallel region: a copy whose gradient is all-reduced, or
+        under sequence parallelism an all-gather of the tokens (a reduce-scatter backward). Linears
+        sharing an input (q, k, v; gate, up) enter it once and take ``entered=True``: one
+        collective each way per input, as the cost model counts, not one per linear."""
         if self.sequence_parallel:
-            x = mappings.gather_from_sequence(x, self.group)
-        else:
-            x = mappings.copy_to_tp(x, self.group)
+            return mappings.gather_from_sequence(x, self.group)
+        return mappings.copy_to_tp(x, self.group)
+
+    def forward(self, x, entered: bool = False):
+        if not entered:
+            x = self.enter(x)
         y = F.linear(x, self.weight, self.bias)
         return mappings.gather_from_tp(y, self.group) if self.gather_output else y
 

@@ -222,31 +222,43 @@ def _fit(rows: list[tuple], names: list[str]) -> dict[str, float]:
 
 
 def _gloo_links(rank: int, port: int, out) -> None:
-    """Rank ``rank`` of a two-process gloo group: the p2p bandwidth and all-reduce latency it
-    measures go to ``out`` (rank 0's only)."""
+    """Rank ``rank`` of a two-process gloo group: all-reduces of 4 KB to 4 MB, each issued after a
+    few matmuls as a model's layers issue them (so a time includes waking the rank that waited, which
+    back-to-back collectives hide: 0.1 ms against ~1 ms on a 2-core host), fit to the cost model's
+    all-reduce on two ranks, latency + bytes / bandwidth. Both ranks' medians, averaged, go to
+    ``out`` from rank 0."""
     import datetime
 
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=120))
-    x = torch.zeros(4 << 20)  # 16 MB
-    small = torch.zeros(1)
-
-    def p2p():
-        if dist.get_rank() == 0:
-            dist.send(x, 1)
-        else:
-            dist.recv(x, 0)
-    bw = x.numel() * 4 / _median(p2p)
-    lat = _median(lambda: [dist.all_reduce(small) for _ in range(20)]) / 20
+    a = torch.randn(192, 192, generator=torch.Generator().manual_seed(0)) / 192 ** 0.5
+    sizes = (4 << 10, 64 << 10, 512 << 10, 4 << 20)
+    medians = torch.zeros(len(sizes), dtype=torch.float64)
+    for i, nbytes in enumerate(sizes):
+        x = torch.zeros(nbytes // 4)
+        times = []
+        for _ in range(65):
+            b = a
+            for _ in range(4):
+                b = a @ b
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            times.append(time.perf_counter() - t0)
+        medians[i] = statistics.median(times[5:])
+    dist.all_reduce(medians)
+    medians /= 2
     if rank == 0:
-        out.put({"link_gbps": bw / 1e9, "latency_s": lat})
+        fit = _fit([(1.0, n, t) for n, t in zip(sizes, medians.tolist())], ["latency_s", "s_per_byte"])
+        out.put({"link_gbps": 1e-9 / fit["s_per_byte"] if fit["s_per_byte"] else math.inf,
+                 "latency_s": fit["latency_s"]})
     dist.destroy_process_group()
 
 
 def measure_links() -> dict[str, float]:
-    """Two spawned processes over gloo on this host: link bandwidth and collective latency."""
+    """Two spawned processes over gloo on this host: link bandwidth and collective latency, as
+    all-reduces between computations see them (`_gloo_links`)."""
     import multiprocessing as mp
     import socket
     with socket.socket() as sock:
@@ -266,32 +278,39 @@ def measure_links() -> dict[str, float]:
 
 def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
     """Fit the cost model's CPU terms to meshrl's own train step, forward, decode and optimizer on
-    small Llamas (hidden 64 and 256, 1 and 4 layers, 64 and 1024 tokens)."""
+    small Llamas (hidden 128 and 256, 1 and 4 layers) over microbatches shaped like RL's: many
+    short sequences packed (16 and 64 sequences of 24 tokens)."""
     from meshrl.engine.algorithms.calls import logprobs_call, sft_call
     from meshrl.engine.batch import pack
     from meshrl.engine.generate import generate
     from meshrl.engine.model import build_stage, config_from_hf_dict
+    from meshrl.engine.model.attention import DENSE_BLOCK_TOKENS
     from meshrl.engine.sampling import SamplingParams
     from meshrl.engine.train import OptimConfig, Trainer, infer
     from meshrl.parallel.layout import ParallelLayout
+
+    from .costmodel import attention_macs, attention_span
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     train, fwd, opt, dec = [], [], [], []
-    for h in (64, 256):
+    for h in (128, 256):
         for layers in (1, 4):
             cfg = config_from_hf_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 64,
-                                       "hidden_size": h, "intermediate_size": 2 * h,
+                                       "hidden_size": h, "intermediate_size": 3 * h,
                                        "num_hidden_layers": layers, "num_attention_heads": 4,
                                        "num_key_value_heads": 2, "max_position_embeddings": 1024})
             stage = build_stage(ParallelLayout(ranks=[0]), config=cfg, seed=0)
             P, trainer = cfg.num_params(), Trainer(stage, OptimConfig(lr=1e-6))
-            for n, length in ((4, 16), (16, 64)):
+            for n, length in ((16, 24), (64, 24)):
                 mb = pack(torch.randint(1, 64, (n, length), generator=g).tolist(), loss_from=[0] * n)
                 t_opt = _median(trainer.opt.step)
                 t_step = _median(lambda tr=trainer, mb=mb, t=n * length: tr.step([mb], sft_call(t)))
-                train.append((1, layers, 6 * P * n * length, t_step - t_opt))
+                # multiply-adds per token as the cost model counts them: parameters and attention
+                macs = P + layers * attention_macs(cfg, 1, attention_span(length, n * length,
+                                                                          DENSE_BLOCK_TOKENS))
+                train.append((1, layers, 6 * macs * n * length, t_step - t_opt))
                 opt.append((1, P, t_opt))
-                fwd.append((1, layers, 2 * P * n * length, _median(
+                fwd.append((1, layers, 2 * macs * n * length, _median(
                     lambda st=stage, mb=mb: infer(st, [mb], logprobs_call(1.0)))))
             for b in (4, 32):
                 prompts = torch.randint(1, 64, (b, 8), generator=g).tolist()
@@ -300,7 +319,7 @@ def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
                     sp = SamplingParams(max_new_tokens=steps, min_new_tokens=steps, top_k=0, seed=0)
                     return lambda: generate(st, prompts, sp)
                 dec.append((layers, 2 * P * b, (_median(gen(16), 3) - _median(gen(4), 3)) / 12))
-    out = {}
+    out = {"dense_attention_block": DENSE_BLOCK_TOKENS}
     t = _fit(train, ["train_mb_s", "train_layer_s", "inv_rate"])
     out.update(train_mb_s=t["train_mb_s"], train_layer_s=t["train_layer_s"],
                train_tflops=1e-12 / t["inv_rate"] if t["inv_rate"] else math.inf)

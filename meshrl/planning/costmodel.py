@@ -127,8 +127,12 @@ class Workload:
         return self.sequences + self.extra_generated
 
     @property
+    def seq_len(self) -> float:
+        return self.prompt_len + self.response_len
+
+    @property
     def tokens(self) -> float:
-        return self.sequences * (self.prompt_len + self.response_len)
+        return self.sequences * self.seq_len
 
 
 # Sequences per optimizer step of the supervised algorithms: a pair is two sequences.
@@ -288,18 +292,38 @@ def _stages(s: CallShape):
     return [(i, stage_params(s, i), stage_layer_count(s, i)) for i in range(s.pp)]
 
 
+def attention_span(seq_len: float, mb_tokens: float, dense_block: int) -> float:
+    """Keys a token's attention reads, on average, in a packed microbatch of sequences of
+    ``seq_len`` tokens: half its sequence under a causal kernel (``dense_block`` 0: the GPU's
+    varlen kernels), else a whole dense block of whole sequences (the CPU path, one SDPA over
+    blocks of at most ``dense_block`` tokens); a longer sequence runs alone."""
+    if not dense_block:
+        return seq_len / 2
+    if seq_len > dense_block:
+        return seq_len
+    return min(mb_tokens, dense_block)
+
+
+def attention_macs(mcfg: ModelConfig, tp: int, span: float) -> float:
+    """Multiply-adds per token per layer of attention's scores and weighted sum (QKᵀ and AV) over
+    ``span`` keys, on one rank of ``tp``: what the parameter count (P per token) leaves out."""
+    return 2 * mcfg.num_attention_heads // tp * mcfg.head_dim * span
+
+
 def _forward_pass(s: CallShape, tokens_rep, mb_tokens, r: Rates, links: Links,
-                  *, train: bool, ckpt: bool = False) -> tuple[float, dict]:
-    """One pass over ``tokens_rep`` tokens per replica in microbatches through the pipeline."""
+                  *, train: bool, seq_len: float, ckpt: bool = False) -> tuple[float, dict]:
+    """One pass over ``tokens_rep`` tokens per replica (sequences of ``seq_len`` tokens) in
+    microbatches through the pipeline."""
     h, dt, pp = s.mcfg.hidden_size, s.dt, s.pp
     m = max(1, math.ceil(tokens_rep / mb_tokens))
     mbt = tokens_rep / m
     k, colls = (8 if ckpt else 6, 6 if ckpt else 4) if train else (2, 2)
     rate = (r.train_tflops if train else r.fwd_tflops) * 1e12
     fixed, per_layer = (r.train_mb_s, r.train_layer_s) if train else (r.fwd_mb_s, r.fwd_layer_s)
+    attn = attention_macs(s.mcfg, s.tp, attention_span(seq_len, mbt, r.dense_attention_block))
     worst, parts = 0.0, {}
     for _, P, layers in _stages(s):
-        comp = k * P * mbt / rate
+        comp = k * (P + layers * attn) * mbt / rate
         comm = colls * layers * links.tp.all_reduce(mbt * h * dt)
         over = fixed + layers * per_layer
         if comp + comm + over > worst:
@@ -312,17 +336,18 @@ def _forward_pass(s: CallShape, tokens_rep, mb_tokens, r: Rates, links: Links,
     return worst * slots + p2p * slots, out
 
 
-def forward_time(s: CallShape, *, tokens, mb_tokens, r: Rates, links: Links) -> CallTime:
-    secs, parts = _forward_pass(s, tokens / s.dp, mb_tokens, r, links, train=False)
+def forward_time(s: CallShape, *, tokens, mb_tokens, seq_len, r: Rates, links: Links) -> CallTime:
+    secs, parts = _forward_pass(s, tokens / s.dp, mb_tokens, r, links, train=False, seq_len=seq_len)
     return CallTime(secs, tokens, 2 * s.mcfg.num_params(value_head=s.head == "value") * tokens,
                     s.gpus, parts)
 
 
-def train_time(s: CallShape, *, tokens, mb_tokens, updates, zero1, ckpt,
+def train_time(s: CallShape, *, tokens, mb_tokens, seq_len, updates, zero1, ckpt,
                r: Rates, links: Links) -> CallTime:
     """``updates`` optimizer steps (minibatches × epochs) over ``tokens`` per epoch in all."""
     per_update = tokens / updates
-    secs, parts = _forward_pass(s, per_update / s.dp, mb_tokens, r, links, train=True, ckpt=ckpt)
+    secs, parts = _forward_pass(s, per_update / s.dp, mb_tokens, r, links, train=True, ckpt=ckpt,
+                                seq_len=seq_len)
     P = max(p for _, p, _ in _stages(s))
     if zero1:
         sync = links.dp.half(4 * P) + links.dp.half(s.dt * P)
@@ -355,7 +380,8 @@ def generate_time(s: CallShape, *, prompts, prompt_len, new_tokens, decode_steps
         compute, over, comm = compute + c, over + o, comm + t
     p2p = (pp - 1) * links.pp.p2p(b * h * dt)
     step = compute + over + comm + p2p + r.decode_step_s
-    prefill, _ = _forward_pass(s, b * prompt_len, b * prompt_len, r, links, train=False)
+    prefill, _ = _forward_pass(s, b * prompt_len, b * prompt_len, r, links, train=False,
+                               seq_len=prompt_len)
     secs = n_batches * (prefill + decode_steps * step)
     parts = {"decode_memory": n_batches * decode_steps * compute,
              "overhead": n_batches * decode_steps * (over + r.decode_step_s),

@@ -354,10 +354,11 @@ def call_time(p: CallPlan, cfg: RunConfig, r: Rates, wl: cm.Workload) -> cm.Call
                                 new_tokens=wl.response_len, decode_steps=wl.decode_steps,
                                 batch_size=cfg.generation.batch_size, r=r, links=links)
     if p.kind == "train":
-        return cm.train_time(p.shape, tokens=wl.tokens * wl.epochs,
-                             mb_tokens=s.microbatch_tokens, updates=wl.updates, zero1=m.optim.zero1,
+        return cm.train_time(p.shape, tokens=wl.tokens * wl.epochs, mb_tokens=s.microbatch_tokens,
+                             seq_len=wl.seq_len, updates=wl.updates, zero1=m.optim.zero1,
                              ckpt=m.activation_checkpointing, r=r, links=links)
-    return cm.forward_time(p.shape, tokens=wl.tokens, mb_tokens=s.microbatch_tokens, r=r, links=links)
+    return cm.forward_time(p.shape, tokens=wl.tokens, mb_tokens=s.microbatch_tokens,
+                           seq_len=wl.seq_len, r=r, links=links)
 
 
 def _times(report: PlanReport):

@@ -39,6 +39,9 @@ class Rates:
     fwd_mb_s: float = 0.0
     opt_fixed_s: float = 0.0
     link_gbps: float | None = None  # replaces the cluster's link rates (CPU: gloo, measured)
+    # tokens per dense attention block (CPU: SDPA over blocks of whole sequences, every token
+    # reading its block's keys); 0: a causal kernel per sequence (GPU)
+    dense_attention_block: int = 0
     sources: dict = field(default_factory=dict)
 
 

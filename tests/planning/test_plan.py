@@ -130,10 +130,11 @@ def _supervised_cfg(algorithm, overrides=(), **section):
                                                          ("rm", "rm_train", 2), ("dpo", "actor_train", 2)])
 def test_supervised_step_estimates(algorithm, train, per_example):
     """One update on the batch's data sequences (max_len tokens each; a pair is two), plus the
-    reference's log-probs for DPO; twice the batch, twice the compute."""
-    small = plan_config(_supervised_cfg(algorithm, batch_size=8), device="cpu")
-    big = plan_config(_supervised_cfg(algorithm, batch_size=16), device="cpu")
-    assert small.workload.tokens == 8 * per_example * 24 and small.workload.updates == 1
+    reference's log-probs for DPO; twice the batch, twice the compute (microbatches of at least
+    the CPU's dense attention block, so that each token's attention span stays the same)."""
+    small = plan_config(_supervised_cfg(algorithm, batch_size=64), device="cpu")
+    big = plan_config(_supervised_cfg(algorithm, batch_size=128), device="cpu")
+    assert small.workload.tokens == 64 * per_example * 24 and small.workload.updates == 1
     timed = {p.name: p.time for p in small.calls if p.time is not None}
     assert set(timed) == ({"ref_inf", train} if algorithm == "dpo" else {train})
     assert small.step_seconds == pytest.approx(sum(t.seconds for t in timed.values()))

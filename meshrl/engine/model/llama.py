@@ -59,9 +59,10 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, layout, bias=cfg.o_bias, **kw)
 
     def forward(self, x, cos, sin, meta: PackedMeta, cache=None):
-        q = self.q_proj(x).view(-1, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(-1, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(-1, self.n_kv, self.head_dim)
+        x = self.q_proj.enter(x)  # one input collective for q, k and v
+        q = self.q_proj(x, entered=True).view(-1, self.n_heads, self.head_dim)
+        k = self.k_proj(x, entered=True).view(-1, self.n_kv, self.head_dim)
+        v = self.v_proj(x, entered=True).view(-1, self.n_kv, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             o = cache.attend(self.layer_idx, q, k, v, meta, window=self.window)
@@ -80,7 +81,8 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(f, h, layout, **kw)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        x = self.gate_proj.enter(x)  # one input collective for gate and up
+        return self.down_proj(F.silu(self.gate_proj(x, entered=True)) * self.up_proj(x, entered=True))
 
 
 class DecoderLayer(nn.Module):
