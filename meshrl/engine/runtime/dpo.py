@@ -11,7 +11,7 @@ import torch
 from meshrl.engine.algorithms.calls import dpo_call
 from meshrl.engine.dataflow import ACTOR_GEN, ACTOR_TRAIN, REF_INF, ROUND
 
-from .common import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, held_out,
+from .loop import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, held_out,
                      held_out_prompts, run_loop, step_count, train_prompts, training_data)
 from .rollout import sample, sampling_params, score
 from .supervised import _load_pairs, pair_microbatches, pair_position_logps

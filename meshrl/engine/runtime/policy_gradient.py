@@ -27,7 +27,7 @@ from meshrl.engine.data.datasets import PromptExample
 from meshrl.engine.train import global_seq_count, global_token_count
 from meshrl.kernels import gae, masked_whiten
 
-from .common import (epoch_order, evaluate_pass_rate, global_batch, held_out_prompts, run_loop,
+from .loop import (epoch_order, evaluate_pass_rate, global_batch, held_out_prompts, run_loop,
                      train_prompts)
 from .context import TrainJob
 from .rollout import (Rollout, dump, flatten, logprobs_job, microbatches, sample, sampling_params,

@@ -9,7 +9,7 @@ from meshrl.engine.data.preference import load_pairs
 from meshrl.engine.dataflow import ACTOR_TRAIN, RM_TRAIN
 from meshrl.engine.train import global_token_count, infer
 
-from .common import (data_lengths, evaluate_pass_rate, global_batch, held_out, held_out_prompts,
+from .loop import (data_lengths, evaluate_pass_rate, global_batch, held_out, held_out_prompts,
                      loaded, run_loop, step_count, training_data)
 
 

@@ -7,7 +7,7 @@ import types
 import pytest
 
 from meshrl.engine.data.jsonl import DataError
-from meshrl.engine.runtime.common import load_prompt_file, run_loop
+from meshrl.engine.runtime.loop import load_prompt_file, run_loop
 from meshrl.engine.tasks.arithmetic import ArithmeticVerifier
 from meshrl.engine.tasks.char_tokenizer import CharTokenizer
 from meshrl.engine.tasks.code import CodeVerifier
@@ -82,7 +82,7 @@ def test_dropped_records_are_reported_and_none_left_is_an_error(tmp_path, capsys
 
 
 def test_held_out_prompts_are_scored_by_the_verifier_else_the_reward_model():
-    from meshrl.engine.runtime.common import held_out_metric
+    from meshrl.engine.runtime.loop import held_out_metric
 
     def ctx(alg, verifier, reward_model):
         return types.SimpleNamespace(verifier=verifier, cfg=types.SimpleNamespace(

@@ -7,7 +7,7 @@ import warnings
 import pytest
 
 from meshrl.engine import checkpoint
-from meshrl.engine.runtime.common import run_loop
+from meshrl.engine.runtime.loop import run_loop
 from meshrl.engine.runtime.config import RunConfigError
 
 
@@ -102,7 +102,7 @@ def test_a_checkpoint_restores_every_random_generator(tmp_path):
 
 
 def test_a_resume_on_other_training_data_is_refused(tmp_path):
-    from meshrl.engine.runtime.common import training_data
+    from meshrl.engine.runtime.loop import training_data
     ctx = types.SimpleNamespace(host_state={}, cfg=types.SimpleNamespace(
         run_dir=str(tmp_path), data=types.SimpleNamespace(train="train.jsonl")))
     assert training_data(ctx, [1, 2, 3]) == [1, 2, 3]

@@ -1,4 +1,4 @@
-"""Pieces every algorithm loop shares: data order, global means, evaluation, the loop driver."""
+"""The loop driver and the pieces every algorithm loop shares: data order, global means, evaluation."""
 from __future__ import annotations
 
 import time
