@@ -276,10 +276,13 @@ def measure_links() -> dict[str, float]:
             p.join(timeout=60)
 
 
-def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
-    """Fit the cost model's CPU terms to meshrl's own train step, forward, decode and optimizer on
-    small Llamas (hidden 128 and 256, 1 and 4 layers) over microbatches shaped like RL's: many
-    short sequences packed (16 and 64 sequences of 24 tokens)."""
+def _measure_rows(threads: int, barrier=None) -> dict[str, list[tuple]]:
+    """meshrl's own train step, forward, decode, optimizer and a large copy on small Llamas (hidden
+    64, 128 and 256, 1 and 4 layers) over microbatches shaped like RL's: many short sequences
+    packed (8 of 16, 16 and 64 of 24 tokens), as regression rows (terms..., seconds). The hidden
+    sizes separate the matrix work (∝ h²) from the elementwise work (∝ h) that tensor parallelism
+    does not split; the 128-token microbatch (a narrower dense attention block) separates attention
+    from the latter. ``barrier``: wait for the other measuring processes before starting."""
     from meshrl.engine.algorithms.calls import logprobs_call, sft_call
     from meshrl.engine.batch import pack
     from meshrl.engine.generate import generate
@@ -291,9 +294,11 @@ def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
 
     from .costmodel import attention_macs, attention_span
     torch.set_num_threads(threads)
+    if barrier is not None:
+        barrier.wait()
     g = torch.Generator().manual_seed(0)
     train, fwd, opt, dec = [], [], [], []
-    for h in (128, 256):
+    for h in (64, 128, 256):
         for layers in (1, 4):
             cfg = config_from_hf_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 64,
                                        "hidden_size": h, "intermediate_size": 3 * h,
@@ -301,16 +306,17 @@ def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
                                        "num_key_value_heads": 2, "max_position_embeddings": 1024})
             stage = build_stage(ParallelLayout(ranks=[0]), config=cfg, seed=0)
             P, trainer = cfg.num_params(), Trainer(stage, OptimConfig(lr=1e-6))
-            for n, length in ((16, 24), (64, 24)):
+            for n, length in ((8, 16), (16, 24), (64, 24)):
                 mb = pack(torch.randint(1, 64, (n, length), generator=g).tolist(), loss_from=[0] * n)
                 t_opt = _median(trainer.opt.step)
                 t_step = _median(lambda tr=trainer, mb=mb, t=n * length: tr.step([mb], sft_call(t)))
                 # multiply-adds per token as the cost model counts them: parameters and attention
                 macs = P + layers * attention_macs(cfg, 1, attention_span(length, n * length,
                                                                           DENSE_BLOCK_TOKENS))
-                train.append((1, layers, 6 * macs * n * length, t_step - t_opt))
+                elem = layers * h * n * length
+                train.append((1, layers, 6 * macs * n * length, elem, t_step - t_opt))
                 opt.append((1, P, t_opt))
-                fwd.append((1, layers, 2 * macs * n * length, _median(
+                fwd.append((1, layers, 2 * macs * n * length, elem, _median(
                     lambda st=stage, mb=mb: infer(st, [mb], logprobs_call(1.0)))))
             for b in (4, 32):
                 prompts = torch.randint(1, 64, (b, 8), generator=g).tolist()
@@ -319,12 +325,42 @@ def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
                     sp = SamplingParams(max_new_tokens=steps, min_new_tokens=steps, top_k=0, seed=0)
                     return lambda: generate(st, prompts, sp)
                 dec.append((layers, 2 * P * b, (_median(gen(16), 3) - _median(gen(4), 3)) / 12))
+    x, y = torch.empty(16 << 20), torch.empty(16 << 20)  # 64 MB each
+    copy = [(x.numel() * 4, _median(lambda: y.copy_(x)))]
+    return {"train": train, "fwd": fwd, "opt": opt, "dec": dec, "copy": copy}
+
+
+def _rows_worker(threads: int, barrier, out) -> None:
+    out.put(_measure_rows(threads, barrier))
+
+
+def measure_cpu_rates(threads: int = 1, procs: int = 2) -> dict[str, float]:
+    """The cost model's CPU terms, fitted to `_measure_rows` as ``procs`` processes measure them at
+    once (one per core, as a run's ranks compute: a core runs ~1.4x slower while the other computes
+    too), their seconds averaged row by row; then the gloo links (`measure_links`)."""
+    import multiprocessing as mp
+
+    from meshrl.engine.model.attention import DENSE_BLOCK_TOKENS
+    ctx = mp.get_context("spawn")
+    out, barrier = ctx.Queue(), ctx.Barrier(procs)
+    workers = [ctx.Process(target=_rows_worker, args=(threads, barrier, out)) for _ in range(procs)]
+    for w in workers:
+        w.start()
+    try:
+        parts = [out.get(timeout=1200) for _ in workers]
+    finally:
+        for w in workers:
+            w.join(timeout=60)
+    rows = {k: [r[:-1] + (statistics.mean(p[k][i][-1] for p in parts),) for i, r in enumerate(v)]
+            for k, v in parts[0].items()}
+    train, fwd, opt, dec = rows["train"], rows["fwd"], rows["opt"], rows["dec"]
     out = {"dense_attention_block": DENSE_BLOCK_TOKENS}
-    t = _fit(train, ["train_mb_s", "train_layer_s", "inv_rate"])
+    t = _fit(train, ["train_mb_s", "train_layer_s", "inv_rate", "train_elem_s"])
     out.update(train_mb_s=t["train_mb_s"], train_layer_s=t["train_layer_s"],
+               train_elem_s=t["train_elem_s"],
                train_tflops=1e-12 / t["inv_rate"] if t["inv_rate"] else math.inf)
-    f = _fit(fwd, ["fwd_mb_s", "fwd_layer_s", "inv_rate"])
-    out.update(fwd_mb_s=f["fwd_mb_s"], fwd_layer_s=f["fwd_layer_s"],
+    f = _fit(fwd, ["fwd_mb_s", "fwd_layer_s", "inv_rate", "fwd_elem_s"])
+    out.update(fwd_mb_s=f["fwd_mb_s"], fwd_layer_s=f["fwd_layer_s"], fwd_elem_s=f["fwd_elem_s"],
                fwd_tflops=1e-12 / f["inv_rate"] if f["inv_rate"] else math.inf)
     o = _fit(opt, ["opt_fixed_s", "opt_s_per_param"])
     out.update(o)
@@ -332,21 +368,21 @@ def measure_cpu_rates(threads: int = 1) -> dict[str, float]:
     d = _fit([(1, layers, max(0.0, y - flops / (out["fwd_tflops"] * 1e12))) for layers, flops, y in dec],
              ["decode_step_s", "decode_layer_s"])
     out.update(d)
-    x, y = torch.empty(16 << 20), torch.empty(16 << 20)  # 64 MB each
-    t_copy = _median(lambda: y.copy_(x))
-    out.update(copy_tbps=2 * x.numel() * 4 / t_copy / 1e12, local_copy_gbps=x.numel() * 4 / t_copy / 1e9)
+    nbytes, t_copy = rows["copy"][0]
+    out.update(copy_tbps=2 * nbytes / t_copy / 1e12, local_copy_gbps=nbytes / t_copy / 1e9)
     out.update(measure_links())
     return out
 
 
-def calibrate(path: str | None = None, threads: int = 1) -> dict:
+def calibrate(path: str | None = None, threads: int = 1, procs: int = 2) -> dict:
     """Measure the CPU rates and write them as ``devices.cpu`` of the rates file."""
     path = path or default_rates_path()
-    values = measure_cpu_rates(threads)
+    values = measure_cpu_rates(threads, procs)
     with open(path) as f:
         doc = json.load(f)
     src = (f"meshrl.planning.bench --calibrate, {time.strftime('%Y-%m-%d')}, "
-           f"{platform.machine()} {os.cpu_count()} cores, {threads} torch thread(s), torch {torch.__version__}")
+           f"{platform.machine()} {os.cpu_count()} cores, {procs} processes measuring at once, "
+           f"{threads} torch thread(s) each, torch {torch.__version__}")
     doc["devices"]["cpu"] = {"aliases": [f"cpu-{platform.machine()}"], "doc": src,
                              **{k: {"value": v, "source": src} for k, v in sorted(values.items())}}
     with open(path, "w") as f:
@@ -360,6 +396,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="measure CPU rates for meshrl plan")
     ap.add_argument("--calibrate", action="store_true", required=True)
     ap.add_argument("--rates", help="rates file to update (default benchmarks/rates.json)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    ap.add_argument("--procs", type=int, default=2,
+                    help="processes measuring at once, one per core a run computes on (default 2)")
     a = ap.parse_args()
-    print(json.dumps(calibrate(a.rates, a.threads), indent=1))
+    print(json.dumps(calibrate(a.rates, a.threads, a.procs), indent=1))

@@ -321,13 +321,18 @@ def _forward_pass(s: CallShape, tokens_rep, mb_tokens, r: Rates, links: Links,
     rate = (r.train_tflops if train else r.fwd_tflops) * 1e12
     fixed, per_layer = (r.train_mb_s, r.train_layer_s) if train else (r.fwd_mb_s, r.fwd_layer_s)
     attn = attention_macs(s.mcfg, s.tp, attention_span(seq_len, mbt, r.dense_attention_block))
+    # elementwise work is not split by tp: every rank normalises all its tokens (sequence
+    # parallelism would split it; priced as replicated)
+    elem_s = (r.train_elem_s if train else r.fwd_elem_s) * h * mbt
     worst, parts = 0.0, {}
     for _, P, layers in _stages(s):
         comp = k * (P + layers * attn) * mbt / rate
+        elem = layers * elem_s
         comm = colls * layers * links.tp.all_reduce(mbt * h * dt)
         over = fixed + layers * per_layer
-        if comp + comm + over > worst:
-            worst, parts = comp + comm + over, {"compute": comp, "tp_comm": comm, "overhead": over}
+        if comp + elem + comm + over > worst:
+            worst = comp + elem + comm + over
+            parts = {"compute": comp, "elementwise": elem, "tp_comm": comm, "overhead": over}
     p2p = (2 if train else 1) * links.pp.p2p(mbt * h * dt) if pp > 1 else 0.0
     slots = m + pp - 1
     out = {k2: v * m for k2, v in parts.items()}

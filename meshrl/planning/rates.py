@@ -37,6 +37,10 @@ class Rates:
     train_mb_s: float = 0.0       # per microbatch
     fwd_layer_s: float = 0.0
     fwd_mb_s: float = 0.0
+    # per token, layer and hidden unit: the elementwise work (norms, residuals, rotary, activations)
+    # every tensor-parallel rank repeats over all its tokens (CPU; folded into the rates on GPU)
+    train_elem_s: float = 0.0
+    fwd_elem_s: float = 0.0
     opt_fixed_s: float = 0.0
     link_gbps: float | None = None  # replaces the cluster's link rates (CPU: gloo, measured)
     # tokens per dense attention block (CPU: SDPA over blocks of whole sequences, every token
