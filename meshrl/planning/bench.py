@@ -342,12 +342,13 @@ def measure_cpu_rates(threads: int = 1, procs: int = 2) -> dict[str, float]:
 
     from meshrl.engine.model.attention import DENSE_BLOCK_TOKENS
     ctx = mp.get_context("spawn")
-    out, barrier = ctx.Queue(), ctx.Barrier(procs)
-    workers = [ctx.Process(target=_rows_worker, args=(threads, barrier, out)) for _ in range(procs)]
+    results, barrier = ctx.Queue(), ctx.Barrier(procs)
+    workers = [ctx.Process(target=_rows_worker, args=(threads, barrier, results))
+               for _ in range(procs)]
     for w in workers:
         w.start()
     try:
-        parts = [out.get(timeout=1200) for _ in workers]
+        parts = [results.get(timeout=1200) for _ in workers]
     finally:
         for w in workers:
             w.join(timeout=60)
