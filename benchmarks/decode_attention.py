@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if not torch.cuda.is_available():  # Triton decides at import whether kernels are interpreted
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.common import anchor, bench_device, print_table, time_fn, write_results  # noqa: E402
+from benchmarks.harness import anchor, bench_device, print_table, time_fn, write_results  # noqa: E402
 from meshrl.engine.fastgen import attention as A  # noqa: E402
 from meshrl.engine.model.attention import rope_cos_sin  # noqa: E402
 

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (anchor, bench_device, device_name, peak_extra_gib, print_table,  # noqa: E402
+from benchmarks.harness import (anchor, bench_device, device_name, peak_extra_gib, print_table,  # noqa: E402
                                reset_peak, synchronize, time_fn, write_results)
 
 BIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

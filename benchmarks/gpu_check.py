@@ -36,7 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 sys.path.insert(0, ROOT)
 
-from benchmarks.common import bench_device  # noqa: E402
+from benchmarks.harness import bench_device  # noqa: E402
 from benchmarks.generate import CHECK, _common_prefix, meshrl_stage, prompts_for  # noqa: E402
 from meshrl.engine.generate import generate, stage_pass  # noqa: E402
 from meshrl.engine.model import PackedMeta, build_stage  # noqa: E402

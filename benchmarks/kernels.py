@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import anchor, bench_device, print_table, write_results  # noqa: E402
+from benchmarks.harness import anchor, bench_device, print_table, write_results  # noqa: E402
 from meshrl.kernels import gae, linear_token_logprobs, logprobs_triton, token_logprobs  # noqa: E402
 
 MiB = 2 ** 20

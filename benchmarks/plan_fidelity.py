@@ -207,7 +207,7 @@ def report(results: dict, ranks: int):
     if searched:
         print(f"searched plan ranks {searched} of {len(names)} by measured step (goal: 1 or 2)")
     print("fastest measured: " + ", ".join(f"{n} {results[n]['measured_s']:.3f} s" for n in by_measured[:3]))
-    from benchmarks.common import RESULTS, device_name
+    from benchmarks.harness import RESULTS, device_name
     import torch
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"plan_fidelity-{device_name(torch.device('cpu'))}-{ranks}ranks.json")

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (anchor, bench_device, peak_extra_gib, print_table, reset_peak,  # noqa: E402
+from benchmarks.harness import (anchor, bench_device, peak_extra_gib, print_table, reset_peak,  # noqa: E402
                                synchronize, time_fn, write_results)
 
 SHAPES = {
