@@ -318,13 +318,13 @@ def _measure_rows(threads: int, barrier=None) -> dict[str, list[tuple]]:
                 opt.append((1, P, t_opt))
                 fwd.append((1, layers, 2 * macs * n * length, elem, _median(
                     lambda st=stage, mb=mb: infer(st, [mb], logprobs_call(1.0)))))
-            for b in (4, 32):
+            for b in (4, 32, 128):
                 prompts = torch.randint(1, 64, (b, 8), generator=g).tolist()
 
                 def gen(steps, st=stage, prompts=prompts):
                     sp = SamplingParams(max_new_tokens=steps, min_new_tokens=steps, top_k=0, seed=0)
                     return lambda: generate(st, prompts, sp)
-                dec.append((layers, 2 * P * b, (_median(gen(16), 3) - _median(gen(4), 3)) / 12))
+                dec.append((layers, 2 * P * b, b, (_median(gen(16), 3) - _median(gen(4), 3)) / 12))
     x, y = torch.empty(16 << 20), torch.empty(16 << 20)  # 64 MB each
     copy = [(x.numel() * 4, _median(lambda: y.copy_(x)))]
     return {"train": train, "fwd": fwd, "opt": opt, "dec": dec, "copy": copy}
@@ -365,9 +365,10 @@ def measure_cpu_rates(threads: int = 1, procs: int = 2) -> dict[str, float]:
                fwd_tflops=1e-12 / f["inv_rate"] if f["inv_rate"] else math.inf)
     o = _fit(opt, ["opt_fixed_s", "opt_s_per_param"])
     out.update(o)
-    # decode: what the flops at the forward rate do not explain is per-step and per-layer overhead
-    d = _fit([(1, layers, max(0.0, y - flops / (out["fwd_tflops"] * 1e12))) for layers, flops, y in dec],
-             ["decode_step_s", "decode_layer_s"])
+    # decode: what the flops at the forward rate do not explain is per-step, per-layer and
+    # per-sequence (sampling, stop checks) overhead
+    d = _fit([(1, layers, b, max(0.0, y - flops / (out["fwd_tflops"] * 1e12)))
+              for layers, flops, b, y in dec], ["decode_step_s", "decode_layer_s", "decode_seq_s"])
     out.update(d)
     nbytes, t_copy = rows["copy"][0]
     out.update(copy_tbps=2 * nbytes / t_copy / 1e12, local_copy_gbps=nbytes / t_copy / 1e9)

@@ -384,12 +384,13 @@ def generate_time(s: CallShape, *, prompts, prompt_len, new_tokens, decode_steps
         t = 2 * layers * links.tp.all_reduce(b * h * dt)
         compute, over, comm = compute + c, over + o, comm + t
     p2p = (pp - 1) * links.pp.p2p(b * h * dt)
-    step = compute + over + comm + p2p + r.decode_step_s
+    host = r.decode_step_s + b * r.decode_seq_s  # every tp rank samples its replica's batch
+    step = compute + over + comm + p2p + host
     prefill, _ = _forward_pass(s, b * prompt_len, b * prompt_len, r, links, train=False,
                                seq_len=prompt_len)
     secs = n_batches * (prefill + decode_steps * step)
     parts = {"decode_memory": n_batches * decode_steps * compute,
-             "overhead": n_batches * decode_steps * (over + r.decode_step_s),
+             "overhead": n_batches * decode_steps * (over + host),
              "tp_comm": n_batches * decode_steps * comm, "pp_comm": n_batches * decode_steps * p2p,
              "prefill": n_batches * prefill}
     P_all = s.mcfg.num_params()

@@ -33,6 +33,7 @@ class Rates:
     latency_s: float
     decode_layer_s: float = 0.0   # per layer per decoding step (launches, sampling glue)
     decode_step_s: float = 0.0    # per decoding step
+    decode_seq_s: float = 0.0     # per sequence per decoding step (sampling; every tp rank samples)
     train_layer_s: float = 0.0    # per layer per microbatch
     train_mb_s: float = 0.0       # per microbatch
     fwd_layer_s: float = 0.0
