@@ -90,3 +90,8 @@ def test_actor_and_critic_train_side_by_side_and_every_call_is_timed(workdir, tm
     for r in rows:
         assert r["time/critic_train"] > 0 and r["time/actor_train"] > 0 and r["time/critic_inf"] > 0
         assert "critic/critic_loss" in r and "actor/actor_loss" in r
+        # the step's dataflow (what the plan prices as the step) holds its phases one after the
+        # other, each at least as long as its longest call
+        phases = [("actor_gen",), ("actor_inf", "ref_inf", "critic_inf"), ("actor_train", "critic_train")]
+        floor = sum(max(r[f"time/{c}"] for c in phase) for phase in phases)
+        assert floor <= r["time/dataflow"], (r["time/dataflow"], floor)

@@ -72,21 +72,21 @@ class Executor:
                       if self.layouts[call] is not self.model(call).layout}
         self.realloc_bytes: dict[str, int] = {}
         self.executed: list[dict] = []  # this step's gathers, refills and blends, in order
-        self._in_dataflow = False
+        self._dataflow_timing = False
 
     @contextlib.contextmanager
     def _dataflow_time(self):
         """Time the outermost executor operation under DATAFLOW_TIMER (an operation issued inside
         another is already counted)."""
-        if self._in_dataflow:
+        if self._dataflow_timing:
             yield
             return
-        self._in_dataflow = True
+        self._dataflow_timing = True
         try:
             with self.timed(DATAFLOW_TIMER, label="the dataflow"):
                 yield
         finally:
-            self._in_dataflow = False
+            self._dataflow_timing = False
 
     def pop_executed(self) -> list[dict]:
         """What the executor did since the last call (the step's dataflow record)."""
