@@ -259,18 +259,24 @@ def _gloo_links(rank: int, port: int, out) -> None:
 def measure_links() -> dict[str, float]:
     """Two spawned processes over gloo on this host: link bandwidth and collective latency, as
     all-reduces between computations see them (`_gloo_links`)."""
-    import multiprocessing as mp
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    return _spawned(_gloo_links, [(r, port) for r in range(2)], results=1, timeout=300)[0]
+
+
+def _spawned(target, args: list[tuple], *, results: int, timeout: float) -> list:
+    """One spawned process per entry of ``args``, each running ``target(*entry, queue)``; the first
+    ``results`` items they put on the queue, once every process has been joined."""
+    import multiprocessing as mp
     ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_gloo_links, args=(r, port, out)) for r in range(2)]
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, queue)) for a in args]
     for p in procs:
         p.start()
     try:
-        return out.get(timeout=300)
+        return [queue.get(timeout=timeout) for _ in range(results)]
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -341,17 +347,8 @@ def measure_cpu_rates(threads: int = 1, procs: int = 2) -> dict[str, float]:
     import multiprocessing as mp
 
     from meshrl.engine.model.attention import DENSE_BLOCK_TOKENS
-    ctx = mp.get_context("spawn")
-    results, barrier = ctx.Queue(), ctx.Barrier(procs)
-    workers = [ctx.Process(target=_rows_worker, args=(threads, barrier, results))
-               for _ in range(procs)]
-    for w in workers:
-        w.start()
-    try:
-        parts = [results.get(timeout=1200) for _ in workers]
-    finally:
-        for w in workers:
-            w.join(timeout=60)
+    barrier = mp.get_context("spawn").Barrier(procs)
+    parts = _spawned(_rows_worker, [(threads, barrier)] * procs, results=procs, timeout=1200)
     rows = {k: [r[:-1] + (statistics.mean(p[k][i][-1] for p in parts),) for i, r in enumerate(v)]
             for k, v in parts[0].items()}
     train, fwd, opt, dec = rows["train"], rows["fwd"], rows["opt"], rows["dec"]

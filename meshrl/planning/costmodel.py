@@ -323,11 +323,11 @@ def _forward_pass(s: CallShape, tokens_rep, mb_tokens, r: Rates, links: Links,
     attn = attention_macs(s.mcfg, s.tp, attention_span(seq_len, mbt, r.dense_attention_block))
     # elementwise work is not split by tp: every rank normalises all its tokens (sequence
     # parallelism would split it; priced as replicated)
-    elem_s = (r.train_elem_s if train else r.fwd_elem_s) * h * mbt
+    elem_per_layer = (r.train_elem_s if train else r.fwd_elem_s) * h * mbt
     worst, parts = 0.0, {}
     for _, P, layers in _stages(s):
         comp = k * (P + layers * attn) * mbt / rate
-        elem = layers * elem_s
+        elem = layers * elem_per_layer
         comm = colls * layers * links.tp.all_reduce(mbt * h * dt)
         over = fixed + layers * per_layer
         if comp + elem + comm + over > worst:

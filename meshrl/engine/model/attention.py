@@ -107,7 +107,7 @@ def varlen_causal_attention(q, k, v, meta: PackedMeta, *, window: int | None = N
             k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
         cu = meta.cu_seqlens.to(q.device, torch.int32)
         return style["fn"](q, k, v, cu, cu, meta.max_seqlen, meta.max_seqlen, **kw)
-    return _blocked_sdpa(q, k, v, meta.lengths, window)
+    return _blocked_sdpa(q, k, v, meta.cu_seqlens.tolist(), window)
 
 
 # Many short sequences (RL responses) make a per-sequence SDPA loop slow on CPU, and one SDPA with
@@ -118,10 +118,11 @@ def varlen_causal_attention(q, k, v, meta: PackedMeta, *, window: int | None = N
 DENSE_BLOCK_TOKENS = 256
 
 
-def _blocked_sdpa(q, k, v, lengths, window):
-    starts = [0]
-    for n in lengths:
-        starts.append(starts[-1] + n)
+def _blocked_sdpa(q, k, v, starts, window):
+    """``starts``: the sequences' boundaries (cu_seqlens as a list)."""
+    lengths = [b - a for a, b in zip(starts, starts[1:])]
+    if sum(1 for n in lengths if n) <= 1:  # no or one sequence: nothing to block
+        return _per_sequence_sdpa(q, k, v, lengths, window)
     blocks, cur, filled, long = [], [], 0, []  # blocks: lists of sequence indices
     for i, n in enumerate(lengths):
         if cur and (n > DENSE_BLOCK_TOKENS or filled + n > DENSE_BLOCK_TOKENS):
@@ -134,8 +135,6 @@ def _blocked_sdpa(q, k, v, lengths, window):
             filled += n
     if cur:
         blocks.append(cur)
-    if not long and len(blocks) <= 1 and sum(map(len, blocks)) <= 1:  # no or one sequence
-        return _per_sequence_sdpa(q, k, v, lengths, window)
     out = torch.empty_like(q) if long else None
     if blocks:
         width = max(sum(lengths[j] for j in b) for b in blocks)

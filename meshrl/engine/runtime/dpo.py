@@ -12,7 +12,7 @@ from meshrl.engine.algorithms.calls import dpo_call
 from meshrl.engine.dataflow import ACTOR_GEN, ACTOR_TRAIN, REF_INF, ROUND
 
 from .loop import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, held_out,
-                     held_out_prompts, run_loop, step_count, train_prompts, training_data)
+                   held_out_prompts, run_loop, step_count, train_prompts, training_data)
 from .rollout import sample, sampling_params, score
 from .supervised import _load_pairs, pair_microbatches, pair_position_logps
 

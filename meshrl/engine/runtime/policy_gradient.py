@@ -28,7 +28,7 @@ from meshrl.engine.train import global_seq_count, global_token_count
 from meshrl.kernels import gae, masked_whiten
 
 from .loop import (epoch_order, evaluate_pass_rate, global_batch, held_out_prompts, run_loop,
-                     train_prompts)
+                   train_prompts)
 from .context import TrainJob
 from .rollout import (Rollout, dump, flatten, logprobs_job, microbatches, sample, sampling_params,
                       score, split_values, unflatten, values_job)

@@ -10,7 +10,7 @@ from meshrl.engine.dataflow import ACTOR_TRAIN, RM_TRAIN
 from meshrl.engine.train import global_token_count, infer
 
 from .loop import (data_lengths, evaluate_pass_rate, global_batch, held_out, held_out_prompts,
-                     loaded, run_loop, step_count, training_data)
+                   loaded, run_loop, step_count, training_data)
 
 
 def sft_microbatches(examples, max_tokens: int, pad: int = 1):
