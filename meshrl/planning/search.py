@@ -448,12 +448,14 @@ class _CostTable:
         self.cost = np.array([c.cost for c in cands])
         self.times = np.array([[c.phases.get(ph, 0.0) for ph in phases] for c in cands]).reshape(
             len(cands), len(phases))
-        keys = {}
+        number, self.meshes, mesh_of = {}, [], []  # each distinct mesh once, in first-seen order
         for c in cands:
-            keys.setdefault(_mesh_key(c.idx), c.idx)
-        order = list(keys)
-        self.mesh_of = np.array([order.index(_mesh_key(c.idx)) for c in cands], dtype=np.int64)
-        self.meshes = list(keys.values())
+            key = _mesh_key(c.idx)
+            if key not in number:
+                number[key] = len(self.meshes)
+                self.meshes.append(c.idx)
+            mesh_of.append(number[key])
+        self.mesh_of = np.array(mesh_of, dtype=np.int64)
         self.contiguous = all(isinstance(ix, slice) for ix in self.meshes)
         self.bounds = np.array([b for ix in self.meshes for b in (ix.start, ix.stop)] if self.contiguous
                                else [], dtype=np.int64)
