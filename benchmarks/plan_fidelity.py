@@ -143,7 +143,7 @@ def searched_calls(base: dict, ranks: int) -> dict:
     from meshrl.planning.search import search_config
     cfg = load_run_config(None, [], base=with_calls(base, {}, ranks))
     res = search_config(cfg)
-    return {n: {"ranks": ",".join(map(str, ch.ranks)), "tp": ch.tp, "pp": ch.pp,
+    return {n: {"ranks": ch.ranks_text, "tp": ch.tp, "pp": ch.pp, "dp": ch.dp,
                 "microbatch_tokens": ch.mb} for n, ch in res.plans[0].choices.items()}
 
 
