@@ -34,6 +34,10 @@ from meshrl.engine.algorithms.reductions import (acc_dtype, expand_to_tokens, ma
 
 POLICY_LOSSES = ("clip", "dual_clip", "gspo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# off-policy corrections of a batch sampled by an older policy (async.correction), and the default
+# cap of each on the behaviour weight π_prox/π_behav
+CORRECTIONS = ("decoupled", "tis", "none")
+IMP_CAP = {"decoupled": 5.0, "tis": 2.0}
 _GSPO_MAX_LOG_RATIO = 10.0  # exp(10) bounds a sequence ratio whose log-ratio drifted far
 
 

@@ -176,6 +176,20 @@ class GRPOSpec(PolicyGradientSpec):
 
 
 @dataclass(kw_only=True)
+class AsyncSpec:
+    """Asynchronous RL (``async:`` in YAML; PPO and GRPO): generation on a mesh of its own samples
+    the next batches while the other meshes train on the current one. The policy's version counts
+    its iterations; a batch sampled with version v is trained from version at most v + max_staleness."""
+    max_staleness: int = 0  # 0: the synchronous loop
+    sync_every: int = 1  # iterations between weight moves to the generation mesh (at most max_staleness)
+    # the off-policy correction: decoupled (AReaL's: π_prox/π_behav per token, tokens above imp_cap
+    # left out) | tis (verl's truncated IS: the weight clamped at imp_cap) | none;
+    # default: decoupled when max_staleness > 0, none at 0
+    correction: Optional[str] = None
+    imp_cap: Optional[float] = None  # default: decoupled 5.0, tis 2.0
+
+
+@dataclass(kw_only=True)
 class ClusterSpec:
     """The machines a run targets: `meshrl plan` sizes layouts against it; the runtime reads
     ``gpus_per_node`` to tell intra- from inter-node transfers."""
@@ -235,6 +249,7 @@ class RunConfig:
     dpo: DPOSpec = field(default_factory=DPOSpec)
     ppo: PPOSpec = field(default_factory=PPOSpec)
     grpo: GRPOSpec = field(default_factory=GRPOSpec)
+    async_: AsyncSpec = field(default_factory=AsyncSpec)  # ``async:`` in YAML (a Python keyword)
     logging: LogSpec = field(default_factory=LogSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     dist: DistSpec = field(default_factory=DistSpec)
@@ -252,17 +267,29 @@ def load_run_config(path: str | None, overrides: list[str] = (), base: dict | No
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
         for layer in layers:
+            _rename_async(layer)
             cfg = OmegaConf.merge(_take_auto_calls(layer, cfg, auto), layer)
         run = OmegaConf.to_object(cfg)
         run.auto_calls = ["all"] if "all" in auto else sorted(set(run.auto_calls) | set(auto))
     except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
+        key = _yaml_key(getattr(e, "full_key", None))
+        msg = _yaml_key(str(e).splitlines()[0])
         raise RunConfigError(f"config{(' key ' + key) if key else ''}: {msg}") from None
     except FileNotFoundError:
         raise RunConfigError(f"config file {path} not found: check the path") from None
     validate(run)
     return run
+
+
+def _rename_async(layer):
+    """The YAML section ``async`` into the schema's ``async_`` (``async`` is a Python keyword)."""
+    if "async" in layer:
+        layer["async_"] = layer.pop("async")
+
+
+def _yaml_key(text):
+    """A schema key as the YAML writes it (``async_`` is ``async``)."""
+    return text.replace("async_", "async") if text else text
 
 
 def _take_auto_calls(layer, cfg, auto: list[str]):
@@ -325,6 +352,7 @@ def validate(cfg: RunConfig) -> None:
                              f"ppo.minibatches={cfg.ppo.minibatches}")
     if cfg.algorithm in ("ppo", "grpo"):
         _validate_policy_gradient(cfg)
+    _validate_async(cfg)
     if cfg.logging.stop_at_pass_rate is not None and not (
             cfg.data.eval and cfg.reward.verifier and cfg.logging.eval_every):
         raise RunConfigError(f"logging.stop_at_pass_rate={cfg.logging.stop_at_pass_rate} needs a "
@@ -363,5 +391,35 @@ def _validate_policy_gradient(cfg: RunConfig) -> None:
                                  "prompt with each other, so it needs at least 2")
 
 
+def _validate_async(cfg: RunConfig) -> None:
+    """What asynchronous RL needs of the rest of the config (its layouts: `Executor`)."""
+    A = cfg.async_
+    if A.max_staleness == 0:
+        return
+    key = f"async.max_staleness={A.max_staleness}"
+    if cfg.algorithm not in ("ppo", "grpo"):
+        raise RunConfigError(f"{key}: {cfg.algorithm} samples nothing while it trains; asynchronous "
+                             "generation is for ppo and grpo: set async.max_staleness=0")
+    S = getattr(cfg, cfg.algorithm)
+    if A.sync_every > A.max_staleness:
+        raise RunConfigError(f"async.sync_every={A.sync_every}: a batch sampled just before a weight "
+                             f"move would be trained {A.sync_every} versions later, past {key}: use "
+                             "sync_every <= max_staleness")
+    if cfg.algorithm == "grpo" and S.dynamic_sampling:
+        raise RunConfigError(f"grpo.dynamic_sampling with {key}: dynamic sampling decides each draw "
+                             "from the last one's scores, so it runs synchronously: set "
+                             "grpo.dynamic_sampling=false or async.max_staleness=0")
+    if cfg.algorithm == "grpo" and S.advantage == "remax":
+        raise RunConfigError(f"grpo.advantage=remax with {key}: ReMax's greedy baseline is sampled "
+                             "with the policy being trained, so it runs synchronously: pick another "
+                             "grpo.advantage or set async.max_staleness=0")
+    if cfg.logging.save_every % A.sync_every:
+        raise RunConfigError(f"logging.save_every={cfg.logging.save_every}: a checkpoint between two "
+                             f"weight moves (async.sync_every={A.sync_every}) could not restore the "
+                             "generation mesh's older weights: use a multiple of sync_every")
+
+
 def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    doc = OmegaConf.to_container(OmegaConf.structured(cfg))
+    doc["async"] = doc.pop("async_")
+    return OmegaConf.to_yaml(doc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from meshrl.engine.algorithms.advantages import ESTIMATORS
 from meshrl.engine.algorithms.dpo_losses import LOSS_TYPES
-from meshrl.engine.algorithms.policy_losses import AGGREGATIONS, POLICY_LOSSES
+from meshrl.engine.algorithms.policy_losses import AGGREGATIONS, CORRECTIONS, POLICY_LOSSES
 from meshrl.engine.algorithms.ppo_losses import KL_ESTIMATORS
 from meshrl.engine.train import SCHEDULES
 
@@ -20,9 +20,9 @@ AT_LEAST_1 = ("sft.batch_size", "sft.epochs", "sft.steps", "rm.batch_size", "rm.
               "ppo.kl_horizon", "grpo.group_size", "grpo.max_sampling_rounds",
               "generation.max_new_tokens", "generation.batch_size", "data.max_prompt_len",
               "data.max_len", "cluster.nodes", "cluster.gpus_per_node", "calls.*.tp", "calls.*.pp",
-              "calls.*.dp", "calls.*.microbatch_tokens")
+              "calls.*.dp", "calls.*.microbatch_tokens", "async_.sync_every")
 AT_LEAST_2 = ("dpo.samples_per_prompt",)  # a pair (grpo.group_size: checked with its estimator)
-NOT_NEGATIVE = ("dpo.rounds", "dpo.sft_coef", *_rl("kl_coef", "entropy_coef", "overlong_buffer",
+NOT_NEGATIVE = ("dpo.rounds", "async_.max_staleness", "dpo.sft_coef", *_rl("kl_coef", "entropy_coef", "overlong_buffer",
                                                    "overlong_penalty"), "ppo.value_clip",
                 "logging.eval_every", "logging.save_every", "logging.keep_checkpoints",
                 "logging.dump_rollouts",
@@ -30,7 +30,7 @@ NOT_NEGATIVE = ("dpo.rounds", "dpo.sft_coef", *_rl("kl_coef", "entropy_coef", "o
                 "models.*.optim.lr", "models.*.optim.weight_decay", "models.*.optim.warmup_steps")
 POSITIVE = ("generation.temperature", "dpo.beta", *_rl("clip_eps", "clip_eps_low", "clip_eps_high"),
             "ppo.reward_clip", "ppo.kl_target", "models.*.optim.eps", "models.*.optim.max_grad_norm",
-            "cluster.gpu_mem_gb", "cluster.intra_node_gbps", "cluster.inter_node_gbps", "dist.timeout_s")
+            "async_.imp_cap", "cluster.gpu_mem_gb", "cluster.intra_node_gbps", "cluster.inter_node_gbps", "dist.timeout_s")
 # (low, high, low included, high included)
 INTERVALS = {"generation.top_p": (0, 1, False, True),
              "logging.stop_at_pass_rate": (0, 1, False, True), "ppo.gamma": (0, 1, True, True),
@@ -40,7 +40,7 @@ INTERVALS = {"generation.top_p": (0, 1, False, True),
 CHOICES = {"models.*.optim.schedule": SCHEDULES, **{k: tuple(KL_ESTIMATORS) for k in _rl("kl_estimator")},
            **{k: POLICY_LOSSES for k in _rl("policy_loss")}, **{k: AGGREGATIONS for k in _rl("loss_agg")},
            "grpo.advantage": ESTIMATORS, "grpo.kl_in": ("loss", "reward"),
-           "dpo.loss_type": LOSS_TYPES, "data.too_long": ("error", "skip")}
+           "dpo.loss_type": LOSS_TYPES, "async_.correction": CORRECTIONS, "data.too_long": ("error", "skip")}
 
 
 def values(cfg, pattern: str):
@@ -58,7 +58,7 @@ def values(cfg, pattern: str):
 def check_values(cfg, error) -> None:
     """Raise ``error`` (one line) at the first value out of range."""
     def fail(key, value, need):
-        raise error(f"{key}={value}: {need}")
+        raise error(f"{key.replace('async_', 'async')}={value}: {need}")  # as the YAML spells it
 
     for least, patterns in ((1, AT_LEAST_1), (2, AT_LEAST_2)):
         for pattern in patterns:
