@@ -52,11 +52,12 @@ def main(argv=None) -> int:
     from meshrl.engine.data.jsonl import DataError
     from meshrl.engine.model.config import ConfigError
     from meshrl.engine.runtime.config import RunConfigError
+    from meshrl.engine.runtime.executor import LaunchedCallError
     from meshrl.parallel.layout import LayoutError
     # Every rank checks the same config, data and layouts, so under torchrun those errors are
     # reported once per node (files can differ between nodes), by its first local rank; other
     # errors may be a rank's own, and each rank reports its own.
-    same_everywhere = (DataError, ConfigError, LayoutError, RunConfigError)
+    same_everywhere = (DataError, ConfigError, LayoutError, RunConfigError, LaunchedCallError)
     try:
         return args.func(args) or 0
     except (*same_everywhere, ValueError, FileNotFoundError) as e:

@@ -72,7 +72,8 @@ class RunContext:
             self.cfg = cfg
         self.services = RunServices(cfg, main=self.main, device=self.device, watchdog=self.watchdog)
         self.executor = Executor(cfg, world=self.world, rank=self.rank, device=self.device,
-                                 watchdog=self.watchdog, timed=self.services.timed, optim_steps=optim_steps)
+                                 watchdog=self.watchdog, timed=self.services.timed,
+                                 add_time=self.services.add_time, optim_steps=optim_steps)
         self._check_vocabularies()
         self._check_context()
         self.tokenizer = self._tokenizer()

@@ -9,7 +9,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
+import threading
+import time
+import traceback
 from dataclasses import dataclass
+
+import torch
 
 from meshrl.engine.dataflow import DATAFLOW_TIMER, TRAIN_CALLS, Call, dataflow
 
@@ -38,6 +44,20 @@ class Job:
 
 
 @dataclass
+class Launched:
+    """A sharded call computing in the background on its layout's ranks (`Executor.launch`)."""
+    job: Job
+    thread: threading.Thread | None = None  # None on ranks outside the call's layout
+    result: tuple | None = None  # (first index, results) on the replica's reporting rank
+    error: BaseException | None = None
+    seconds: float = 0.0  # the thread's wall time
+
+
+class LaunchedCallError(RuntimeError):
+    """A call launched in the background failed on its ranks; every rank stops with this line."""
+
+
+@dataclass
 class TrainJob:
     """One optimizer step: ``make_batches(local_items) -> microbatches``, ``loss_fn_of(mbs)``."""
     call: str
@@ -52,9 +72,10 @@ class Executor:
     collective over the world (every rank calls it for the same calls in the same order)."""
 
     def __init__(self, cfg: RunConfig, *, world: int, rank: int, device, watchdog, timed,
-                 optim_steps: dict[str, int] | None = None):
+                 add_time=None, optim_steps: dict[str, int] | None = None):
         self.cfg, self.world, self.rank, self.device = cfg, world, rank, device
         self.watchdog, self.timed = watchdog, timed
+        self.add_time = add_time or (lambda name, seconds: None)  # ``time/<name>`` += seconds
         self.calls = complete_calls(cfg, world)
         self.flow = dataflow(cfg.algorithm)
         self.layouts = build_layouts(self.calls, world)
@@ -73,6 +94,7 @@ class Executor:
         self.realloc_bytes: dict[str, int] = {}
         self.executed: list[dict] = []  # this step's gathers, refills and blends, in order
         self._dataflow_timing = False
+        self._launched: list[Launched] = []  # calls computing in the background, not yet collected
 
     @contextlib.contextmanager
     def _dataflow_time(self):
@@ -138,6 +160,11 @@ class Executor:
             self.realloc_bytes[call] = self.realloc_bytes.get(call, 0) + counts["sent"] + counts["local"]
             self.executed.append({"realloc": call, "model": view.model.name})
 
+    def is_current(self, call: str) -> bool:
+        """Whether the call's weights are its model's latest (a view refilled since the last step)."""
+        view = self.views.get(call)
+        return view is None or view.version == view.model.version
+
     def run_sharded(self, call: str, items: list, fn, *, reporter_only: bool = False) -> list:
         """``fn(stage, local_items, first_index) -> list aligned with local_items`` on every member of
         the call's layout, over its replica's share of ``items``; the replicas' results gathered to
@@ -164,9 +191,7 @@ class Executor:
             if is_reporter(layout):
                 mine.append((k, first, list(res)))
         outs = [[None] * len(job.items) for job in jobs]
-        with self.watchdog.inside("the gather after " + ", ".join(job.call for job in jobs)):
-            parts = all_gather_objects(mine)
-        for part in parts:
+        for part in self._gather(mine, ", ".join(job.call for job in jobs)):
             for k, first, res in part:
                 outs[k][first:first + len(res)] = res
         return outs
@@ -195,11 +220,87 @@ class Executor:
             if self.rank == layout.ranks[0]:
                 mine.append((k, metrics))
         outs = [None] * len(jobs)
-        with self.watchdog.inside("the gather after " + ", ".join(job.call for job in jobs)):
-            for part in all_gather_objects(mine):
-                for k, metrics in part:
-                    outs[k] = metrics
+        for part in self._gather(mine, ", ".join(job.call for job in jobs)):
+            for k, metrics in part:
+                outs[k] = metrics
         return outs
+
+    def _gather(self, mine, after: str) -> list:
+        """Every rank's ``mine`` (all_gather_objects), with this rank's news of a failed background
+        call riding along: when any rank reports one, every rank raises the same one-line
+        `LaunchedCallError` here, so no rank waits on a call that will never be collected."""
+        failed = next((r for r in self._launched if r.error is not None), None)
+        news = None if failed is None else self._failure(failed)
+        with self.watchdog.inside("the gather after " + after):
+            parts = all_gather_objects((news, mine))
+        for news, _ in parts:
+            if news is not None:
+                raise LaunchedCallError(news)
+        return [part for _, part in parts]
+
+    def _failure(self, run: Launched) -> str:
+        """The failed call's line (its traceback goes to this rank's stderr once)."""
+        e, layout = run.error, self.layouts[run.job.call]
+        traceback.print_exception(e, file=sys.stderr)
+        text = (str(e).splitlines() or [""])[0]
+        return (f"{run.job.timer or run.job.call} failed on rank {self.rank} of its mesh (ranks "
+                f"{layout.ranks}, tp{layout.tp_size}·pp{layout.pp_size}·dp{layout.dp_size}), "
+                f"computing in the background: {type(e).__name__}: {text}; every rank stops here")
+
+    def launch(self, job: Job) -> Launched:
+        """Start a sharded call on a thread of each rank of its layout and return at once; every
+        rank goes on issuing other calls (collective ones included) until `collect`. The call's
+        layout must share no rank with the calls issued meanwhile (its model's weights and its
+        groups' collectives belong to that thread until collected); it issues nothing to the
+        world. A failure reaches every rank at its next gather (`_gather`)."""
+        run = Launched(job)
+        layout = self.layouts[job.call]
+        if layout.is_member:
+            local, first = share(job.items, layout)
+            stage, device = self.stage(job.call), self.device
+
+            def work():
+                t0 = time.perf_counter()
+                try:
+                    res = job.fn(stage, local, first)
+                    if device.type != "cpu":
+                        torch.accelerator.synchronize()
+                    if is_reporter(layout):
+                        run.result = (first, list(res))
+                except BaseException as e:  # noqa: BLE001 - relayed to every rank by _gather
+                    run.error = e
+                run.seconds = time.perf_counter() - t0
+
+            run.thread = threading.Thread(target=work, name=f"meshrl-{job.call}", daemon=True)
+            run.thread.start()
+        self._launched.append(run)
+        return run
+
+    @_in_dataflow
+    def collect(self, run: Launched) -> list:
+        """A launched call's results, gathered to every rank in the order of its items (collective
+        over the world, as `run_sharded`). The call's time goes under ``time/<call>``; the time the
+        ranks outside its layout waited here under ``time/wait/<call>``: their idle time."""
+        job, t0 = run.job, time.perf_counter()
+        self.executed.append({"gather": [{"call": job.timer or job.call, "layout": job.call,
+                                          "launched": True}]})
+        if run.thread is not None:
+            with self.watchdog.inside(f"{job.timer or job.call} (in the background)"):
+                run.thread.join()
+        try:
+            parts = self._gather([] if run.result is None else [run.result], job.call)
+        finally:
+            self._launched.remove(run)
+        name = job.timer or job.call
+        if run.thread is not None:
+            self.add_time(name, run.seconds)
+        else:
+            self.add_time(f"wait/{name}", time.perf_counter() - t0)
+        out = [None] * len(job.items)
+        for part in parts:
+            for first, res in part:
+                out[first:first + len(res)] = res
+        return out
 
     @_in_dataflow
     def blend(self, dst: str, src: str, alpha: float | None):

@@ -8,6 +8,7 @@ import torch
 from meshrl.engine.data.datasets import load_prompts
 from meshrl.engine.data.jsonl import DataError
 
+from .asynchronous import busy_fractions
 from .config import RunConfigError
 from .metrics import RESERVED_KEYS, read_metrics
 from .rollout import sample, sampling_params, score
@@ -184,6 +185,7 @@ def _loop(ctx, total, step_fn, *, desc, eval_fn, show):
         metrics = step_fn(step)
         metrics["step_seconds"] = time.perf_counter() - t0
         metrics.update(ctx.end_step(step))
+        metrics.update(busy_fractions(metrics))
         ctx.services.log(step, metrics)
         done = step + 1
         if cfg.save_every and done % cfg.save_every == 0 and done < total:

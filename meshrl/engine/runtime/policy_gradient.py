@@ -27,11 +27,12 @@ from meshrl.engine.data.datasets import PromptExample
 from meshrl.engine.train import global_seq_count, global_token_count
 from meshrl.kernels import gae, masked_whiten
 
+from .asynchronous import AsyncSchedule, SampledAhead
 from .loop import (epoch_order, evaluate_pass_rate, global_batch, held_out_prompts, run_loop,
                    train_prompts)
 from .context import TrainJob
-from .rollout import (Rollout, dump, flatten, logprobs_job, microbatches, sample, sampling_params,
-                      score, split_values, unflatten, values_job)
+from .rollout import (Rollout, dump, flatten, logprobs_job, microbatches, sample, sample_job,
+                      sampling_params, score, split_values, unflatten, values_job)
 
 
 def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
@@ -82,15 +83,27 @@ class PolicyGradient:
                 self.moments.load_state_dict(ctx.host_state["moments"])
         if not self.critic and S.dynamic_sampling:
             self.stream = PromptStream(len(self.prompts), ctx.cfg.seed, ctx.host_state)
+        A = ctx.cfg.async_
+        self.ahead = (SampledAhead(ctx, AsyncSchedule(A.max_staleness, A.sync_every, S.iterations),
+                                   self._sample_job) if A.max_staleness else None)
 
     # ---- rollout --------------------------------------------------------------------------------
     def _sample(self, idx: list[int], it: int, draw: int = 0) -> Rollout:
         ctx, cfg = self.ctx, self.cfg
         batch = [self.prompts[i] for i in idx]
         roll = sample(ctx, ACTOR_GEN, batch,
-                      sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, it, draw=draw), k=self.k)
+                      sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, it, draw=draw), k=self.k,
+                      version=it)
         roll.scores = score(ctx, ACTOR_GEN, roll)
         return roll
+
+    def _sample_job(self, it: int, version: int):
+        """Iteration ``it``'s batch as a job for the generation mesh holding ``version``'s weights
+        (asynchronous RL: the same prompts and sampling noise as the synchronous loop's)."""
+        ctx, cfg, S = self.ctx, self.cfg, self.S
+        batch = [self.prompts[i] for i in global_batch(len(self.prompts), S.batch_size, it, cfg.seed)]
+        return sample_job(ctx, ACTOR_GEN, batch, sampling_params(cfg.generation, ctx.eos_ids, cfg.seed, it),
+                          k=self.k, version=version)
 
     def rollout(self, it: int) -> tuple[Rollout, dict]:
         S = self.S
@@ -272,16 +285,24 @@ class PolicyGradient:
 
     def step(self, it: int) -> dict:
         ctx = self.ctx
-        trained = [ctx.executor.model(c.name) for c in ctx.executor.phase("train")]
-        for m in trained:
-            m.offload()
-        roll, metrics = self.rollout(it)
+        if self.ahead is None:
+            trained = [ctx.executor.model(c.name) for c in ctx.executor.phase("train")]
+            for m in trained:
+                m.offload()
+            roll, metrics = self.rollout(it)
+        else:  # asynchronous: sampled ahead on the generation mesh, which samples on meanwhile
+            trained, roll = [], self.ahead.take(it)
+            roll.scores = score(ctx, ACTOR_GEN, roll)
+            dump(ctx, it, roll)
+            metrics = self.ahead.metrics(roll, it)
         if len(roll):
             metrics.update(self.advantages(roll, it))
         for m in trained:
             m.reload()
         if len(roll):
             metrics.update(self.train(roll, it))
+        if self.ahead is not None:
+            self.ahead.collect()
         if self.critic:
             self.kl_ctl.update(metrics.get("kl_seq", 0.0), self.S.batch_size)
             metrics["kl_coef"] = self.kl_ctl.value

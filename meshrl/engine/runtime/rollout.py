@@ -16,6 +16,8 @@ from meshrl.engine.generate import generator
 from meshrl.engine.sampling import SamplingParams
 from meshrl.engine.train import infer
 
+from .executor import Job
+
 
 @dataclass
 class Rollout:
@@ -28,6 +30,8 @@ class Rollout:
     records: list[dict]
     scores: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    # per response token, the policy version (iterations trained) whose weights sampled it
+    versions: list[list[int]] | None = None
 
     def __len__(self):
         return len(self.prompts)
@@ -41,7 +45,8 @@ class Rollout:
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return Rollout(pick(self.prompts), pick(self.responses), pick(self.gen_logprobs),
                        pick(self.finish), pick(self.records),
-                       None if self.scores is None else self.scores[idx])
+                       None if self.scores is None else self.scores[idx],
+                       versions=None if self.versions is None else pick(self.versions))
 
     @staticmethod
     def concat(parts: list["Rollout"]) -> "Rollout":
@@ -49,7 +54,21 @@ class Rollout:
         scores = [p.scores for p in parts]
         return Rollout(cat("prompts"), cat("responses"), cat("gen_logprobs"), cat("finish"),
                        cat("records"), None if any(s is None for s in scores) else
-                       torch.cat(scores) if scores else torch.zeros(0))
+                       torch.cat(scores) if scores else torch.zeros(0),
+                       versions=None if any(p.versions is None for p in parts) else cat("versions"))
+
+    def state(self) -> dict:
+        """The sampled batch as JSON data (a checkpoint's host state keeps batches sampled ahead)."""
+        return {"prompts": self.prompts, "responses": self.responses,
+                "gen_logprobs": self.gen_logprobs, "finish": self.finish, "records": self.records,
+                "scores": None if self.scores is None else self.scores.tolist(),
+                "versions": self.versions}
+
+    @staticmethod
+    def from_state(d: dict) -> "Rollout":
+        return Rollout(d["prompts"], d["responses"], d["gen_logprobs"], d["finish"], d["records"],
+                       None if d["scores"] is None else torch.tensor(d["scores"], dtype=torch.float32),
+                       versions=d["versions"])
 
 
 def sampling_params(gen_cfg, eos_ids, seed: int, iteration: int, *, greedy=False,
@@ -63,10 +82,19 @@ def sampling_params(gen_cfg, eos_ids, seed: int, iteration: int, *, greedy=False
                           seed=(seed * 1_000_003 + iteration * 7919 + draw * 104_729) % (2**31 - 1))
 
 
-def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1) -> Rollout:
-    """``k`` responses per prompt (copies adjacent) from the call's model. Sequence ids for the
-    sampling noise are global (prompt index × k + copy), so the draw does not depend on layouts."""
+def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1,
+           version: int = 0) -> Rollout:
+    """``k`` responses per prompt (copies adjacent) from the call's model, whose weights are the
+    policy's ``version``. Sequence ids for the sampling noise are global (prompt index × k + copy),
+    so the draw does not depend on layouts."""
     ctx.executor.prepare(call)
+    job, finish = sample_job(ctx, call, prompts, params, k=k, version=version)
+    return finish(ctx.executor.run_sharded_many([job])[0])
+
+
+def sample_job(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1, version: int = 0):
+    """`sample` as a job on the call's layout as it stands (run it, or launch it in the
+    background), and the function that makes its gathered result the Rollout."""
     batch = ctx.cfg.generation.batch_size
 
     def fn(stage, local, first):
@@ -81,11 +109,14 @@ def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1)
                 out += list(zip(r.output_ids, r.logprobs, r.finish_reason))
         return [out[i * k:(i + 1) * k] for i in range(len(local))]
 
-    per_prompt = ctx.executor.run_sharded(call, prompts, fn)
-    samples = [s for group in per_prompt for s in group]
-    return Rollout([p.prompt_ids for p in prompts for _ in range(k)], [s[0] for s in samples],
-                   [s[1] for s in samples], [s[2] for s in samples],
-                   [p.record for p in prompts for _ in range(k)])
+    def finish(per_prompt) -> Rollout:
+        samples = [s for group in per_prompt for s in group]
+        return Rollout([p.prompt_ids for p in prompts for _ in range(k)], [s[0] for s in samples],
+                       [s[1] for s in samples], [s[2] for s in samples],
+                       [p.record for p in prompts for _ in range(k)],
+                       versions=[[version] * len(s[0]) for s in samples])
+
+    return Job(call, prompts, fn), finish
 
 
 def dump(ctx, step: int, roll: Rollout):
@@ -106,7 +137,6 @@ def dump(ctx, step: int, roll: Rollout):
 
 def score(ctx, call: str, roll: Rollout) -> torch.Tensor:
     """Scores [B] from the verifier (host work, on the call's replicas) or the reward model."""
-    from .context import Job
     idx = list(range(len(roll)))
     if ctx.verifier is not None:
         def fn(stage, local, first):
@@ -176,7 +206,6 @@ def _cut_actions(roll, idx, mbs, outs, *, with_last=False):
 def per_action_job(ctx, call: str, roll: Rollout, fn_call, *, with_last=False, timer=None):
     """An inference call over every sequence, as a job for ``RunContext.run_sharded_many``: its
     result is per-sequence lists of per-action outputs (and, ``with_last``, the last token's)."""
-    from .context import Job
     ctx.executor.prepare(call)
     mt, pad = ctx.executor.max_tokens(call), ctx.executor.sp_pad(call)
 

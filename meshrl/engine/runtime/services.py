@@ -51,6 +51,10 @@ class RunServices:
                 torch.accelerator.synchronize()
             self.timings[call] = self.timings.get(call, 0.0) + time.perf_counter() - t0
 
+    def add_time(self, call: str, seconds: float):
+        """Add seconds measured elsewhere (a call computing on its own thread) under ``time/<call>``."""
+        self.timings[call] = self.timings.get(call, 0.0) + seconds
+
     def pop_timings(self) -> dict:
         """This step's ``time/<call>`` sums, each the slowest rank's (collective: a call whose
         mesh leaves out the logging rank is timed where it ran)."""
