@@ -7,7 +7,7 @@ TEST_JOBS ?=
 .PHONY: install demo test study bench clean
 
 # The peers' RL code (test oracles, tests/engine/algorithms/peers.py) goes in without its
-# dependency trees (ray, deepspeed, vllm...), which an extra cannot express: --no-deps, pinned,
+# dependency trees (ray, deepspeed, vllm, hydra...), which an extra cannot express: --no-deps, pinned,
 # into build/peers rather than site-packages: verl and OpenRLHF ship a top-level `tests` package,
 # which would shadow this repository's `tests` (a namespace package) in every process.
 .installed: pyproject.toml setup.py Makefile
@@ -15,7 +15,7 @@ TEST_JOBS ?=
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q triton==3.6.0  # the lent GPU image's Triton: interpreter runs the same APIs
 	rm -rf build/peers
-	$(PIP) install -q --no-deps --target build/peers verl==0.9.1 trl==1.16.0 openrlhf==0.11.2
+	$(PIP) install -q --no-deps --target build/peers verl==0.9.1 trl==1.16.0 openrlhf==0.11.2 areal==1.0.4
 	rm -rf build/peers/tests build/peers/bin
 	touch .installed
 

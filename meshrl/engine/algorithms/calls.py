@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from meshrl.engine.algorithms import losses as L
-from meshrl.engine.algorithms.policy_losses import LossCounts, aggregate, policy_terms
+from meshrl.engine.algorithms.policy_losses import (LossCounts, aggregate, behaviour_cap, behaviour_ratio,
+                                                    behaviour_weights, policy_terms)
 from meshrl.engine.algorithms.reductions import masked_mean, zero_masked
 
 
@@ -103,12 +104,17 @@ def dpo_call(num_pairs: float, num_chosen_tokens: float, *, beta: float, loss_ty
 # ---- PPO and the critic-free family -------------------------------------------------------------
 def policy_call(counts: LossCounts, *, kind: str = "clip", agg: str = "token-mean", temperature: float,
                 clip_eps_low: float = 0.2, clip_eps_high: float = 0.2, clip_ratio_c: float = 3.0,
-                entropy_coef: float = 0.0, kl_coef: float = 0.0, kl_estimator: str = "k3"):
+                entropy_coef: float = 0.0, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                correction: str = "none", imp_cap: float | None = None):
     """The actor's update: objective ``kind`` on the old log-probs and advantages in the batch,
     plus kl_coef·KL(π‖π_ref) per token when the KL is in the loss (``mb.tokens['ref_logp']``) and
     the entropy bonus, reduced by ``agg`` over the step's global ``counts``. Current log-probs and
     entropies are taken at the sampling ``temperature``, as the old and reference ones are: on
-    policy, ρ = 1."""
+    policy, ρ = 1. Off policy, ``correction`` weighs the policy term by π_old/π_behav, the
+    generation engine's log-probs in ``mb.tokens['behav_logp']`` (``policy_losses``), and reports
+    ``imp_weight_mean`` and ``imp_capped_frac``; ``policy_losses.behaviour_stats`` gives the max."""
+    behaviour_cap(correction, imp_cap)  # a bad choice fails here, not in the first microbatch
+
     def fn(stage, hidden, mb):
         mask = mb.tokens["action_mask"].bool()
         cu = mb.meta.cu_seqlens
@@ -118,6 +124,12 @@ def policy_call(counts: LossCounts, *, kind: str = "clip", agg: str = "token-mea
         per_token, m = policy_terms(logp, mb.tokens["old_logp"], mb.tokens["advantages"], mask, cu,
                                     kind=kind, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
                                     clip_ratio_c=clip_ratio_c)
+        if correction != "none":  # the policy term only, as AReaL and verl weigh it
+            old, behav = mb.tokens["old_logp"], mb.tokens["behav_logp"]
+            w, capped = behaviour_weights(old, behav, mask, correction, imp_cap)
+            per_token = per_token * w.to(per_token.dtype)
+            m["imp_weight_mean"] = masked_mean(behaviour_ratio(old, behav, mask), mask)
+            m["imp_capped_frac"] = masked_mean(capped.to(w.dtype), mask)
         if kl_coef:
             kl = L.kl_estimate(zero_masked(logp, mask), zero_masked(mb.tokens["ref_logp"], mask),
                                kl_estimator)

@@ -22,9 +22,23 @@ Aggregations (verl's names; L_t the per-token loss over counted actions, n_b res
 - ``seq-mean-token-mean``: Σ_b (Σ_t L_t / n_b) / N_seqs (every response weighs the same; GRPO paper)
 - ``seq-mean-token-sum-norm``: Σ_b Σ_t L_t / (N_seqs · L_norm), L_norm a constant such as the
   generation limit (Dr.GRPO: no length normalisation, so long wrong answers are not favoured)
+
+Off-policy corrections (asynchronous RL: the batch was sampled by π_behav, an older policy than the
+π_prox whose log-probs the actor recomputes before its update and divides by in ρ). Per counted
+action the behaviour weight w_t = π_prox(a_t)/π_behav(a_t) (detached; a non-finite log-ratio counts
+as 0, w = 1, as AReaL's does) multiplies the policy term only, not the KL or entropy terms, as both
+peers do:
+- ``decoupled``: actions with w above the cap are left out (weight 0) and the others' policy loss is
+  scaled by w; the normaliser still counts the left-out actions (AReaL's decoupled PPO, Fu et al.,
+  arXiv 2505.24298: ``ppo_actor_loss_fn`` with token-level rejection on the ratio, action "mask").
+- ``tis``: w clamped at the cap from above (truncated importance sampling: Yao et al., "Your
+  efficient RL framework secretly brings you off-policy RL training", 2025; verl's
+  ``compute_rollout_correction_weights`` with rollout_is="token").
+- ``none``: no weight (the on-policy loss).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -124,3 +138,60 @@ def policy_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.T
     metrics["clip_frac"] = masked_mean(clipped.to(loss.dtype), mask)
     metrics["ratio_out_frac"] = masked_mean(out.to(loss.dtype), mask)
     return loss, metrics
+
+
+def behaviour_cap(correction: str, cap: float | None = None) -> float:
+    """The cap on the behaviour weight under ``correction`` (``IMP_CAP``'s when ``cap`` is None;
+    infinite for ``none``)."""
+    if correction not in CORRECTIONS:
+        raise ValueError(f"off-policy correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
+    if correction == "none":
+        return math.inf
+    cap = IMP_CAP[correction] if cap is None else float(cap)
+    if not cap > 1.0:  # AReaL's check on its ratio bound: a cap at or below 1 cuts on-policy actions
+        raise ValueError(f"imp_cap must exceed 1 (an on-policy action's weight), got {cap}")
+    return cap
+
+
+def behaviour_ratio(old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor
+                    ) -> torch.Tensor:
+    """The uncapped behaviour weight π_prox/π_behav [N], detached, in the accumulation dtype;
+    0 where ``mask`` is unset (a prompt position's log-probs are not an action's)."""
+    dtype = acc_dtype(old_logp.dtype)
+    log_w = old_logp.detach().to(dtype) - behav_logp.detach().to(dtype)
+    log_w = torch.where(torch.isfinite(log_w), log_w, torch.zeros((), dtype=dtype, device=log_w.device))
+    return zero_masked(zero_masked(log_w, mask).exp(), mask)  # inner: no exp of a prompt's garbage
+
+
+def behaviour_weights(old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor,
+                      correction: str, cap: float | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [N] of the per-token policy loss under ``correction`` (module docstring) and the
+    counted actions [N] whose weight exceeded the cap (left out by ``decoupled``, clamped by
+    ``tis``). ``old_logp`` is π_prox's, ``behav_logp`` the generation engine's; ``none`` weighs
+    every counted action 1."""
+    cap = behaviour_cap(correction, cap)
+    w = behaviour_ratio(old_logp, behav_logp, mask)
+    capped = (w > cap) & mask.bool()
+    if correction == "decoupled":
+        w = w.masked_fill(capped, 0.0)
+    elif correction == "tis":
+        w = w.clamp(max=cap)
+    else:
+        w = zero_masked(torch.ones_like(w), mask)
+    return w, capped
+
+
+def behaviour_stats(old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor,
+                    correction: str, cap: float | None = None) -> dict[str, float]:
+    """The behaviour weight over a whole batch, on the host: ``imp_weight_mean`` and
+    ``imp_weight_max`` (uncapped, over counted actions) and ``imp_capped_frac`` (counted actions
+    capped or left out). The actor's call reports the mean and the fraction too, as shares that sum
+    over microbatches and ranks; a max cannot be summed that way, so it comes from here."""
+    mask = mask.bool()
+    w = behaviour_ratio(old_logp, behav_logp, mask)
+    _, capped = behaviour_weights(old_logp, behav_logp, mask, correction, cap)
+    if not bool(mask.any()):
+        return {"imp_weight_mean": 0.0, "imp_weight_max": 0.0, "imp_capped_frac": 0.0}
+    return {"imp_weight_mean": float(masked_mean(w, mask)), "imp_weight_max": float(w[mask].max()),
+            "imp_capped_frac": float(masked_mean(capped.to(w.dtype), mask))}

@@ -1,5 +1,5 @@
-"""Peers' RL math as test oracles: verl 0.9.1, TRL 1.16.0 and OpenRLHF 0.11.2, installed by
-``make install`` with ``pip install --no-deps`` (their trees pull ray, deepspeed, vllm, accelerate...).
+"""Peers' RL math as test oracles: verl 0.9.1, TRL 1.16.0, OpenRLHF 0.11.2 and AReaL 1.0.4, installed
+by ``make install`` with ``pip install --no-deps`` (their trees pull ray, deepspeed, vllm, accelerate...).
 
 How each peer is reached, and why this way (the least patching of *their* code):
 
@@ -13,7 +13,11 @@ How each peer is reached, and why this way (the least patching of *their* code):
   with what core_algos reads of them: ``tensordict`` (a ``TensorDict`` class only named in an
   annotation), ``verl.trainer.config.AlgoConfig`` and ``verl.workers.config.ActorConfig`` (config
   dataclasses; core_algos only type-checks them with isinstance, so a stand-in class with the
-  attributes the loss reads — clip_ratio*, ``.get``, global_batch_info — is what it gets).
+  attributes the loss reads — clip_ratio*, ``.get``, global_batch_info — is what it gets). The
+  rollout correction (``trainer/ppo/rollout_corr_helper.py``, truncated IS weights) is real too;
+  ``verl.protocol.DataProto``, ``RolloutCorrectionConfig`` and ``PolicyLossConfig`` it imports are
+  stand-in classes (read only by the functions that wrap the weights into a batch, which no test
+  calls).
 - OpenRLHF: the same shells for ``openrlhf``, ``openrlhf.models``, ``openrlhf.utils``,
   ``openrlhf.trainer``, ``openrlhf.trainer.ppo_utils``, ``openrlhf.trainer.ray``. Real files:
   ``models/loss.py`` (PolicyLoss, ValueLoss), ``models/utils.py`` (compute_approx_kl,
@@ -29,6 +33,12 @@ How each peer is reached, and why this way (the least patching of *their* code):
   ``nanmin``/``nanmax``/``nanstd`` taken the same way from ``trl/trainer/utils.py``; it runs on a
   stand-in ``self`` whose ``_get_per_token_logps_and_entropies`` returns the test's log-probs.
   Nothing of TRL is rewritten: if a release renames what the method reads, it fails loudly.
+- AReaL: its losses (``areal/utils/functional/functional.py``) import ``areal.api.cli_args``, which
+  imports uvloop, hydra and most of AReaL. The packages on the way (``areal``, ``areal.api``,
+  ``areal.utils``, ``areal.utils.functional``) are shells; ``areal.api.cli_args`` is a module
+  holding only the real ``RejectionSamplingConfig`` (its class, validation included, compiled with
+  ``ast`` from the installed ``cli_args.py``) and ``areal.utils.data`` one holding a stand-in
+  ``KLEstimator`` (read only by the KL metrics of the rejection, never by the ratio one).
 
 Every stub lives in ``sys.modules`` only while the peers are imported and is removed right after
 (a ``deepspeed`` or ``ray`` module left behind would make transformers believe they are
@@ -50,13 +60,13 @@ from typing import Any
 
 import torch
 
-PINS = {"verl": "0.9.1", "trl": "1.16.0", "openrlhf": "0.11.2"}
+PINS = {"verl": "0.9.1", "trl": "1.16.0", "openrlhf": "0.11.2", "areal": "1.0.4"}
 # `make install` puts the peers here, not in site-packages (see the Makefile); last on the path, so
 # nothing of theirs shadows a module of this environment
 PEERS_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "..", "build", "peers")
 if os.path.isdir(PEERS_DIR) and os.path.abspath(PEERS_DIR) not in sys.path:
     sys.path.append(os.path.abspath(PEERS_DIR))
-_STUB_ROOTS = ("verl", "openrlhf", "ray", "deepspeed", "tensordict")
+_STUB_ROOTS = ("verl", "openrlhf", "areal", "ray", "deepspeed", "tensordict")
 
 
 def _require(name: str) -> str:
@@ -114,7 +124,8 @@ def _remove_stubs(before: set[str]) -> None:
 
 @functools.lru_cache(maxsize=None)
 def verl() -> types.SimpleNamespace:
-    """verl's core_algos (``.core_algos``) and torch_functional (``.F``)."""
+    """verl's core_algos (``.core_algos``), torch_functional (``.F``) and rollout_corr_helper
+    (``.rollout_corr``)."""
     root = _require("verl")
     before = set(sys.modules)
     try:
@@ -124,14 +135,20 @@ def verl() -> types.SimpleNamespace:
         sys.modules["tensordict"] = _stub("tensordict", TensorDict=type("TensorDict", (), {}))
         sys.modules["verl.trainer.config"] = _stub("verl.trainer.config", AlgoConfig=AlgoConfig)
         sys.modules["verl.workers.config"] = _stub("verl.workers.config", ActorConfig=ActorConfig)
+        sys.modules["verl.protocol"] = _stub("verl.protocol", DataProto=type("DataProto", (), {}))
+        sys.modules["verl.trainer.config.algorithm"] = _stub(
+            "verl.trainer.config.algorithm", RolloutCorrectionConfig=type("RolloutCorrectionConfig", (), {}))
+        sys.modules["verl.workers.config.actor"] = _stub(
+            "verl.workers.config.actor", PolicyLossConfig=type("PolicyLossConfig", (), {}))
         groupwise = importlib.import_module("verl.utils.groupwise")
         sys.modules["verl.utils"].as_torch_index = groupwise.as_torch_index
         sys.modules["verl.utils"].group_mean_std = groupwise.group_mean_std
         core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
         tf = importlib.import_module("verl.utils.torch_functional")
+        rollout_corr = importlib.import_module("verl.trainer.ppo.rollout_corr_helper")
     finally:
         _remove_stubs(before)
-    return types.SimpleNamespace(core_algos=core_algos, F=tf)
+    return types.SimpleNamespace(core_algos=core_algos, F=tf, rollout_corr=rollout_corr)
 
 
 def verl_actor_config(*, clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_ratio_c=3.0,
@@ -280,6 +297,38 @@ def trl_grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.
         inputs["num_items_in_batch"] = torch.tensor(float(num_items_in_batch))
     loss = trl().compute_loss(self, None, inputs)
     return loss, dict(self._metrics["train"])
+
+
+# --- AReaL --------------------------------------------------------------------------------------
+
+def _classes_from(path: str, names: list[str], namespace: dict) -> dict:
+    """Compiles the named top-level classes of ``path``, decorators kept, into ``namespace``."""
+    tree = ast.parse(open(path, encoding="utf-8").read(), filename=path)
+    found = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name in names]
+    if len(found) != len(names):
+        raise RuntimeError(f"{path} no longer defines all of {names}: the oracle needs updating")
+    exec(compile(ast.Module(body=found, type_ignores=[]), path, "exec"), namespace)
+    return {name: namespace[name] for name in names}
+
+
+@functools.lru_cache(maxsize=None)
+def areal() -> types.SimpleNamespace:
+    """AReaL's utils.functional.functional (``.functional``: ppo_actor_loss_fn) and its
+    ``RejectionSamplingConfig``."""
+    root = _require("areal")
+    before = set(sys.modules)
+    try:
+        for sub in ("", "api", "utils", "utils/functional"):
+            name = "areal" + ("." + sub.replace("/", ".") if sub else "")
+            sys.modules[name] = _shell(name, os.path.join(root, sub))
+        ns = _classes_from(os.path.join(root, "api", "cli_args.py"), ["RejectionSamplingConfig"],
+                           {"dataclass": dataclass, "field": field})
+        sys.modules["areal.api.cli_args"] = _stub("areal.api.cli_args", **ns)
+        sys.modules["areal.utils.data"] = _stub("areal.utils.data", KLEstimator=type("KLEstimator", (), {}))
+        functional = importlib.import_module("areal.utils.functional.functional")
+    finally:
+        _remove_stubs(before)
+    return types.SimpleNamespace(functional=functional, **ns)
 
 
 # --- packed <-> padded --------------------------------------------------------------------------
