@@ -74,6 +74,12 @@ def check_disjoint(cfg, layouts: dict) -> None:
                 "(e.g. calls.actor_gen.ranks=0 and the other calls' ranks=1-...)")
 
 
+def correction(cfg) -> str:
+    """``async.correction`` resolved: decoupled when batches may be stale, else none."""
+    A = cfg.async_
+    return A.correction or ("decoupled" if A.max_staleness else "none")
+
+
 def staleness_metrics(roll: Rollout, version: int, max_staleness: int) -> dict:
     """``async/staleness_*`` of a batch trained from ``version``: the mean and max over its tokens
     of (version − the version that sampled the token), and the histogram (the fraction of tokens
@@ -141,10 +147,13 @@ class SampledAhead:
     def collect(self):
         """Wait for the batch being sampled (collective) and keep it, with the queue, in the host
         state the next checkpoint saves."""
+        x = self.ctx.executor
         if self.running is not None:
             run, finish = self.running
             self.running = None
-            self.queue.append(finish(self.ctx.executor.collect(run)))
+            self.queue.append(finish(x.collect(run)))
+        else:  # past the last batch: nothing to wait for (the step still reports its busy fractions)
+            x.add_time(f"wait/{ACTOR_GEN}", 0.0)
         self.ctx.host_state[_STATE_KEY] = {"depth": self.schedule.depth, "gen_version": self.gen_version,
                                            "queue": [r.state() for r in self.queue]}
 

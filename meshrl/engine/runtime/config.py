@@ -177,8 +177,8 @@ class GRPOSpec(PolicyGradientSpec):
 
 @dataclass(kw_only=True)
 class AsyncSpec:
-    """Asynchronous RL (``async:`` in YAML; PPO and GRPO): generation on a mesh of its own samples
-    the next batches while the other meshes train on the current one. The policy's version counts
+    """Asynchronous RL (``async:`` in YAML; PPO, GRPO, iterative DPO): generation on a mesh of its
+    own samples the next batches while the other meshes train on the current one. The policy's version counts
     its iterations; a batch sampled with version v is trained from version at most v + max_staleness."""
     max_staleness: int = 0  # 0: the synchronous loop
     sync_every: int = 1  # iterations between weight moves to the generation mesh (at most max_staleness)
@@ -394,12 +394,17 @@ def _validate_policy_gradient(cfg: RunConfig) -> None:
 def _validate_async(cfg: RunConfig) -> None:
     """What asynchronous RL needs of the rest of the config (its layouts: `Executor`)."""
     A = cfg.async_
+    if A.imp_cap is not None and A.imp_cap <= 1:
+        raise RunConfigError(f"async.imp_cap={A.imp_cap}: must exceed 1 (a behaviour weight of 1 is "
+                             "on policy; the cap bounds the weights above it)")
     if A.max_staleness == 0:
         return
     key = f"async.max_staleness={A.max_staleness}"
-    if cfg.algorithm not in ("ppo", "grpo"):
-        raise RunConfigError(f"{key}: {cfg.algorithm} samples nothing while it trains; asynchronous "
-                             "generation is for ppo and grpo: set async.max_staleness=0")
+    if not (cfg.algorithm in ("ppo", "grpo") or (cfg.algorithm == "dpo" and cfg.dpo.rounds)):
+        raise RunConfigError(f"{key}: {cfg.algorithm}"
+                             f"{' offline (dpo.rounds=0)' if cfg.algorithm == 'dpo' else ''} samples "
+                             "nothing while it trains; asynchronous generation is for ppo, grpo and "
+                             "iterative dpo (dpo.rounds > 0): set async.max_staleness=0")
     S = getattr(cfg, cfg.algorithm)
     if A.sync_every > A.max_staleness:
         raise RunConfigError(f"async.sync_every={A.sync_every}: a batch sampled just before a weight "

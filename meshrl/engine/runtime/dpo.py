@@ -13,7 +13,8 @@ from meshrl.engine.dataflow import ACTOR_GEN, ACTOR_TRAIN, REF_INF, ROUND
 
 from .loop import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, held_out,
                    held_out_prompts, run_loop, step_count, train_prompts, training_data)
-from .rollout import sample, sampling_params, score
+from .asynchronous import AsyncSchedule, SampledAhead
+from .rollout import sample_job, sampling_params, score
 from .supervised import _load_pairs, pair_microbatches, pair_position_logps
 
 
@@ -94,28 +95,46 @@ class DPO:
         return self.D.beta * (diff[:, 0] - diff[:, 1])
 
     # ---- iterative online ---------------------------------------------------------------------
-    def make_pairs(self, round_: int, prompts) -> tuple[list, dict]:
-        """Sample k per prompt, label, pair best vs worst; identical on every rank."""
+    def round_job(self, round_: int, version: int, prompts):
+        """The round's sampling (k per prompt) as a job for the generation layout, whose weights
+        are the policy's ``version`` (`sample_job`)."""
         ctx, cfg, D = self.ctx, self.cfg, self.D
         batch = [prompts[i] for i in global_batch(len(prompts), min(D.prompts_per_round, len(prompts)),
                                                   round_, cfg.seed)]
+        return sample_job(ctx, ACTOR_GEN, batch, sampling_params(cfg.generation, ctx.eos_ids, cfg.seed,
+                                                                   round_), k=D.samples_per_prompt,
+                          version=version)
+
+    def make_pairs(self, round_: int, roll) -> tuple[list, dict]:
+        """Label the round's samples and pair best vs worst; identical on every rank."""
+        ctx, D = self.ctx, self.D
         k = D.samples_per_prompt
-        roll = sample(ctx, ACTOR_GEN, batch, sampling_params(cfg.generation, ctx.eos_ids, cfg.seed,
-                                                               round_), k=k)
         scores = score(ctx, ACTOR_GEN, roll)
         picks = best_worst(scores, k, D.min_margin)
         if not picks and ctx.main:
-            print(no_pairs_message(round_, len(batch), D.min_margin))
+            print(no_pairs_message(round_, len(roll) // k, D.min_margin))
         pairs = [OnlinePair(roll.prompts[g * k], roll.responses[g * k + best],
                             roll.responses[g * k + worst], margin) for g, best, worst, margin in picks]
-        return pairs, {"score": scores.mean().item(), "skipped_prompts": 1 - len(picks) / len(batch)}
+        return pairs, {"score": scores.mean().item(), "skipped_prompts": 1 - len(picks) * k / len(roll)}
 
     def run_iterative(self) -> dict:
-        ctx, cfg, D = self.ctx, self.cfg, self.D
+        ctx, cfg, D, A = self.ctx, self.cfg, self.D, self.cfg.async_
         prompts = train_prompts(ctx)
+        make_job = lambda r, version: self.round_job(r, version, prompts)  # noqa: E731
+        # asynchronous: the generation mesh samples the next rounds while this one trains
+        ahead = (SampledAhead(ctx, AsyncSchedule(A.max_staleness, A.sync_every, D.rounds), make_job)
+                 if A.max_staleness else None)
 
         def round_step(r):
-            pairs, stats = self.make_pairs(r, prompts)
+            if ahead is None:
+                ctx.executor.prepare(ACTOR_GEN)
+                job, finish = make_job(r, r)
+                roll, stale = finish(ctx.executor.run_sharded_many([job])[0]), {}
+            else:
+                roll = ahead.take(r)
+                stale = ahead.metrics(roll, r)
+            pairs, stats = self.make_pairs(r, roll)
+            stats.update(stale)
             totals, n = {}, 0
             for epoch in range(D.epochs):
                 order = epoch_order(len(pairs), cfg.seed + r, epoch)
@@ -126,6 +145,8 @@ class DPO:
             for dst, src in ctx.executor.blends(ROUND):  # the result becomes the next round's reference
                 ctx.executor.blend(dst, src, None)
             stats.update({k: v / max(n, 1) for k, v in totals.items()}, pairs=float(len(pairs)))
+            if ahead is not None:
+                ahead.collect()
             return stats
 
         return run_loop(ctx, D.rounds, round_step, desc="dpo-iter", limit_key="dpo.rounds",

@@ -20,14 +20,14 @@ import torch
 from meshrl.engine.algorithms import advantages as A
 from meshrl.engine.algorithms import losses as L
 from meshrl.engine.algorithms.calls import policy_call, ppo_critic_call
-from meshrl.engine.algorithms.policy_losses import LossCounts
+from meshrl.engine.algorithms.policy_losses import LossCounts, behaviour_stats
 from meshrl.engine.batch import split_even
 from meshrl.engine.dataflow import ACTOR_GEN, ACTOR_TRAIN, CRITIC_TRAIN, REF_INF, UPDATE
 from meshrl.engine.data.datasets import PromptExample
 from meshrl.engine.train import global_seq_count, global_token_count
 from meshrl.kernels import gae, masked_whiten
 
-from .asynchronous import AsyncSchedule, SampledAhead
+from .asynchronous import AsyncSchedule, SampledAhead, correction
 from .loop import (epoch_order, evaluate_pass_rate, global_batch, held_out_prompts, run_loop,
                    train_prompts)
 from .context import TrainJob
@@ -84,6 +84,7 @@ class PolicyGradient:
         if not self.critic and S.dynamic_sampling:
             self.stream = PromptStream(len(self.prompts), ctx.cfg.seed, ctx.host_state)
         A = ctx.cfg.async_
+        self.correction = correction(ctx.cfg)  # of a batch sampled by another policy than π_prox
         self.ahead = (SampledAhead(ctx, AsyncSchedule(A.max_staleness, A.sync_every, S.iterations),
                                    self._sample_job) if A.max_staleness else None)
 
@@ -169,6 +170,10 @@ class PolicyGradient:
         out.update({"score": roll.scores.mean().item(), "response_len": float(cu[-1]) / n,
                     "truncated": (~roll.ended).float().mean().item(),
                     "gen_train_logp_gap": (gen_lp - lp).abs().mean().item()})
+        if self.ahead is not None or self.correction != "none":  # π_prox/π_behav over the batch
+            A = self.cfg.async_
+            out.update({f"async/{k}": v for k, v in behaviour_stats(
+                lp, gen_lp, torch.ones_like(lp, dtype=torch.bool), self.correction, A.imp_cap).items()})
         if rlp is not None:
             out["kl_seq"] = L.segment_sum(L.kl_estimate(lp, rlp, "k1" if self.critic else "k3"),
                                           cu).sum().item() / n
@@ -245,6 +250,8 @@ class PolicyGradient:
         x = ctx.executor
         fields = {k: roll.extra[k] for k in ("old_logp", "advantages", "counted", "ref_logp",
                                               "returns", "old_values") if k in roll.extra}
+        if self.correction != "none":  # the behaviour policy's log-probs, as generation sampled
+            fields["behav_logp"] = roll.gen_logprobs
         norm_len = float(S.loss_agg_len or self.cfg.generation.max_new_tokens)
 
         def batches(call):
@@ -260,7 +267,8 @@ class PolicyGradient:
             counts(ACTOR_TRAIN, mbs), kind=S.policy_loss, agg=S.loss_agg, temperature=T,
             clip_eps_low=S.clip_eps_low or S.clip_eps, clip_eps_high=S.clip_eps_high or S.clip_eps,
             clip_ratio_c=S.clip_ratio_c, entropy_coef=S.entropy_coef,
-            kl_coef=S.kl_coef if self.kl_in_loss else 0.0, kl_estimator=S.kl_estimator)
+            kl_coef=S.kl_coef if self.kl_in_loss else 0.0, kl_estimator=S.kl_estimator,
+            correction=self.correction, imp_cap=self.cfg.async_.imp_cap)
         critic = lambda mbs: ppo_critic_call(counts(CRITIC_TRAIN, mbs).tokens,  # noqa: E731
                                              value_clip=S.value_clip)
         loss_of = {ACTOR_TRAIN: actor, CRITIC_TRAIN: critic}

@@ -99,10 +99,16 @@ def test_async_run_keeps_the_bound_and_reports_its_metrics(dist_pool, task):
     # the first batch is sampled by the same weights with the same noise as the synchronous run's
     assert _tokens(d / "n1", 0) == _tokens(d / "sync", 0)
     assert _tokens(d / "n1", 1) != _tokens(d / "sync", 1)  # sampled by version 0, not 1
-    for r in n1[1:]:
+    for r in n1[:-1]:  # each samples the next batch meanwhile
         assert 0 < r["async/gen_busy"] <= 1 and 0 < r["async/train_busy"] <= 1
         assert r["time/wait/actor_gen"] >= 0
-        assert r["async/imp_weight_mean"] > 0 and r["async/imp_weight_max"] >= r["async/imp_weight_mean"]
+    assert n1[-1]["async/gen_busy"] == 0 and n1[-1]["async/train_busy"] == 1  # nothing left to sample
+    # π_prox/π_behav: ~1 for batch 0 (same weights; engines differ only in rounding), then the
+    # policy has moved; decoupled (the default) leaves out the tokens above its cap of 5
+    assert abs(n1[0]["async/imp_weight_mean"] - 1) < 1e-3 and n1[0]["async/imp_capped_frac"] == 0
+    for r in n1[1:]:
+        assert r["async/imp_weight_max"] >= r["async/imp_weight_mean"] > 0
+        assert abs(r["async/imp_weight_mean"] - 1) > 1e-3
 
 
 def test_resumed_async_run_matches_the_uninterrupted_one(dist_pool, task):
@@ -179,3 +185,29 @@ def test_generation_sharing_ranks_is_one_line(dist_pool, task):
     with pytest.raises(RunConfigError, match=r"calls.actor_gen needs ranks no other call uses: it "
                                              r"shares rank\(s\) 0 with calls.actor_train"):
         _run(cfg)
+
+
+def _dpo_config(d, model, name, staleness):
+    calls = {"actor_gen": {"model": "actor", "ranks": "0"}, "actor_train": {"model": "actor", "ranks": "1"},
+             "ref_inf": {"model": "ref", "ranks": "1"}}
+    return {"algorithm": "dpo", "seed": 5, "run_dir": str(d / name), "save_hf": False,
+            "models": {"actor": {"path": model, "optim": {"lr": 2e-3}}, "ref": {"path": model}},
+            "calls": calls, "data": {"train": str(d / "prompts.jsonl"), "max_len": 24, "max_prompt_len": 12},
+            "reward": {"verifier": SEVENS}, "generation": {"max_new_tokens": 4, "top_k": 0},
+            "dpo": {"rounds": 3, "samples_per_prompt": 4, "prompts_per_round": 8, "batch_size": 4},
+            "async": {"max_staleness": staleness},
+            "logging": {"progress": False, "tensorboard": False}}
+
+
+def test_iterative_dpo_samples_the_next_round_while_this_one_trains(dist_pool, task):
+    d, model = task
+    pool = dist_pool(2)
+    pool.run(_run, _dpo_config(d, model, "dpo_sync", 0))
+    pool.run(_run, _dpo_config(d, model, "dpo_async", 1))
+    sync, ahead = _rows(d / "dpo_sync"), _rows(d / "dpo_async")
+    assert [r["async/staleness_max"] for r in ahead] == [0, 1, 1]
+    assert "async/staleness_max" not in sync[0]
+    # round 0 is sampled by the same weights and noise either way; round 1 by the round-0 policy
+    assert ahead[0]["score"] == sync[0]["score"] and ahead[0]["loss"] == sync[0]["loss"]
+    assert ahead[1]["score"] != sync[1]["score"]
+    assert all(r["pairs"] >= 1 for r in ahead)
