@@ -157,8 +157,9 @@ def _run_failing_generation(cfg):
 def test_generation_failure_stops_every_rank_with_one_line(dist_pool, task):
     d, model = task
     out = dist_pool(2).run(_run_failing_generation, _config(d, model, "fails", staleness=1))
-    for name, text, _ in out:
+    for name, text, seconds in out:
         assert name == "LaunchedCallError", (name, text)
+        assert seconds < 60  # stopped at the next gather, not at a collective's timeout
         assert "\n" not in text
         assert "actor_gen failed on rank 0" in text and "ranks [0]" in text
         assert "injected generation failure" in text
