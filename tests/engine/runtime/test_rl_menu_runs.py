@@ -1,6 +1,6 @@
-"""The algorithm menu end to end: each shipped example config (DAPO, RLOO, REINFORCE++) runs at
-tp=2 or pp=2 on gloo with its own settings — only the model, data, reward and sizes are swapped for
-tiny ones — and raises the reward; DAPO's dynamic sampling fills its batch, says so when it cannot
+"""The algorithm menu end to end: each shipped example config (DAPO, RLOO, REINFORCE++ at tp=2 or
+pp=2, asynchronous GRPO with generation on a rank of its own) runs on gloo with its own settings —
+only the model, data, reward and sizes are swapped for tiny ones — and raises the reward; DAPO's dynamic sampling fills its batch, says so when it cannot
 (naming the knob) and resumes with the same prompt stream."""
 import json
 import os
@@ -54,7 +54,9 @@ def _moved(rows, metric="score"):
 # (example, layout, size overrides): every example at tp=2 or pp=2
 CASES = {"dapo": ({"tp": 2}, {"iterations": 12, "batch_size": 4, "group_size": 4, "overlong_buffer": 1}),
          "rloo": ({"pp": 2}, {"iterations": 12, "batch_size": 8, "group_size": 4}),
-         "reinforce_pp": ({"tp": 2}, {"iterations": 12, "batch_size": 32})}
+         "reinforce_pp": ({"tp": 2}, {"iterations": 12, "batch_size": 32}),
+         # asynchronous: generation on rank 0 samples the next batch while rank 1 trains
+         "grpo_async": ({}, {"iterations": 12, "batch_size": 8, "group_size": 4})}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -74,6 +76,8 @@ def test_example_config_runs_and_raises_the_reward(dist_pool, workdir, name):
         assert "kl_seq" not in rows[0]  # no KL term, no reference model
     else:
         assert "kl_seq" in rows[0]
+    if name == "grpo_async":
+        assert [r["async/staleness_max"] for r in rows] == [0] + [1] * (len(rows) - 1)
 
 
 def _dapo(d, model, name, **extra):
