@@ -105,6 +105,17 @@ def busy_fractions(metrics: dict) -> dict:
             "async/train_busy": max(0.0, 1.0 - wait / step)}
 
 
+def sampled_ahead(ctx, total: int, make_job) -> "SampledAhead | None":
+    """The loop's batches sampled ahead under ``async.max_staleness`` > 0 over ``total``
+    iterations; None for the synchronous loop (which drops any batches a checkpoint saved ahead:
+    it samples each batch with the current policy)."""
+    A = ctx.cfg.async_
+    if not A.max_staleness:
+        ctx.host_state.pop(_STATE_KEY, None)
+        return None
+    return SampledAhead(ctx, AsyncSchedule(A.max_staleness, A.sync_every, total), make_job)
+
+
 class SampledAhead:
     """The batches the generation mesh sampled ahead of training, and the one it is sampling.
     ``make_job(batch, version) -> (Job, finish)`` is the loop's sampling call for a batch."""
@@ -125,13 +136,14 @@ class SampledAhead:
             self.queue = [Rollout.from_state(r) for r in saved["queue"]]
             self.gen_version = saved["gen_version"]
         self.running = None
+        self.started = False
 
     def take(self, it: int) -> Rollout:
         """Batch ``it`` to train on; the generation mesh starts on batch it + depth (collective)."""
         x, sch = self.ctx.executor, self.schedule
-        if sch.moves_weights(it):
-            x.prepare(ACTOR_GEN)
-            self.gen_version = it
+        if sch.moves_weights(it) or not self.started:  # (a resume off the schedule: a sync
+            x.prepare(ACTOR_GEN)                          # run's checkpoint holds no batches)
+            self.gen_version, self.started = it, True
         elif x.is_current(ACTOR_GEN):  # refilled since the last move (an evaluation): current
             self.gen_version = it
         while len(self.queue) < sch.depth and it + len(self.queue) < sch.total:

@@ -13,7 +13,7 @@ from meshrl.engine.dataflow import ACTOR_GEN, ACTOR_TRAIN, REF_INF, ROUND
 
 from .loop import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, held_out,
                    held_out_prompts, run_loop, step_count, train_prompts, training_data)
-from .asynchronous import AsyncSchedule, SampledAhead
+from .asynchronous import sampled_ahead
 from .rollout import sample_job, sampling_params, score
 from .supervised import _load_pairs, pair_microbatches, pair_position_logps
 
@@ -118,12 +118,11 @@ class DPO:
         return pairs, {"score": scores.mean().item(), "skipped_prompts": 1 - len(picks) * k / len(roll)}
 
     def run_iterative(self) -> dict:
-        ctx, cfg, D, A = self.ctx, self.cfg, self.D, self.cfg.async_
+        ctx, cfg, D = self.ctx, self.cfg, self.D
         prompts = train_prompts(ctx)
         make_job = lambda r, version: self.round_job(r, version, prompts)  # noqa: E731
         # asynchronous: the generation mesh samples the next rounds while this one trains
-        ahead = (SampledAhead(ctx, AsyncSchedule(A.max_staleness, A.sync_every, D.rounds), make_job)
-                 if A.max_staleness else None)
+        ahead = sampled_ahead(ctx, D.rounds, make_job)
 
         def round_step(r):
             if ahead is None:

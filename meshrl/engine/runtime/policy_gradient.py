@@ -27,7 +27,7 @@ from meshrl.engine.data.datasets import PromptExample
 from meshrl.engine.train import global_seq_count, global_token_count
 from meshrl.kernels import gae, masked_whiten
 
-from .asynchronous import AsyncSchedule, SampledAhead, correction
+from .asynchronous import correction, sampled_ahead
 from .loop import (epoch_order, evaluate_pass_rate, global_batch, held_out_prompts, run_loop,
                    train_prompts)
 from .context import TrainJob
@@ -83,10 +83,8 @@ class PolicyGradient:
                 self.moments.load_state_dict(ctx.host_state["moments"])
         if not self.critic and S.dynamic_sampling:
             self.stream = PromptStream(len(self.prompts), ctx.cfg.seed, ctx.host_state)
-        A = ctx.cfg.async_
         self.correction = correction(ctx.cfg)  # of a batch sampled by another policy than π_prox
-        self.ahead = (SampledAhead(ctx, AsyncSchedule(A.max_staleness, A.sync_every, S.iterations),
-                                   self._sample_job) if A.max_staleness else None)
+        self.ahead = sampled_ahead(ctx, S.iterations, self._sample_job)  # None: synchronous
 
     # ---- rollout --------------------------------------------------------------------------------
     def _sample(self, idx: list[int], it: int, draw: int = 0) -> Rollout:

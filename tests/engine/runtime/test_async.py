@@ -130,6 +130,24 @@ def test_resumed_async_run_matches_the_uninterrupted_one(dist_pool, task):
         assert _tokens(d / "part", step) == _tokens(d / "whole", step)
 
 
+def test_async_run_resumed_from_a_synchronous_checkpoint_fills_the_generation_mesh(dist_pool, task):
+    """A synchronous run's checkpoint at step 3 (off async.sync_every=2's schedule, and holding no
+    batches sampled ahead) resumed asynchronously: the generation mesh gets the checkpoint's weights
+    at once, so batch 3 is on policy."""
+    d, model = task
+    pool = dist_pool(2)
+    pool.run(_run, _config(d, model, "sync3", staleness=0, iterations=4, save_every=3))
+    part = d / "async3" / "checkpoints"
+    part.mkdir(parents=True)
+    shutil.copytree(d / "sync3" / "checkpoints" / "step_3", part / "step_3")
+    (part / "latest").write_text("step_3")
+    pool.run(_run, _config(d, model, "async3", staleness=2, sync_every=2, iterations=5))
+    rows = _rows(d / "async3")
+    assert [r["step"] for r in rows] == [3, 4]
+    assert rows[0]["async/staleness_max"] == 0
+    assert abs(rows[0]["async/imp_weight_mean"] - 1) < 1e-3
+
+
 def _run_failing_generation(cfg):
     """Generation raises on its second batch (rank 0's background thread); returns what each rank
     raised and how long it took to stop after the failure."""
