@@ -292,7 +292,9 @@ class FastGenerator:
         graphs = []
         for m in range(len(sess.rows)):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            # thread_local: under async RL the capturing thread is not the process's only one
+            # (the main thread gathers meanwhile), and only this thread's calls must be capture-safe
+            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                 out = self._step(sess, m)
             graphs.append((g, out))
         return graphs

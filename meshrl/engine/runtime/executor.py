@@ -16,6 +16,7 @@ import traceback
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from meshrl.engine.dataflow import DATAFLOW_TIMER, TRAIN_CALLS, Call, dataflow
 
@@ -95,6 +96,13 @@ class Executor:
         self.executed: list[dict] = []  # this step's gathers, refills and blends, in order
         self._dataflow_timing = False
         self._launched: list[Launched] = []  # calls computing in the background, not yet collected
+        # Under async generation, a generation rank's main thread gathers while its generation
+        # thread computes and runs its own groups' collectives: on NCCL the gathers go over a gloo
+        # group, so that thread's NCCL communicators and CUDA graph captures share the GPU with no
+        # other thread's NCCL calls (whose order across ranks nothing would fix)
+        self._gather_group = None
+        if cfg.async_.max_staleness and dist.is_initialized() and dist.get_backend() == "nccl":
+            self._gather_group = dist.new_group(backend="gloo")
 
     @contextlib.contextmanager
     def _dataflow_time(self):
@@ -232,7 +240,7 @@ class Executor:
         failed = next((r for r in self._launched if r.error is not None), None)
         news = None if failed is None else self._failure(failed)
         with self.watchdog.inside("the gather after " + after):
-            parts = all_gather_objects((news, mine))
+            parts = all_gather_objects((news, mine), group=self._gather_group)
         for news, _ in parts:
             if news is not None:
                 raise LaunchedCallError(news)

@@ -34,11 +34,12 @@ def is_reporter(layout: ParallelLayout) -> bool:
     return layout.is_member and layout.is_last_stage and layout.tp_rank == 0
 
 
-def all_gather_objects(obj) -> list:
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's ``obj``, in rank order (over ``group``, default the world's)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
