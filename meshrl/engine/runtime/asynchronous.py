@@ -17,10 +17,10 @@ does not come here.
 main threads only join the other meshes' gathers meanwhile. A failure there reaches every rank at
 its next gather as one line (`LaunchedCallError`).
 
-**What a checkpoint keeps.** The batches sampled ahead, each token's version and the generation
-mesh's version (host state), so a resumed run trains on the batches the uninterrupted one would.
+**What a checkpoint keeps.** The batches sampled ahead with each token's version and behaviour
+log-prob (host state), so a resumed run trains on the batches the uninterrupted one would.
 Checkpoints fall on weight moves (``logging.save_every`` is a multiple of S), where the generation
-mesh holds the checkpoint's own weights.
+mesh receives the checkpoint's own weights; a run's first iteration always moves them.
 """
 from __future__ import annotations
 
@@ -134,9 +134,8 @@ class SampledAhead:
                     f"{schedule.sync_every} keep {schedule.depth}: resume with the run's async "
                     "settings, or give a new run_dir")
             self.queue = [Rollout.from_state(r) for r in saved["queue"]]
-            self.gen_version = saved["gen_version"]
         self.running = None
-        self.started = False
+        self.started = False  # the first iteration moves weights whatever the schedule says
 
     def take(self, it: int) -> Rollout:
         """Batch ``it`` to train on; the generation mesh starts on batch it + depth (collective)."""
@@ -166,7 +165,7 @@ class SampledAhead:
             self.queue.append(finish(x.collect(run)))
         else:  # past the last batch: nothing to wait for (the step still reports its busy fractions)
             x.add_time(f"wait/{ACTOR_GEN}", 0.0)
-        self.ctx.host_state[_STATE_KEY] = {"depth": self.schedule.depth, "gen_version": self.gen_version,
+        self.ctx.host_state[_STATE_KEY] = {"depth": self.schedule.depth,
                                            "queue": [r.state() for r in self.queue]}
 
     def metrics(self, roll: Rollout, it: int) -> dict:
