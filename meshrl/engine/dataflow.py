@@ -19,6 +19,7 @@ the same table.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 # the calls, by name (config keys under ``calls:``; `actor_inf` runs in actor_train's layout)
@@ -151,3 +152,41 @@ VALUE_CALLS = tuple(sorted({c.name for f in DATAFLOWS.values() for c in f.calls(
 
 def dataflow(algorithm: str) -> Dataflow:
     return DATAFLOWS[algorithm]
+
+
+def async_overlap(calls: Mapping[str, Iterable[int]]) -> tuple[str, tuple[int, ...]] | None:
+    """Asynchronous RL runs actor_gen beside every other call, so its ranks must be theirs alone.
+    ``calls``: every laid-out config call's global ranks. The first call by name that shares a
+    rank with actor_gen, and the ranks they share (ascending); None when none does (or when
+    actor_gen is not laid out)."""
+    if ACTOR_GEN not in calls:
+        return None
+    gen = set(calls[ACTOR_GEN])
+    for name in sorted(calls):
+        shared = gen.intersection(calls[name]) if name != ACTOR_GEN else ()
+        if shared:
+            return name, tuple(sorted(shared))
+    return None
+
+
+def async_overlap_error(max_staleness: int, calls: Mapping[str, Iterable[int]]) -> str | None:
+    """`async_overlap` as the one-line message the planner and the runtime both raise; None when
+    synchronous (max_staleness 0) or when actor_gen's ranks are its own."""
+    hit = async_overlap(calls) if max_staleness > 0 else None
+    if hit is None:
+        return None
+    other, shared = hit
+    return (f"async.max_staleness={max_staleness} overlaps generation with training, so "
+            f"calls.{ACTOR_GEN} needs ranks no other call uses: it shares rank(s) {_ranks_text(shared)} "
+            f"with calls.{other}; give {ACTOR_GEN} ranks of its own")
+
+
+def _ranks_text(ranks: tuple[int, ...]) -> str:
+    """Ascending ranks as a config writes them: runs of consecutive ranks as lo-hi ("0-3,6")."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)

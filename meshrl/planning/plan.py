@@ -11,6 +11,11 @@ sum over the phase's calls on that rank. Then one reallocation per view whose ho
 SFT and RM steps are one training call on a batch; a DPO step is the reference's log-probs, then
 the actor's update. Iterative DPO samples and scores once per round, before the round's steps:
 those calls (and the refill of the actor's generation layout) are priced per round.
+
+Asynchronous PPO and GRPO (``async.max_staleness`` > 0) generate the next batch on actor_gen's own
+ranks while the others score and train on the current one: a step is the steady state of the two
+sides, max(generation, the rest) + one weight move into actor_gen's layout per ``sync_every``
+steps (`AsyncSides`).
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from meshrl.engine.dataflow import ROUND, TRAIN_CALLS, UPDATE, Call, dataflow
+from meshrl.engine.dataflow import (ACTOR_GEN, ROUND, TRAIN_CALLS, UPDATE, Call, async_overlap_error,
+                                    dataflow)
 from meshrl.engine.model.config import ConfigError, ModelConfig
 from meshrl.engine.model.llama import check_layout_fits
 from meshrl.parallel.layout import LayoutError, ParallelLayout, parse_ranks
@@ -67,6 +73,27 @@ class CallPlan:
         return cm.CallShape(self.mcfg, self.head, self.dt, self.spec.tp, self.spec.pp, self.spec.dp)
 
 
+@dataclass(frozen=True)
+class AsyncSides:
+    """An asynchronous step's two sides, which run at the same time on disjoint ranks, in seconds:
+    ``gen`` the generate phase (actor_gen on its own mesh), ``rest`` everything else a step does
+    (the score, infer and train phases, the refills of the other views, the blends), ``sync`` one
+    move of the actor's weights into actor_gen's layout, made every ``sync_every`` steps."""
+    gen: float
+    rest: float
+    sync: float
+    sync_every: int
+
+    @property
+    def step(self) -> float:
+        """The steady state: the slower side sets the pace, and both wait for the weight move."""
+        return max(self.gen, self.rest) + self.sync / self.sync_every
+
+    def idle(self, side: float) -> float:
+        """The fraction of a step that a side of ``side`` seconds waits for the other."""
+        return 1 - side / self.step if self.step > 0 else 0.0
+
+
 @dataclass
 class PlanReport:
     cfg: RunConfig
@@ -97,8 +124,31 @@ class PlanReport:
 
     @property
     def step_seconds(self) -> float:
+        sides = self.async_sides()
+        return self.synchronous_step_seconds if sides is None else sides.step
+
+    @property
+    def synchronous_step_seconds(self) -> float:
+        """Every phase, refill and blend one after another (today's loop on these layouts)."""
         return (sum(self.phase_seconds().values())
                 + sum(r["seconds"] * r["per_step"] for r in self.reallocs))
+
+    @property
+    def max_staleness(self) -> int:
+        return self.cfg.async_.max_staleness
+
+    def async_sides(self) -> AsyncSides | None:
+        """Under ``async.max_staleness`` > 0, the step's two sides; None for the synchronous loop."""
+        if self.max_staleness == 0:
+            return None
+        gen = {p.phase for p in self.calls if p.source == ACTOR_GEN}
+        phases = self.phase_seconds()
+        moves = [(r["seconds"] * r["per_step"], r["dst"] == ACTOR_GEN) for r in self.reallocs]
+        return AsyncSides(gen=sum(t for ph, t in phases.items() if ph in gen),
+                          rest=(sum(t for ph, t in phases.items() if ph not in gen)
+                                + sum(t for t, to_gen in moves if not to_gen)),
+                          sync=sum(t for t, to_gen in moves if to_gen),
+                          sync_every=self.cfg.async_.sync_every)
 
     @property
     def round_seconds(self) -> float:
@@ -194,6 +244,9 @@ def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPl
         if c.model not in configs:
             configs[c.model] = load_model_config(cfg.models[c.model], cfg.models)
         layouts[name] = call_layout(cfg, name, c, world, configs[c.model])
+    overlap = async_overlap_error(cfg.async_.max_staleness, {n: lay.ranks for n, lay in layouts.items()})
+    if overlap:
+        raise PlanError(overlap)
     home_call = home_calls(calls)
     key = lambda n: (calls[n].model, calls[n].ranks, calls[n].tp, calls[n].pp, calls[n].dp)  # noqa: E731
 

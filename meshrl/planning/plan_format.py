@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from meshrl.engine.dataflow import ACTOR_GEN
+
 from . import costmodel as cm
 
 if TYPE_CHECKING:  # plan.py imports this module
@@ -36,6 +38,16 @@ def _memory_table(report: PlanReport) -> list[str]:
     return out
 
 
+def _moves_per_step(report: PlanReport, x: dict) -> str:
+    """How often a reallocation runs per step: async moves into actor_gen every sync_every steps."""
+    if x.get("per_round"):
+        return "1/round"
+    k = report.cfg.async_.sync_every
+    if report.max_staleness and x["dst"] == ACTOR_GEN and x["per_step"] and k > 1:
+        return f"{x['per_step']}/{k}"
+    return str(x["per_step"])
+
+
 def _realloc_table(report: PlanReport) -> list[str]:
     out = ["", ("reallocation by the planner on meta-built specs. Per GPU: the busiest rank's bytes "
                 "each way; its time is max(NVLink s, IB s) + a latency per peer, then local copies"),
@@ -49,7 +61,7 @@ def _realloc_table(report: PlanReport) -> list[str]:
         out.append(f"{x['model']:<20}{x['src'] + ' → ' + x['dst']:<26}"
                    + "".join(f"{_gb(v):>{w}}" for v, w in zip(sizes, (10, 10, 9, 14, 10)))
                    + "".join(f"{v:>{w}.3f}" for v, w in zip(secs, (9, 7, 8, 8)))
-                   + f"{str(x['per_step']) if not x.get('per_round') else '1/round':>9}")
+                   + f"{_moves_per_step(report, x):>9}")
     return out
 
 
@@ -66,19 +78,59 @@ def _time_rows(report: PlanReport, per_round: bool) -> list[str]:
             names = " ∥ ".join(q.name for q in same)
             out.append(f"{'  phase':<17}{phases[p.phase]:>9.3f}  ({names}: the busiest rank's "
                        "share; disjoint meshes overlap)")
+    sides = None if per_round else report.async_sides()
     for x in report.reallocs:
         n = x.get("per_round", 0) if per_round else x["per_step"]
-        if n:
+        if not n:
+            continue
+        if sides is not None and x["dst"] == ACTOR_GEN and sides.sync_every > 1:
+            out.append(f"{'realloc/' + x['dst']:<17}{x['seconds'] * n / sides.sync_every:>9.3f}  "
+                       f"(one move of {x['seconds'] * n:.3f} s every {sides.sync_every} steps)")
+        else:
             out.append(f"{'realloc/' + x['dst']:<17}{x['seconds'] * n:>9.3f}")
     return out
+
+
+def async_numbers(report: PlanReport) -> dict | None:
+    """`async_line`'s figures for ``--json``; None for the synchronous loop."""
+    a = report.async_sides()
+    if a is None:
+        return None
+    return {"max_staleness": report.max_staleness, "sync_every": a.sync_every,
+            "generation_seconds": a.gen, "training_seconds": a.rest, "weight_move_seconds": a.sync,
+            "weight_move_per_step": a.sync / a.sync_every, "step_seconds": a.step,
+            "generation_idle": a.idle(a.gen), "training_idle": a.idle(a.rest),
+            "synchronous_step_seconds": report.synchronous_step_seconds}
+
+
+def async_line(report: PlanReport) -> str | None:
+    """Under async: each side's seconds and idle fraction, the weight move per step, the step,
+    and the synchronous step of the same layouts for comparison."""
+    a = report.async_sides()
+    if a is None:
+        return None
+    sync, gain = report.synchronous_step_seconds, ""
+    if sync > 0:
+        gain = f" (async {(a.step - sync) / sync * 100:+.1f}%)"
+    return (f"async steady state: generation {a.gen:.3f} s (idle {a.idle(a.gen):.1%}) ∥ training "
+            f"{a.rest:.3f} s (idle {a.idle(a.rest):.1%}) + weight move {a.sync / a.sync_every:.3f} s "
+            f"per step = {a.step:.3f} s per step; the same layouts synchronously: {sync:.3f} s{gain}")
 
 
 def _time_table(report: PlanReport) -> list[str]:
     head = f"{'call':<17}{'seconds':>9}{'tokens/s':>11}{'TFLOP/s/GPU':>12}  where the time goes"
     out = ["", ("estimated time per step (the runtime's phases one after another; a phase's calls "
                 "overlap where their meshes are disjoint)"), head]
+    if report.max_staleness:
+        out[1] = (f"estimated time per step (async.max_staleness={report.max_staleness}: actor_gen "
+                  "generates the next batch on its own ranks while the other phases, one after "
+                  "another, train on this one; step = max(generation, training) + weight move / "
+                  f"async.sync_every={report.cfg.async_.sync_every})")
     out += _time_rows(report, False)
     out.append(f"{'step':<17}{report.step_seconds:>9.3f}")
+    line = async_line(report)
+    if line:
+        out.append(line)
     rnd = _time_rows(report, True)
     if rnd and report.round_workload is not None:
         rw = report.round_workload

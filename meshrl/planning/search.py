@@ -12,17 +12,22 @@ the config's layout):
   microbatches (generation has its own ``generation.batch_size``).
 
 What is minimised: `PlanReport.objective_seconds` for those layouts, the very cost model of
-`meshrl plan` — calls one after another (the runtime gathers each call's results to every rank
-before it starts the next, so calls on disjoint meshes do not overlap today, and the estimate does
-not pretend they do), the reallocations that refill the views of changing weights, and the EMA
-blend; for iterative DPO a whole round. A call on fewer GPUs is never faster here, but it keeps
-its weights off the other GPUs, which can let another call take a faster layout.
+`meshrl plan` — phases one after another (a phase's calls overlap where their meshes are
+disjoint), the reallocations that refill the views of changing weights, and the EMA blend; for
+iterative DPO a whole round. A call on fewer GPUs is never faster here, but it keeps its weights
+off the other GPUs, which can let another call take a faster layout. Under ``async.max_staleness``
+> 0 only plans whose actor_gen shares no rank with another call are candidates, and the step is
+the steady state max(generation, the rest) + weight move / sync_every (`plan.AsyncSides`).
 
 How: depth-first branch and bound over the calls. The calls that hold a model's home layout come
 first, so the weights placed along a branch only grow and the memory of the calls chosen so far is
 a lower bound of their final memory. A branch is cut when a chosen call's peak on some GPU, with
 the weights placed so far, exceeds ``cluster.gpu_mem_gb``, or when its cost so far plus every
-remaining call's fastest standalone time cannot beat the k-th best plan found. Within one (call,
+remaining call's fastest standalone time cannot beat the k-th best plan found. Under async the
+same per-phase bounds are summed per side, max(generation's, the rest's with its moves) + the
+weight moves into actor_gen so far, and while actor_gen is still to come its side is at least the
+fastest actor_gen layout whose mesh avoids every rank taken so far: each term never exceeds its
+final value, so neither does the bound (admissible; the result stays exact). Within one (call,
 layout), microbatch sizes no better in time and no smaller in memory than another are dropped
 (same layout, same weights: exact). Candidates are tried fastest first with ties broken by the
 layout, so the search is deterministic. The result is re-priced by `plan_config`.
@@ -37,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from meshrl.engine.dataflow import GENERATE, TRAIN_CALLS, UPDATE
+from meshrl.engine.dataflow import ACTOR_GEN, GENERATE, TRAIN_CALLS, UPDATE, async_overlap_error
 from meshrl.engine.model.config import ModelConfig
 from meshrl.engine.runtime.config import CallSpec, RunConfig, RunConfigError
 from meshrl.engine.runtime.models import DTYPES, complete_calls, load_model_config, model_heads
@@ -164,6 +169,8 @@ class Search:
             raise SearchError(f"--search-calls {','.join(unknown)}: {cfg.algorithm} runs no such call; "
                               f"its calls are {', '.join(sorted(self.calls))}")
         self.free = set(self.calls) if free is None else set(free)
+        self.staleness, self.sync_every = cfg.async_.max_staleness, cfg.async_.sync_every
+        self.blocked = self._async_blocked()
         self.heads = model_heads(self.calls)
         self.mcfg: dict[str, ModelConfig] = {}
         for c in self.calls.values():
@@ -184,6 +191,24 @@ class Search:
                                 local_bw=self.rates.local_copy_gbps * 1e9, latency=self.rates.latency_s,
                                 spec_cache={})
         self.candidates = {name: self._candidates(name) for name in self.order}
+
+    def _async_blocked(self) -> dict[str, set[int]]:
+        """Under async, the ranks each free call may not use: the fixed calls' on the other side of
+        actor_gen (fixed calls that overlap it are the config's error)."""
+        if not self.staleness:
+            return {}
+        fixed = {n: [int(r) for r in c.ranks.split(",")] for n, c in self.calls.items() if n not in self.free}
+        overlap = async_overlap_error(self.staleness, fixed)
+        if overlap:
+            raise SearchError(overlap)
+        gen = set(fixed.get(ACTOR_GEN, ()))
+        others = {r for n, ranks in fixed.items() if n != ACTOR_GEN for r in ranks}
+        if ACTOR_GEN in self.free and len(others) == self.world:
+            raise SearchError(f"async.max_staleness={self.staleness} overlaps generation with training, "
+                              f"so calls.{ACTOR_GEN} needs ranks no other call uses, but the calls kept "
+                              f"fixed ({', '.join(sorted(n for n in fixed if n != ACTOR_GEN))}) use every "
+                              "rank: search them too (--search-calls) or give them fewer ranks")
+        return {n: others if n == ACTOR_GEN else gen for n in self.free}
 
     # ---- candidates -----------------------------------------------------------------------------
     def _choices(self, name: str) -> list[Choice]:
@@ -216,6 +241,9 @@ class Search:
         home = name == self.home_call[model]
         out = []
         for ch in self._choices(name):
+            if name in self.free and self.staleness and (
+                    len(ch.ranks) == self.world or not self.blocked[name].isdisjoint(ch.ranks)):
+                continue  # async: the whole cluster always overlaps actor_gen, or actor_gen the rest
             layout = self._layout(name, ch)
             if layout is None:
                 if name not in self.free:  # the config's own layout: say why it cannot be
@@ -297,6 +325,27 @@ class Search:
         """Every picked call's rows within gpu_mem_gb on every rank, given the resident bytes."""
         return _peak(picked, static, stop_above=self.budget_bytes) <= self.budget_bytes
 
+    def _gen_floor(self, tables: dict, gen_ph: list[int]):
+        """Async: actor_gen's place in the order, and ``floor(name, taken)``: per mesh of call
+        ``name``, the least generate-phase time of an actor_gen candidate whose mesh avoids both
+        that mesh and the ranks ``taken`` by the calls chosen so far (inf where none does) — a
+        lower bound of the generation side while actor_gen is still to be chosen."""
+        if ACTOR_GEN not in self.order or not self.candidates[ACTOR_GEN]:
+            return -1, None
+        gt, ranks = tables[ACTOR_GEN], np.arange(self.world)
+        fastest = np.full(len(gt.meshes), np.inf)
+        for c, m in zip(self.candidates[ACTOR_GEN], gt.mesh_of):
+            fastest[m] = min(fastest[m], sum(c.phases.get(ph, 0.0) for ph in gen_ph))
+        gen_sets = [set(ranks[ix].tolist()) for ix in gt.meshes]
+        apart = {n: np.array([[g.isdisjoint(ranks[ix].tolist()) for g in gen_sets] for ix in t.meshes],
+                             dtype=bool).reshape(len(t.meshes), len(gen_sets))
+                 for n, t in tables.items()}
+
+        def floor(name: str, taken: np.ndarray) -> np.ndarray:
+            clear = gt.mesh_loads(taken) == 0
+            return np.where(apart[name] & clear, fastest, np.inf).min(axis=1, initial=np.inf)
+        return self.order.index(ACTOR_GEN), floor
+
     # ---- branch and bound -----------------------------------------------------------------------
     def run(self) -> SearchResult:
         t0 = time.perf_counter()
@@ -322,6 +371,15 @@ class Search:
         pair_at = max(order.index(pair[0]), order.index(pair[1])) if pair and pair_cost else -1
         call_phases = {n: {ph for _, src, ph in self.rows if src == n} for n in order}
         tables = {n: _CostTable(cands[n], sorted(call_phases[n])) for n in order}
+        # async: the generation side's phases, the rest's, and for each call the side its phases
+        # are all on (None: both, or none), whose floor bounds its candidates sorted by cost
+        A, k_sync = self.staleness > 0, self.sync_every
+        gen_ph = sorted({ph for _, src, ph in self.rows if src == ACTOR_GEN}) if A else []
+        rest_ph = [ph for ph in phases if ph not in gen_ph]
+        side = {n: ("gen" if call_phases[n] <= set(gen_ph) else "rest" if not call_phases[n] & set(gen_ph)
+                    else None) if call_phases[n] else None for n in order}
+        gen_cols = {n: np.array([ph in gen_ph for ph in tables[n].phases], dtype=bool) for n in order}
+        gen_at, gen_floor = self._gen_floor(tables, gen_ph) if A else (-1, None)
         best: list[Plan] = []
         state = {"visited": 0, "stopped": False}
 
@@ -329,11 +387,16 @@ class Search:
             return best[-1].seconds if len(best) >= self.top else math.inf
 
         def dfs(i: int, moves: float, loads: dict, peaks: dict, chosen: dict, placed: frozenset,
-                static, picked: list):
-            """``moves``: reallocation seconds so far; ``loads[phase]``: seconds per rank;
-            ``peaks[phase]``: its busiest rank's."""
+                static, picked: list, sync: float = 0.0, occ=None):
+            """``moves``: reallocation seconds so far (async: the rest's); ``loads[phase]``: seconds
+            per rank; ``peaks[phase]``: its busiest rank's. Async only: ``sync`` the weight moves
+            into actor_gen per step; ``occ`` 1 on (actor_gen's ranks, the other calls' ranks)."""
             if i == len(order):
-                cost = moves + sum(peaks.values())
+                if A:
+                    cost = (max(sum(peaks[ph] for ph in gen_ph), moves + sum(peaks[ph] for ph in rest_ph))
+                            + sync)
+                else:
+                    cost = moves + sum(peaks.values())
                 # plans of one cost are nearly always mirror images (another node, another slice
                 # of a node): keep the first in layout order as the representative of its cost
                 plan = Plan(cost, dict(chosen))
@@ -351,7 +414,12 @@ class Search:
             home = name == self.home_call[model]
             later = rest[i + 1]
             base = {ph: max(peaks[ph], later[ph]) for ph in phases}
-            floor = sum(base.values()) + moves
+            if A:  # each side's floor; a call's candidates lie on one side (else no cut by cost)
+                g0 = sum(base[ph] for ph in gen_ph)
+                r0 = moves + sum(base[ph] for ph in rest_ph)
+                floor = (g0 if side[name] == "gen" else r0) + sync
+            else:
+                floor = sum(base.values()) + moves
             spare = sum(base[ph] for ph in call_phases[name])
             # each phase with a candidate costs at least its own time there, so the plan at least
             # floor + Σ max(0, t − base) ≥ floor + cost − Σ base over the call's phases (the same
@@ -359,12 +427,20 @@ class Search:
             cs, table = cands[name], tables[name]
             B = bound()
             end = len(cs)
-            if math.isfinite(B):
+            if math.isfinite(B) and (not A or side[name] is not None):
                 end = int(np.searchsorted(table.cost, B - floor + spare, side="left"))
             cols = [base[ph] for ph in table.phases]
-            alone = floor + np.maximum(table.times[:end] - np.array(cols), 0.0).sum(axis=1) \
-                if table.phases else np.full(end, floor)
+            if A:
+                over = np.maximum(table.times[:end] - np.array(cols), 0.0)
+                gc = gen_cols[name]
+                alone = np.maximum(g0 + over[:, gc].sum(axis=1), r0 + over[:, ~gc].sum(axis=1)) + sync
+            else:
+                alone = floor + np.maximum(table.times[:end] - np.array(cols), 0.0).sum(axis=1) \
+                    if table.phases else np.full(end, floor)
             js = np.flatnonzero(alone < B)
+            if A and len(js):  # actor_gen's ranks are its own: drop meshes that would share one
+                block = occ[1] if name == ACTOR_GEN else occ[0]
+                js = js[table.mesh_loads(block)[table.mesh_of[js]] == 0]
             if not len(js):
                 return
             # every surviving candidate's new phase peaks and lower bound at once: a phase's load
@@ -374,10 +450,20 @@ class Search:
             for k, ph in enumerate(table.phases):
                 on_mesh = table.mesh_loads(loads[ph])
                 grown[ph] = np.maximum(peaks[ph], on_mesh[mesh] + table.times[js, k])
-            total = 0
-            for ph in phases:  # summed in phase order, as the scalar form would
-                total = total + (np.maximum(grown[ph], later[ph]) if ph in grown else max(peaks[ph], later[ph]))
-            lowers = moves + total
+            if A:  # each side's lower bound per candidate
+                side_lo = [np.zeros(len(js)), np.full(len(js), moves)]
+                for ph in phases:
+                    side_lo[ph not in gen_ph] += (np.maximum(grown[ph], later[ph]) if ph in grown
+                                                  else max(peaks[ph], later[ph]))
+                if i < gen_at:  # actor_gen, still to come, must avoid these ranks and the candidate's
+                    side_lo[0] = np.maximum(side_lo[0], gen_floor(name, occ[1])[table.mesh_of[js]])
+                lowers = np.maximum(*side_lo) + sync
+            else:
+                total = 0
+                for ph in phases:  # summed in phase order, as the scalar form would
+                    total = total + (np.maximum(grown[ph], later[ph]) if ph in grown
+                                     else max(peaks[ph], later[ph]))
+                lowers = moves + total
             for pos, j in enumerate(js.tolist()):
                 if state["stopped"]:
                     return
@@ -415,23 +501,41 @@ class Search:
                     moved.append((refill, model, chosen[self.home_call[model]], ch))
                 if i == pair_at:
                     moved.append((pair_cost, actor, new_chosen[pair[0]], new_chosen[pair[1]]))
-                if moved and lower + sum(n * self._realloc_floor(m, a, b) for n, m, a, b in moved) >= B:
-                    continue
-                add = sum(n * self._realloc_seconds(m, a, b) for n, m, a, b in moved)
-                if lower + add >= B:
-                    continue
+                new_sync, new_occ = sync, occ
+                if A:
+                    # actor_gen's refill is the weight move, made once per sync_every steps; the
+                    # other moves join the rest's side
+                    lo_g, lo_r = float(side_lo[0][pos]), float(side_lo[1][pos])
+                    to_gen = moved[:1] if refill and name == ACTOR_GEN else []
+                    others = moved[len(to_gen):]
+                    floor_r, floor_s = (_priced(x, self._realloc_floor) for x in (others, to_gen))
+                    if moved and max(lo_g, lo_r + floor_r) + sync + floor_s / k_sync >= B:
+                        continue
+                    add = _priced(others, self._realloc_seconds)
+                    new_sync = sync + _priced(to_gen, self._realloc_seconds) / k_sync
+                    if max(lo_g, lo_r + add) + new_sync >= B:
+                        continue
+                    new_occ = _occupy(occ, cand.idx, name == ACTOR_GEN)
+                else:
+                    if moved and lower + sum(n * self._realloc_floor(m, a, b) for n, m, a, b in moved) >= B:
+                        continue
+                    add = sum(n * self._realloc_seconds(m, a, b) for n, m, a, b in moved)
+                    if lower + add >= B:
+                        continue
                 new_loads = dict(loads)
                 for ph, t in cand.phases.items():
                     new_loads[ph] = loads[ph].copy()
                     new_loads[ph][cand.idx] += t
-                dfs(i + 1, moves + add, new_loads, new_peaks, new_chosen, new_placed, new_static, rows)
+                dfs(i + 1, moves + add, new_loads, new_peaks, new_chosen, new_placed, new_static, rows,
+                    new_sync, new_occ)
                 B = bound()
 
         if all(cands[n] for n in order):
             zero = np.zeros(self.world)
             spare = np.zeros(self.world + 1)  # loads: one element past the last rank (_CostTable)
+            occ = (np.zeros(self.world + 1), np.zeros(self.world + 1)) if A else None
             dfs(0, 0.0, dict.fromkeys(phases, spare), dict.fromkeys(phases, 0.0), {}, frozenset(),
-                (zero, zero, zero), [])
+                (zero, zero, zero), [], 0.0, occ)
         return SearchResult(self.cfg, best, not state["stopped"], state["visited"],
                             {n: len(cands[n]) for n in order}, time.perf_counter() - t0)
 
@@ -465,6 +569,23 @@ class _CostTable:
         if self.contiguous:
             return np.maximum.reduceat(load, self.bounds)[::2]
         return np.array([load[ix].max() for ix in self.meshes])
+
+
+def _priced(moves: list[tuple], price) -> float:
+    """Seconds of weight moves (times per step, model, from, to) at ``price`` per move."""
+    return sum(n * price(m, a, b) for n, m, a, b in moves)
+
+
+def _occupy(occ: tuple[np.ndarray, np.ndarray], idx, gen: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Async: (actor_gen's ranks, the other calls' ranks) with the mesh ``idx`` added to one."""
+    g, u = occ
+    if gen:
+        g = g.copy()
+        g[idx] = 1
+    elif not u[idx].all():
+        u = u.copy()
+        u[idx] = 1
+    return g, u
 
 
 def _mesh_key(idx) -> tuple:
@@ -599,6 +720,8 @@ def format_search(res: SearchResult, calls: dict[str, CallSpec]) -> str:
 
 
 def search_json(res: SearchResult, calls: dict[str, CallSpec]) -> dict:
+    from .plan_format import async_numbers
+
     def plan_dict(p: Plan) -> dict:
         return {"seconds": p.seconds, "calls": {n: {"model": calls[n].model, "ranks": ch.ranks_text,
                                                      "tp": ch.tp, "pp": ch.pp, "dp": ch.dp,
@@ -612,7 +735,8 @@ def search_json(res: SearchResult, calls: dict[str, CallSpec]) -> dict:
                                else None),
             "best": {**plan_dict(res.plans[0]), "peak_gb": peak_gb(res.report),
                      "per_call": {p.name: p.time.seconds for p in res.report.calls if p.time},
-                     "reallocs": {f"{x['src']}→{x['dst']}": x["seconds"] for x in res.report.reallocs}},
+                     "reallocs": {f"{x['src']}→{x['dst']}": x["seconds"] for x in res.report.reallocs},
+                     "async": async_numbers(res.report)},
             "alternatives": [plan_dict(p) for p in res.plans[1:]], "notes": res.notes}
 
 
@@ -636,9 +760,11 @@ def no_fit_message(s: Search) -> str:
         state += P * cm.DTYPE_BYTES[s.cfg.models[model].dtype] + (16 * P if model in s.trained else 0)
     cl = s.cfg.cluster
     nodes = max(math.ceil(state / (s.budget_bytes * s.gpn)), cl.nodes + 1)  # this one failed
-    return (f"no plan fits {cl.gpu_mem_gb:g} GB per GPU on {cl.nodes} nodes × {s.gpn} GPUs: the largest "
-            f"need is calls.{worst}'s, {need / cm.GB:.1f} GB per GPU in its best layout with no other "
-            f"model beside it, and the models' weights and training state ({state / cm.GB:,.0f} GB) "
+    apart = (f" with calls.{ACTOR_GEN} on ranks of its own (async.max_staleness={s.staleness})"
+             if s.staleness else "")
+    return (f"no plan fits {cl.gpu_mem_gb:g} GB per GPU on {cl.nodes} nodes × {s.gpn} GPUs{apart}: the "
+            f"largest need is calls.{worst}'s, {need / cm.GB:.1f} GB per GPU in its best layout with no "
+            f"other model beside it, and the models' weights and training state ({state / cm.GB:,.0f} GB) "
             f"need at least {nodes} nodes of {s.gpn}: find the smallest that fits with --nodes "
             f"{','.join(str(n) for n in _powers_of_two(8 * nodes) if n >= nodes)}")
 

@@ -54,10 +54,12 @@ def cached_realloc(monkeypatch):
 
 
 def _brute_force(cfg, free, rates):
-    """Every combination of the free calls' layouts, priced and checked by plan_config."""
+    """Every combination of the free calls' layouts, priced and checked by plan_config (which
+    refuses, under async, an actor_gen that shares a rank with another call). Also which side
+    paces each async plan that fits ("gen" or "rest")."""
     s = Search(cfg, free=free, rates=rates, microbatch_tokens=(4096,))
     options = [s._choices(n) for n in s.order]
-    costs, divide = [], 0
+    costs, divide, paced = [], 0, set()
     for combo in itertools.product(*options):
         try:
             rep = plan_config(with_calls(cfg, dict(zip(s.order, combo)), s.calls), rates=rates)
@@ -66,7 +68,15 @@ def _brute_force(cfg, free, rates):
         divide += 1
         if rep.fit_error is None:
             costs.append(rep.objective_seconds)
-    return sorted(costs), divide
+            if (a := rep.async_sides()) is not None:
+                paced.add("gen" if a.gen > a.rest else "rest")
+    return sorted(costs), divide, paced
+
+
+# async: critic, reference and reward kept on ranks 0-1, so that actor_gen has room of its own
+_APART = [f"calls.{n}.model={m}" for n, m in (("critic_train", "critic"), ("critic_inf", "critic"),
+                                              ("ref_inf", "ref"), ("rew_inf", "reward"))] + [
+    f"calls.{n}.ranks=0-1" for n in ("critic_train", "critic_inf", "ref_inf", "rew_inf")]
 
 
 @pytest.mark.parametrize("algorithm,gpus,mem,free,overrides", [
@@ -75,12 +85,20 @@ def _brute_force(cfg, free, rates):
     ("ppo", 4, 5.0, ["actor_train", "actor_gen"], ["ppo.ema_ref=true"]),    # EMA blend into ref's home
     ("grpo", 4, 4.0, ["actor_train", "ref_inf"], []),
     ("dpo", 4, 3.0, ["actor_train", "ref_inf"], []),            # iterative: a round is the objective
+    # async: the steady state max(generation, the rest) + move / sync_every, actor_gen apart; the
+    # EMA blend on the rest's side; epochs such that either side paces some plans
+    ("ppo", 4, 5.0, ["actor_gen", "actor_train"],
+     ["async.max_staleness=2", "async.sync_every=2", "ppo.epochs=2", "ppo.ema_ref=true", *_APART]),
+    ("grpo", 4, 4.0, ["actor_gen", "actor_train", "ref_inf"],
+     ["async.max_staleness=1", "grpo.epochs=3", "calls.rew_inf.model=reward", "calls.rew_inf.ranks=0-1"]),
 ])
 def test_search_equals_exhaustive_enumeration(algorithm, gpus, mem, free, overrides, rates, cached_realloc):
     cfg = _cfg(algorithm, gpus=gpus, mem=mem, overrides=overrides)
-    costs, divide = _brute_force(cfg, free, rates)
+    costs, divide, paced = _brute_force(cfg, free, rates)
     res = Search(cfg, free=free, rates=rates, microbatch_tokens=(4096,), top=3).run()
     assert res.complete and 0 < len(costs) < divide  # some fit, and memory rules out others
+    if cfg.async_.max_staleness:
+        assert paced == {"gen", "rest"}  # the max matters: each side is the slower in some plan
     distinct = []
     for c in costs:
         if not distinct or not math.isclose(c, distinct[-1], rel_tol=1e-12):
