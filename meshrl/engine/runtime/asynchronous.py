@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshrl.engine.dataflow import ACTOR_GEN
+from meshrl.engine.dataflow import ACTOR_GEN, async_overlap_error
 
 from .config import RunConfigError
 from .rollout import Rollout, flatten
@@ -62,16 +62,11 @@ class AsyncSchedule:
 
 
 def check_disjoint(cfg, layouts: dict) -> None:
-    """Generation overlaps training only on ranks of its own: one line naming the shared call."""
-    gen = set(layouts[ACTOR_GEN].ranks)
-    for name in sorted(layouts):
-        shared = sorted(gen & set(layouts[name].ranks)) if name != ACTOR_GEN else []
-        if shared:
-            raise RunConfigError(
-                f"async.max_staleness={cfg.async_.max_staleness} overlaps generation with training, so "
-                f"calls.actor_gen needs ranks no other call uses: it shares rank(s) "
-                f"{','.join(map(str, shared))} with calls.{name}; give actor_gen ranks of its own "
-                "(e.g. calls.actor_gen.ranks=0 and the other calls' ranks=1-...)")
+    """Generation overlaps training only on ranks of its own: one line naming the shared call (the
+    planner's words: `dataflow.async_overlap_error`)."""
+    err = async_overlap_error(cfg.async_.max_staleness, {n: l.ranks for n, l in layouts.items()})
+    if err is not None:
+        raise RunConfigError(err)
 
 
 def correction(cfg) -> str:
