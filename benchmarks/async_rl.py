@@ -4,7 +4,7 @@ hide the overlap), the same tiny config run with ``async.max_staleness`` 0, then
 Prints each mode's steady-state step time, the ratio to the synchronous step, and the busy
 fraction of each mesh (the share of a step it computes; idle time is what async removes).
 
-    python benchmarks/async_rl.py                     # about 2 minutes on 2 CPU cores
+    python benchmarks/async_rl.py                     # about 1 minute on 2 CPU cores
     python benchmarks/async_rl.py --iterations 10 --modes 0,1,2
 
 The config is sized so that generation and training take similar time (the case async is for:
@@ -49,6 +49,15 @@ def base_config(d: str, a) -> dict:
             "logging": {"tensorboard": False, "progress": False}}
 
 
+def plan_steps(base: dict, modes: dict) -> dict[str, float]:
+    """`meshrl plan`'s step for each mode's config on 2 CPU ranks."""
+    from meshrl.engine.runtime.config import load_run_config
+    from meshrl.planning.plan import plan_config
+    base = {**base, "cluster": {"nodes": 1, "gpus_per_node": 2, "device": "cpu"}}
+    return {n: plan_config(load_run_config(None, [], base={**base, "async": {"max_staleness": int(n)}}),
+                           world=2).step_seconds for n in modes}
+
+
 def steady_state(run_dir: str, skip: int) -> dict:
     """Mean step time and busy fractions over the steps after the first ``skip``."""
     from meshrl.engine.runtime.metrics import read_metrics
@@ -88,10 +97,10 @@ def main():
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--skip", type=int, default=2, help="first steps left out (start-up, the first batch)")
     ap.add_argument("--modes", default="0,1", help="async.max_staleness values (0: synchronous)")
-    ap.add_argument("--repeats", type=int, default=1, help="passes over the modes; each keeps its fastest")
+    ap.add_argument("--repeats", type=int, default=2, help="passes over the modes; each keeps its fastest")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=40)
-    ap.add_argument("--gen-batch", type=int, default=16, help="prompts per decoding batch")
+    ap.add_argument("--gen-batch", type=int, default=8, help="prompts per decoding batch")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG_JSON", "OUT_JSON"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -101,7 +110,7 @@ def main():
     d = tempfile.mkdtemp(prefix="meshrl-async-")
     cfg_path, out_path = os.path.join(d, "cfg.json"), os.path.join(d, "out.json")
     with open(cfg_path, "w") as f:
-        json.dump(base_config(d, a), f)
+        json.dump(base := base_config(d, a), f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            os.path.abspath(__file__), "--worker", cfg_path, out_path, "--modes", a.modes,
            "--repeats", str(a.repeats), "--skip", str(a.skip)]
@@ -113,23 +122,27 @@ def main():
     with open(out_path) as f:
         runs = json.load(f)
     best = {n: min(rs, key=lambda r: r["step_s"]) for n, rs in runs.items()}
+    planned = plan_steps(base, best)
     sync = best.get("0")
     print(f"PPO, demo-size model, batch {a.batch_size} (decoded {a.gen_batch} at a time), "
           f"{a.new_tokens} new tokens, epochs {a.epochs}; "
           f"generation on rank 0, the rest on rank 1 (gloo, CPU); mean of steps {a.skip}.."
           f"{a.iterations - 1}, best of {a.repeats}")
-    print(f"{'mode':<22}{'step s':>9}{'gen s':>9}{'speed-up':>10}{'gen busy':>10}{'train busy':>12}")
+    print(f"{'mode':<22}{'step s':>9}{'gen s':>9}{'speed-up':>10}{'gen busy':>10}{'train busy':>12}"
+          f"{'plan s':>9}{'plan speed-up':>15}")
     for n, r in best.items():
         name = "synchronous" if n == "0" else f"async max_staleness={n}"
         ratio = f"{sync['step_s'] / r['step_s']:.2f}x" if sync else "-"
+        plan_ratio = f"{planned['0'] / planned[n]:.2f}x" if "0" in planned else "-"
         print(f"{name:<22}{r['step_s']:>9.3f}{r['gen_s']:>9.3f}{ratio:>10}{r['gen_busy']:>10.2f}"
-              f"{r['train_busy']:>12.2f}")
-    from harness import RESULTS
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, "async_rl-cpu-gloo.json")
-    with open(path, "w") as f:
-        json.dump({"args": vars(a), "runs": runs}, f, indent=1)
-    print(f"wrote {path}")
+              f"{r['train_busy']:>12.2f}{planned[n]:>9.3f}{plan_ratio:>15}")
+    print("plan s: `meshrl plan`'s steady-state step for the same config (benchmarks/rates.json's "
+          "committed CPU rates, not calibrated now)")
+    import torch
+    from harness import write_results
+    rows = [{"max_staleness": int(n), **r, "plan_step_s": planned[n],
+             "speedup": sync["step_s"] / r["step_s"] if sync else None} for n, r in best.items()]
+    print(f"wrote {write_results('async_rl', torch.device('cpu'), rows, {'args': vars(a), 'runs': runs})}")
     return 0
 
 

@@ -49,3 +49,19 @@ def test_gpu_check_cpu_smoke():
             line.startswith(f"ok   {name}: ") for line in lines), f"{name}: neither ok nor skipped"
     assert not any(line.startswith("FAIL") for line in lines)
     assert sum(line.startswith("skip (needs CUDA): ") for line in lines) >= 5
+
+
+def test_async_benchmark_smoke(tmp_path):
+    """benchmarks/async_rl.py at a tiny size: both modes run on 2 gloo ranks and report their step,
+    busy fractions and the plan's step (the speed-up itself is measured, not tested)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MESHRL_BENCH_RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "async_rl.py"), "--iterations", "3",
+                           "--skip", "1", "--batch-size", "8", "--new-tokens", "4", "--gen-batch", "4",
+                           "--repeats", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = tmp_path.glob("async_rl-*.json")
+    rows = {r["max_staleness"]: r for r in json.loads(result.read_text())["rows"]}
+    assert set(rows) == {0, 1}
+    assert rows[0]["staleness_mean"] == 0 and rows[1]["staleness_mean"] == 1
+    for r in rows.values():
+        assert r["step_s"] > 0 and r["plan_step_s"] > 0 and 0 < r["gen_busy"] <= 1 and 0 < r["train_busy"] <= 1
