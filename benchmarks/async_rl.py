@@ -62,9 +62,11 @@ def steady_state(run_dir: str, skip: int) -> dict:
     """Mean step time and busy fractions over the steps after the first ``skip``."""
     from meshrl.engine.runtime.metrics import read_metrics
     rows = [r for r in read_metrics(run_dir) if r["phase"] == "train"][skip:]
+    sync = not any("time/wait/actor_gen" in r for r in rows)
+    if not sync:  # the last max_staleness steps sample nothing (no batch is left to sample)
+        rows = [r for r in rows if r.get("time/actor_gen", 0.0) > 0]
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
     step, gen, wait = mean("step_seconds"), mean("time/actor_gen"), mean("time/wait/actor_gen")
-    sync = not any("time/wait/actor_gen" in r for r in rows)
     return {"step_s": step, "gen_s": gen, "steps": len(rows),
             "gen_busy": gen / step,
             # synchronous: the training ranks idle while generation runs; async: while they wait
@@ -94,7 +96,7 @@ def worker(cfg_path: str, out_path: str, modes: list[int], repeats: int, skip: i
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--iterations", type=int, default=6)
+    ap.add_argument("--iterations", type=int, default=8)
     ap.add_argument("--skip", type=int, default=2, help="first steps left out (start-up, the first batch)")
     ap.add_argument("--modes", default="0,1", help="async.max_staleness values (0: synchronous)")
     ap.add_argument("--repeats", type=int, default=2, help="passes over the modes; each keeps its fastest")
@@ -126,8 +128,8 @@ def main():
     sync = best.get("0")
     print(f"PPO, demo-size model, batch {a.batch_size} (decoded {a.gen_batch} at a time), "
           f"{a.new_tokens} new tokens, epochs {a.epochs}; "
-          f"generation on rank 0, the rest on rank 1 (gloo, CPU); mean of steps {a.skip}.."
-          f"{a.iterations - 1}, best of {a.repeats}")
+          f"generation on rank 0, the rest on rank 1 (gloo, CPU); mean over steps {a.skip}.."
+          f"{a.iterations - 1} (async: those that sampled a batch), best of {a.repeats}")
     print(f"{'mode':<22}{'step s':>9}{'gen s':>9}{'speed-up':>10}{'gen busy':>10}{'train busy':>12}"
           f"{'plan s':>9}{'plan speed-up':>15}")
     for n, r in best.items():
