@@ -81,11 +81,11 @@ def stage_pass(stage, ids, meta, cache=None, hidden_shape=None, forward=None):
     layout = stage.layout
     if not layout.is_first_stage:
         x = torch.empty(hidden_shape, dtype=_param_dtype(stage), device=ids.device)
-        dist.recv(x, src=layout.stage_rank(layout.pp_rank - 1))
+        dist.recv(x, src=layout.stage_rank(layout.pp_rank - 1), group=layout.pp_group)
         stage.set_input_tensor(x)
     h = (forward or stage)(ids, meta, cache)
     if not layout.is_last_stage:
-        dist.send(h.contiguous(), dst=layout.stage_rank(layout.pp_rank + 1))
+        dist.send(h.contiguous(), dst=layout.stage_rank(layout.pp_rank + 1), group=layout.pp_group)
         return None
     return h
 

@@ -13,9 +13,10 @@ batches are sampled by version 0 before iteration 0 trains. N = 0 is the synchro
 does not come here.
 
 **Where it runs.** The generation call runs on a thread of each rank of its layout
-(`Executor.launch`), which must share no rank with any other call (`check_disjoint`): those ranks'
-main threads only join the other meshes' gathers meanwhile. A failure there reaches every rank at
-its next gather as one line (`LaunchedCallError`).
+(`Executor.launch`), which must share no rank with any other call (the executor checks it before
+any model loads): those ranks' main threads only join the other meshes' gathers meanwhile (and run
+host work such as the verifier). A failure there reaches every rank as one line
+(`LaunchedCallError`), at its next gather or while it waits for the batch.
 
 **What a checkpoint keeps.** The batches sampled ahead with each token's version and behaviour
 log-prob (host state), so a resumed run trains on the batches the uninterrupted one would.
@@ -26,9 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meshrl.engine.dataflow import ACTOR_GEN, async_overlap_error
+from meshrl.engine.dataflow import ACTOR_GEN
 
-from .config import RunConfigError
 from .rollout import Rollout, flatten
 
 _STATE_KEY = "async"  # host_state["async"]: the batches sampled ahead
@@ -59,14 +59,6 @@ class AsyncSchedule:
             return 0
         launched_in = batch - self.depth
         return launched_in - launched_in % self.sync_every
-
-
-def check_disjoint(cfg, layouts: dict) -> None:
-    """Generation overlaps training only on ranks of its own: one line naming the shared call (the
-    planner's words: `dataflow.async_overlap_error`)."""
-    err = async_overlap_error(cfg.async_.max_staleness, {n: l.ranks for n, l in layouts.items()})
-    if err is not None:
-        raise RunConfigError(err)
 
 
 def correction(cfg) -> str:
@@ -117,17 +109,18 @@ class SampledAhead:
 
     def __init__(self, ctx, schedule: AsyncSchedule, make_job):
         self.ctx, self.schedule, self.make_job = ctx, schedule, make_job
-        check_disjoint(ctx.cfg, ctx.executor.layouts)
         saved = ctx.host_state.get(_STATE_KEY)
         self.queue: list[Rollout] = []
         self.gen_version = 0
+        settings = {"max_staleness": schedule.max_staleness, "sync_every": schedule.sync_every}
+        if saved is not None and saved["settings"] != settings:
+            # batches sampled under other settings could break this run's bound: sample afresh
+            if ctx.main:
+                print(f"async: {ctx.cfg.run_dir}'s checkpoint holds {len(saved['queue'])} batches sampled "
+                      f"ahead under {saved['settings']}; this run has {settings}, so it samples them "
+                      "again with the checkpoint's weights")
+            saved = None
         if saved is not None:
-            if saved["depth"] != schedule.depth:
-                raise RunConfigError(
-                    f"async: the checkpoint in {ctx.cfg.run_dir} holds {saved['depth']} batches sampled "
-                    f"ahead, but max_staleness={schedule.max_staleness} and sync_every="
-                    f"{schedule.sync_every} keep {schedule.depth}: resume with the run's async "
-                    "settings, or give a new run_dir")
             self.queue = [Rollout.from_state(r) for r in saved["queue"]]
         self.running = None
         self.started = False  # the first iteration moves weights whatever the schedule says
@@ -160,8 +153,10 @@ class SampledAhead:
             self.queue.append(finish(x.collect(run)))
         else:  # past the last batch: nothing to wait for (the step still reports its busy fractions)
             x.add_time(f"wait/{ACTOR_GEN}", 0.0)
-        self.ctx.host_state[_STATE_KEY] = {"depth": self.schedule.depth,
-                                           "queue": [r.state() for r in self.queue]}
+        sch = self.schedule
+        self.ctx.host_state[_STATE_KEY] = {
+            "settings": {"max_staleness": sch.max_staleness, "sync_every": sch.sync_every},
+            "queue": [r.state() for r in self.queue]}
 
     def metrics(self, roll: Rollout, it: int) -> dict:
         return staleness_metrics(roll, it, self.schedule.max_staleness)

@@ -74,6 +74,7 @@ class RunContext:
         self.executor = Executor(cfg, world=self.world, rank=self.rank, device=self.device,
                                  watchdog=self.watchdog, timed=self.services.timed,
                                  add_time=self.services.add_time, optim_steps=optim_steps)
+        self.services.may_sync_device = lambda: not self.executor.computing_in_background()
         self._check_vocabularies()
         self._check_context()
         self.tokenizer = self._tokenizer()

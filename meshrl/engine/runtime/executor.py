@@ -7,18 +7,21 @@ or schedules (`RunServices`) and knows nothing of an algorithm's math (the loops
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import sys
 import threading
 import time
 import traceback
+import uuid
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from meshrl.engine.dataflow import DATAFLOW_TIMER, TRAIN_CALLS, Call, dataflow
+from meshrl.engine.dataflow import DATAFLOW_TIMER, TRAIN_CALLS, Call, async_overlap_error, dataflow
+from meshrl.engine.distributed import default_store, grace_s
 
 from .config import RunConfig, RunConfigError
 from .models import ModelRuntime, build_layouts, complete_calls, load_model_config, model_heads
@@ -48,9 +51,11 @@ class Job:
 class Launched:
     """A sharded call computing in the background on its layout's ranks (`Executor.launch`)."""
     job: Job
+    key: str  # its keys in the process group's store: ``KEY/done`` (a count), ``KEY/failed``
     thread: threading.Thread | None = None  # None on ranks outside the call's layout
     result: tuple | None = None  # (first index, results) on the replica's reporting rank
     error: BaseException | None = None
+    news: str | None = None  # the failure's one line, when it failed on this rank
     seconds: float = 0.0  # the thread's wall time
 
 
@@ -80,6 +85,10 @@ class Executor:
         self.calls = complete_calls(cfg, world)
         self.flow = dataflow(cfg.algorithm)
         self.layouts = build_layouts(self.calls, world)
+        # asynchronous generation runs beside the other calls: on ranks of its own (before any load)
+        err = async_overlap_error(cfg.async_.max_staleness, {n: l.ranks for n, l in self.layouts.items()})
+        if err is not None:
+            raise RunConfigError(err)
         heads = model_heads(self.calls)
         trained = {self.calls[c].model for c in TRAIN_CALLS if c in self.calls}
         self.models: dict[str, ModelRuntime] = {}
@@ -96,13 +105,28 @@ class Executor:
         self.executed: list[dict] = []  # this step's gathers, refills and blends, in order
         self._dataflow_timing = False
         self._launched: list[Launched] = []  # calls computing in the background, not yet collected
-        # Under async generation, a generation rank's main thread gathers while its generation
-        # thread computes and runs its own groups' collectives: on NCCL the gathers go over a gloo
-        # group, so that thread's NCCL communicators and CUDA graph captures share the GPU with no
-        # other thread's NCCL calls (whose order across ranks nothing would fix)
-        self._gather_group = None
-        if cfg.async_.max_staleness and dist.is_initialized() and dist.get_backend() == "nccl":
-            self._gather_group = dist.new_group(backend="gloo")
+        self._gather_group, self._store, self._launch_prefix, self._launches = None, None, "", 0
+        if cfg.async_.max_staleness and dist.is_initialized():
+            self._start_background(cfg)
+
+    def _start_background(self, cfg: RunConfig):
+        """What calls launched in the background need (asynchronous generation): the store their
+        failures are posted in
+        (under a key fresh for this executor, as the store outlives runs and restarts) and, on
+        NCCL, a gloo group for the gathers: a generation rank's main thread gathers while its
+        generation thread runs its own groups' NCCL collectives and CUDA graph captures, which then
+        meet no other thread's NCCL calls (whose order across ranks nothing would fix)."""
+        if dist.get_backend() == "nccl":
+            t = cfg.dist.timeout_s
+            self._gather_group = dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=t + grace_s(t)))
+        self._store = default_store()
+        token = uuid.uuid4().hex if self.rank == 0 else None
+        self._launch_prefix = f"meshrl/launched/{all_gather_objects(token)[0]}"
+
+    def computing_in_background(self) -> bool:
+        """Whether a launched call is computing on a thread of this rank."""
+        return any(r.thread is not None and r.thread.is_alive() for r in self._launched)
 
     @contextlib.contextmanager
     def _dataflow_time(self):
@@ -237,8 +261,7 @@ class Executor:
         """Every rank's ``mine`` (all_gather_objects), with this rank's news of a failed background
         call riding along: when any rank reports one, every rank raises the same one-line
         `LaunchedCallError` here, so no rank waits on a call that will never be collected."""
-        failed = next((r for r in self._launched if r.error is not None), None)
-        news = None if failed is None else self._failure(failed)
+        news = next((r.news for r in self._launched if r.news is not None), None)
         with self.watchdog.inside("the gather after " + after):
             parts = all_gather_objects((news, mine), group=self._gather_group)
         for news, _ in parts:
@@ -247,7 +270,7 @@ class Executor:
         return [part for _, part in parts]
 
     def _failure(self, run: Launched) -> str:
-        """The failed call's line (its traceback goes to this rank's stderr once)."""
+        """The failed call's line (its traceback goes to this rank's stderr)."""
         e, layout = run.error, self.layouts[run.job.call]
         traceback.print_exception(e, file=sys.stderr)
         text = (str(e).splitlines() or [""])[0]
@@ -260,24 +283,33 @@ class Executor:
         rank goes on issuing other calls (collective ones included) until `collect`. The call's
         layout must share no rank with the calls issued meanwhile (its model's weights and its
         groups' collectives belong to that thread until collected); it issues nothing to the
-        world. A failure reaches every rank at its next gather (`_gather`)."""
-        run = Launched(job)
+        world. A failure reaches every rank at its next gather (`_gather`), or in `collect` through
+        the store (its layout's other ranks may be stuck in a collective with the failed one)."""
+        self._launches += 1
+        run = Launched(job, key=f"{self._launch_prefix}/{self._launches}")
         layout = self.layouts[job.call]
         if layout.is_member:
             local, first = share(job.items, layout)
-            stage, device = self.stage(job.call), self.device
+            stage, device, store = self.stage(job.call), self.device, self._store
 
             def work():
                 t0 = time.perf_counter()
                 try:
+                    if device.type != "cpu":  # a thread starts on device 0, not on its rank's
+                        torch.accelerator.set_device_index(device.index)
                     res = job.fn(stage, local, first)
                     if device.type != "cpu":
                         torch.accelerator.synchronize()
                     if is_reporter(layout):
                         run.result = (first, list(res))
-                except BaseException as e:  # noqa: BLE001 - relayed to every rank by _gather
+                except BaseException as e:  # noqa: BLE001 - relayed to every rank (_gather, collect)
                     run.error = e
+                    run.news = self._failure(run)
+                    if store is not None:
+                        store.set(f"{run.key}/failed", run.news)
                 run.seconds = time.perf_counter() - t0
+                if store is not None:
+                    store.add(f"{run.key}/done", 1)
 
             run.thread = threading.Thread(target=work, name=f"meshrl-{job.call}", daemon=True)
             run.thread.start()
@@ -292,6 +324,9 @@ class Executor:
         job, t0 = run.job, time.perf_counter()
         self.executed.append({"gather": [{"call": job.timer or job.call, "layout": job.call,
                                           "launched": True}]})
+        if self._store is not None:
+            with self.watchdog.inside(f"waiting for {job.timer or job.call} (in the background)"):
+                self._wait_done(run)
         if run.thread is not None:
             with self.watchdog.inside(f"{job.timer or job.call} (in the background)"):
                 run.thread.join()
@@ -309,6 +344,19 @@ class Executor:
             for first, res in part:
                 out[first:first + len(res)] = res
         return out
+
+    def _wait_done(self, run: Launched, poll_s: float = 0.02):
+        """Until every rank of the launched call's layout has finished it (the store's count);
+        raises its failure's line as soon as one posts it, on every rank alike."""
+        failed, done = f"{run.key}/failed", f"{run.key}/done"
+        members = len(self.layouts[run.job.call].ranks)
+        while True:
+            if self._store.check([failed]):
+                self._launched.remove(run)
+                raise LaunchedCallError(self._store.get(failed).decode())
+            if self._store.add(done, 0) >= members:
+                return
+            time.sleep(poll_s)
 
     @_in_dataflow
     def blend(self, dst: str, src: str, alpha: float | None):

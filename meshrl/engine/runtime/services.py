@@ -29,6 +29,9 @@ class RunServices:
         self.cfg, self.main, self.device, self.watchdog = cfg, main, device, watchdog
         self.timings: dict[str, float] = {}
         self.logger = None
+        # False while a call computes on another thread of this rank (async generation): that
+        # thread may be capturing a CUDA graph, and this thread has no device work of its own
+        self.may_sync_device = lambda: True
 
     def start_logging(self, resume_step: int):
         self.logger = MetricsLogger(self.cfg.run_dir, enabled=self.main,
@@ -47,7 +50,7 @@ class RunServices:
             with self.watchdog.inside(label or call):
                 yield
         finally:
-            if self.device.type != "cpu":
+            if self.device.type != "cpu" and self.may_sync_device():
                 torch.accelerator.synchronize()
             self.timings[call] = self.timings.get(call, 0.0) + time.perf_counter() - t0
 

@@ -183,6 +183,44 @@ def test_generation_failure_stops_every_rank_with_one_line(dist_pool, task):
         assert "injected generation failure" in text
 
 
+def _run_failing_late_on_rank_0(cfg):
+    """Generation on ranks 0-1 at tp 2: rank 0's generation thread raises 3 s into its first
+    launched batch, when the training rank already waits for that batch; rank 1's generation thread
+    is then stuck in a tensor-parallel collective with rank 0, and never finishes."""
+    import torch.distributed as dist
+
+    import meshrl.engine.runtime.rollout as rollout
+    orig, calls = rollout.generator, [0]
+
+    def failing(stage, engine):
+        calls[0] += 1
+        if calls[0] == 2 and dist.get_rank() == 0:  # the first is the first batch's, sampled at once
+            time.sleep(3)
+            raise RuntimeError("injected generation failure")
+        return orig(stage, engine)
+    rollout.generator = failing
+    try:
+        _run(cfg)
+    except Exception as e:  # noqa: BLE001 - the test reads it
+        return type(e).__name__, str(e)
+    finally:
+        rollout.generator = orig
+    return None, ""
+
+
+def test_failure_on_a_multi_rank_generation_mesh_stops_every_rank(dist_pool, task):
+    d, model = task
+    cfg = _config(d, model, "fails_tp2", staleness=1)
+    for name, c in cfg["calls"].items():
+        c["ranks"] = "0-1" if name == "actor_gen" else "2"
+    cfg["calls"]["actor_gen"]["tp"] = 2
+    out = dist_pool(3).run(_run_failing_late_on_rank_0, cfg)
+    for name, text in out:
+        assert name == "LaunchedCallError", (name, text)
+        assert "actor_gen failed on rank 0 of its mesh (ranks [0, 1], tp2" in text
+        assert "injected generation failure" in text
+
+
 # ---- configs ---------------------------------------------------------------------------------------
 def test_max_staleness_zero_is_the_synchronous_loop(dist_pool, task):
     d, model = task
