@@ -64,8 +64,11 @@ def final_pass_rate(run_dir: str, iterations: int) -> float | None:
 
 
 def step_seconds(run_dir: str, skip: int) -> float:
-    """Mean step time over the train steps after the first ``skip`` (start-up, the first batch)."""
-    train = [r["step_seconds"] for r in rows(run_dir) if r.get("phase") == "train"][skip:]
+    """Mean step time over the train steps after the first ``skip`` (start-up, the first batch);
+    async: those that sampled a batch (the last max_staleness steps sample nothing)."""
+    train = [r for r in rows(run_dir) if r.get("phase") == "train"][skip:]
+    train = [r["step_seconds"] for r in train
+             if "time/wait/actor_gen" not in r or r.get("time/actor_gen", 0.0) > 0]
     return sum(train) / len(train) if train else float("nan")
 
 

@@ -65,6 +65,9 @@ def steady_state(run_dir: str, skip: int) -> dict:
     sync = not any("time/wait/actor_gen" in r for r in rows)
     if not sync:  # the last max_staleness steps sample nothing (no batch is left to sample)
         rows = [r for r in rows if r.get("time/actor_gen", 0.0) > 0]
+    if not rows:
+        raise SystemExit(f"{run_dir}: no steady steps to average: raise --iterations above --skip + "
+                         "the largest max_staleness")
     mean = lambda k: sum(r.get(k, 0.0) for r in rows) / len(rows)  # noqa: E731
     step, gen, wait = mean("step_seconds"), mean("time/actor_gen"), mean("time/wait/actor_gen")
     return {"step_s": step, "gen_s": gen, "steps": len(rows),

@@ -421,12 +421,22 @@ def _times(report: PlanReport):
         p.time = call_time(p, report.cfg, report.rates, report.workload_of(p))
 
 
+def check_priceable(cfg: RunConfig):
+    """What the planner cannot price yet: iterative DPO's rounds sampled asynchronously (the plan
+    prices a round's sampling before its steps)."""
+    if cfg.async_.max_staleness and cfg.algorithm == "dpo":
+        raise PlanError(f"async.max_staleness={cfg.async_.max_staleness} with iterative dpo: meshrl plan "
+                        "prices a round's sampling before its steps, not beside them; plan (or search) "
+                        "it with async.max_staleness=0, and lay out calls by hand for the async run")
+
+
 def plan_config(cfg: RunConfig, *, world: int | None = None, device: str | None = None,
                 rates_path: str | None = None, rates: Rates | None = None,
                 prompt_len=None, response_len=None, decode_steps=None,
                 realloc: bool = True) -> PlanReport:
     """The whole dry run. Layouts that do not divide raise PlanError; one that does not fit sets
     ``fit_error`` (see `check_fit`) and skips the timing."""
+    check_priceable(cfg)
     cfg = copy.deepcopy(cfg)  # complete_calls fills ranks and dp in place
     cl = cfg.cluster
     expected = cl.nodes * cl.gpus_per_node

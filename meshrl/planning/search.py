@@ -49,8 +49,8 @@ from meshrl.engine.runtime.models import DTYPES, complete_calls, load_model_conf
 
 from . import costmodel as cm
 from .plan import (CallPlan, PlanError, PlanReport, blends, call_layout, call_plan, call_time,
-                   dataflow_rows, home_calls, own_memory, per_round_calls, plan_config, row_call,
-                   steps_per_round)
+                   check_priceable, dataflow_rows, home_calls, own_memory, per_round_calls,
+                   plan_config, row_call, steps_per_round)
 from .rates import Rates, load_rates
 
 MICROBATCH_TOKENS = (1024, 2048, 4096, 8192, 16384)
@@ -169,6 +169,7 @@ class Search:
             raise SearchError(f"--search-calls {','.join(unknown)}: {cfg.algorithm} runs no such call; "
                               f"its calls are {', '.join(sorted(self.calls))}")
         self.free = set(self.calls) if free is None else set(free)
+        check_priceable(cfg)
         self.staleness, self.sync_every = cfg.async_.max_staleness, cfg.async_.sync_every
         self.blocked = self._async_blocked()
         self.heads = model_heads(self.calls)

@@ -158,3 +158,17 @@ def test_meshrl_plan_search_json_carries_the_sides(tmp_path, capsys):
     assert a["step_seconds"] == pytest.approx(
         max(a["generation_seconds"], a["training_seconds"]) + a["weight_move_seconds"] / 2, rel=1e-12)
     assert 0 <= a["generation_idle"] < 1 and 0 <= a["training_idle"] < 1
+
+
+def test_async_iterative_dpo_is_refused_by_plan_and_search_in_one_line():
+    calls = {"actor_gen": {"model": "actor", "ranks": "0"}, "actor_train": {"model": "actor", "ranks": "1"},
+             "ref_inf": {"model": "ref", "ranks": "1"}}
+    base = dict(_base(calls), algorithm="dpo", dpo={"rounds": 2, "prompts_per_round": 8, "batch_size": 4})
+    del base["ppo"]
+    cfg = load_run_config(None, ["async.max_staleness=1"], base=base)
+    for fn in (lambda: plan_config(cfg, device="cpu"), lambda: Search(cfg, rates=None)):
+        with pytest.raises(PlanError, match=r"async.max_staleness=1 with iterative dpo: meshrl plan "
+                                            r"prices a round's sampling before its steps") as e:
+            fn()
+        assert "\n" not in str(e.value)
+    plan_config(load_run_config(None, [], base=base), device="cpu")  # synchronous rounds are priced

@@ -110,7 +110,8 @@ def policy_call(counts: LossCounts, *, kind: str = "clip", agg: str = "token-mea
     plus kl_coef·KL(π‖π_ref) per token when the KL is in the loss (``mb.tokens['ref_logp']``) and
     the entropy bonus, reduced by ``agg`` over the step's global ``counts``. Current log-probs and
     entropies are taken at the sampling ``temperature``, as the old and reference ones are: on
-    policy, ρ = 1. Off policy, ``correction`` weighs the policy term by π_old/π_behav, the
+    policy, ρ = 1. Off policy, ``correction`` weighs the policy term by π_prox/π_behav (π_prox: the
+    old log-probs, recomputed before the update), the
     generation engine's log-probs in ``mb.tokens['behav_logp']`` (``policy_losses``), and reports
     ``imp_weight_mean`` and ``imp_capped_frac``; ``policy_losses.behaviour_stats`` gives the max."""
     behaviour_cap(correction, imp_cap)  # a bad choice fails here, not in the first microbatch

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from meshrl.engine.dataflow import ACTOR_GEN
 
-from .rollout import Rollout, flatten
+from .rollout import Rollout, flatten, sample_now
 
 _STATE_KEY = "async"  # host_state["async"]: the batches sampled ahead
 
@@ -135,8 +135,7 @@ class SampledAhead:
             self.gen_version = it
         while len(self.queue) < sch.depth and it + len(self.queue) < sch.total:
             # the first iteration (or a resume from a checkpoint without batches sampled ahead)
-            job, finish = self.make_job(it + len(self.queue), self.gen_version)
-            self.queue.append(finish(x.run_sharded_many([job])[0]))
+            self.queue.append(sample_now(self.ctx, *self.make_job(it + len(self.queue), self.gen_version)))
         b = sch.launches(it)
         if b is not None:
             job, finish = self.make_job(b, self.gen_version)

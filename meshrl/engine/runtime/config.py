@@ -405,6 +405,9 @@ def _validate_async(cfg: RunConfig) -> None:
                              f"{' offline (dpo.rounds=0)' if cfg.algorithm == 'dpo' else ''} samples "
                              "nothing while it trains; asynchronous generation is for ppo, grpo and "
                              "iterative dpo (dpo.rounds > 0): set async.max_staleness=0")
+    if cfg.algorithm == "dpo" and (A.correction is not None or A.imp_cap is not None):
+        raise RunConfigError("async.correction / async.imp_cap: dpo has no policy ratio to correct (its "
+                             "loss compares pairs to the reference): remove them")
     S = getattr(cfg, cfg.algorithm)
     if A.sync_every > A.max_staleness:
         raise RunConfigError(f"async.sync_every={A.sync_every}: a batch sampled just before a weight "

@@ -30,7 +30,7 @@ NOT_NEGATIVE = ("dpo.rounds", "async_.max_staleness", "dpo.sft_coef", *_rl("kl_c
                 "models.*.optim.lr", "models.*.optim.weight_decay", "models.*.optim.warmup_steps")
 POSITIVE = ("generation.temperature", "dpo.beta", *_rl("clip_eps", "clip_eps_low", "clip_eps_high"),
             "ppo.reward_clip", "ppo.kl_target", "models.*.optim.eps", "models.*.optim.max_grad_norm",
-            "async_.imp_cap", "cluster.gpu_mem_gb", "cluster.intra_node_gbps", "cluster.inter_node_gbps", "dist.timeout_s")
+            "cluster.gpu_mem_gb", "cluster.intra_node_gbps", "cluster.inter_node_gbps", "dist.timeout_s")
 # (low, high, low included, high included)
 INTERVALS = {"generation.top_p": (0, 1, False, True),
              "logging.stop_at_pass_rate": (0, 1, False, True), "ppo.gamma": (0, 1, True, True),

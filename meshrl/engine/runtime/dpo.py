@@ -14,7 +14,7 @@ from meshrl.engine.dataflow import ACTOR_GEN, ACTOR_TRAIN, REF_INF, ROUND
 from .loop import (data_lengths, epoch_order, evaluate_pass_rate, global_batch, held_out,
                    held_out_prompts, run_loop, step_count, train_prompts, training_data)
 from .asynchronous import sampled_ahead
-from .rollout import sample_job, sampling_params, score
+from .rollout import sample_job, sample_now, sampling_params, score
 from .supervised import _load_pairs, pair_microbatches, pair_position_logps
 
 
@@ -127,8 +127,7 @@ class DPO:
         def round_step(r):
             if ahead is None:
                 ctx.executor.prepare(ACTOR_GEN)
-                job, finish = make_job(r, r)
-                roll, stale = finish(ctx.executor.run_sharded_many([job])[0]), {}
+                roll, stale = sample_now(ctx, *make_job(r, r)), {}
             else:
                 roll = ahead.take(r)
                 stale = ahead.metrics(roll, r)

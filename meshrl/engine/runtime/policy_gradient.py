@@ -169,9 +169,8 @@ class PolicyGradient:
                     "truncated": (~roll.ended).float().mean().item(),
                     "gen_train_logp_gap": (gen_lp - lp).abs().mean().item()})
         if self.ahead is not None or self.correction != "none":  # π_prox/π_behav over the batch
-            A = self.cfg.async_
             out.update({f"async/{k}": v for k, v in behaviour_stats(
-                lp, gen_lp, torch.ones_like(lp, dtype=torch.bool), self.correction, A.imp_cap).items()})
+                lp, gen_lp, token_counted, self.correction, self.cfg.async_.imp_cap).items()})
         if rlp is not None:
             out["kl_seq"] = L.segment_sum(L.kl_estimate(lp, rlp, "k1" if self.critic else "k3"),
                                           cu).sum().item() / n

@@ -88,7 +88,11 @@ def sample(ctx, call: str, prompts: list, params: SamplingParams, *, k: int = 1,
     policy's ``version``. Sequence ids for the sampling noise are global (prompt index × k + copy),
     so the draw does not depend on layouts."""
     ctx.executor.prepare(call)
-    job, finish = sample_job(ctx, call, prompts, params, k=k, version=version)
+    return sample_now(ctx, *sample_job(ctx, call, prompts, params, k=k, version=version))
+
+
+def sample_now(ctx, job, finish) -> Rollout:
+    """A `sample_job` run at once (in the foreground) on its layout as it stands."""
     return finish(ctx.executor.run_sharded_many([job])[0])
 
 

@@ -268,3 +268,22 @@ def test_iterative_dpo_samples_the_next_round_while_this_one_trains(dist_pool, t
     assert ahead[0]["score"] == sync[0]["score"] and ahead[0]["loss"] == sync[0]["loss"]
     assert ahead[1]["score"] != sync[1]["score"]
     assert all(r["pairs"] >= 1 for r in ahead)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["async.max_staleness=1", "async.sync_every=2"], r"async.sync_every=2: .* use sync_every <= max_staleness"),
+    (["async.imp_cap=1"], r"async.imp_cap=1.0: must exceed 1"),
+    (["async.max_staleness=2", "async.sync_every=2", "logging.save_every=3"],
+     r"logging.save_every=3: .* use a multiple of sync_every"),
+    (["async.max_staleness=1", "grpo.dynamic_sampling=true"], r"grpo.dynamic_sampling with async"),
+    (["algorithm=dpo", "dpo.rounds=2", "async.max_staleness=1", "async.correction=tis"],
+     r"async.correction / async.imp_cap: dpo has no policy ratio"),
+    (["algorithm=dpo", "async.max_staleness=1"], r"dpo offline \(dpo.rounds=0\) samples nothing"),
+])
+def test_async_config_errors_name_the_key_and_the_fix(task, overrides, match):
+    d, model = task
+    base = _config(d, model, "bad", staleness=0)
+    base["algorithm"] = "grpo"
+    del base["ppo"]
+    with pytest.raises(RunConfigError, match=match):
+        load_run_config(None, overrides, base=base)
