@@ -105,7 +105,8 @@ class Executor:
         self.executed: list[dict] = []  # this step's gathers, refills and blends, in order
         self._dataflow_timing = False
         self._launched: list[Launched] = []  # calls computing in the background, not yet collected
-        self._gather_group, self._store, self._launch_prefix, self._launches = None, None, "", 0
+        self._gather_group, self._store, self._thread_store = None, None, None
+        self._launch_prefix, self._launches = "", 0
         if cfg.async_.max_staleness and dist.is_initialized():
             self._start_background(cfg)
 
@@ -120,7 +121,9 @@ class Executor:
             t = cfg.dist.timeout_s
             self._gather_group = dist.new_group(
                 backend="gloo", timeout=datetime.timedelta(seconds=t + grace_s(t)))
-        self._store = default_store()
+        # one store connection per thread: a blocking wait and a set must not share a socket
+        store = default_store()
+        self._store, self._thread_store = store.clone(), store.clone()
         token = uuid.uuid4().hex if self.rank == 0 else None
         self._launch_prefix = f"meshrl/launched/{all_gather_objects(token)[0]}"
 
@@ -290,7 +293,7 @@ class Executor:
         layout = self.layouts[job.call]
         if layout.is_member:
             local, first = share(job.items, layout)
-            stage, device, store = self.stage(job.call), self.device, self._store
+            stage, device, store = self.stage(job.call), self.device, self._thread_store
 
             def work():
                 t0 = time.perf_counter()
@@ -305,11 +308,14 @@ class Executor:
                 except BaseException as e:  # noqa: BLE001 - relayed to every rank (_gather, collect)
                     run.error = e
                     run.news = self._failure(run)
-                    if store is not None:
-                        store.set(f"{run.key}/failed", run.news)
                 run.seconds = time.perf_counter() - t0
-                if store is not None:
-                    store.add(f"{run.key}/done", 1)
+                if store is None:
+                    return
+                if run.news is not None:  # posted, and every waiter woken at once
+                    store.set(f"{run.key}/failed", run.news)
+                    store.set(f"{run.key}/ended", "failed")
+                elif store.add(f"{run.key}/done", 1) == len(layout.ranks):  # the last to finish
+                    store.set(f"{run.key}/ended", "done")
 
             run.thread = threading.Thread(target=work, name=f"meshrl-{job.call}", daemon=True)
             run.thread.start()
@@ -345,18 +351,15 @@ class Executor:
                 out[first:first + len(res)] = res
         return out
 
-    def _wait_done(self, run: Launched, poll_s: float = 0.02):
-        """Until every rank of the launched call's layout has finished it (the store's count);
-        raises its failure's line as soon as one posts it, on every rank alike."""
-        failed, done = f"{run.key}/failed", f"{run.key}/done"
-        members = len(self.layouts[run.job.call].ranks)
-        while True:
-            if self._store.check([failed]):
-                self._launched.remove(run)
-                raise LaunchedCallError(self._store.get(failed).decode())
-            if self._store.add(done, 0) >= members:
-                return
-            time.sleep(poll_s)
+    def _wait_done(self, run: Launched):
+        """Until every rank of the launched call's layout has finished it, or one has posted its
+        failure, which every rank then raises alike (a blocking wait on the store's ``ended`` key:
+        no polling)."""
+        t = self.cfg.dist.timeout_s
+        self._store.wait([f"{run.key}/ended"], datetime.timedelta(seconds=t + grace_s(t)))
+        if self._store.check([f"{run.key}/failed"]):
+            self._launched.remove(run)
+            raise LaunchedCallError(self._store.get(f"{run.key}/failed").decode())
 
     @_in_dataflow
     def blend(self, dst: str, src: str, alpha: float | None):
