@@ -10,6 +10,7 @@ loop) captures once; ``release()`` frees it all, e.g. before training needs the 
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ def preferred_blas(name: str | None, device):
         yield
     finally:
         prefs.preferred_blas_library(before)
+
+
+def _capture_mode() -> str:
+    """CUDA graph capture's checks: of every thread (the default) when capturing on the main
+    thread; of this thread only when generating in the background (async RL), where the main thread
+    keeps gathering meanwhile and its calls are not this capture's."""
+    return "global" if threading.current_thread() is threading.main_thread() else "thread_local"
 
 
 class FastGenerator:
@@ -292,9 +300,7 @@ class FastGenerator:
         graphs = []
         for m in range(len(sess.rows)):
             g = torch.cuda.CUDAGraph()
-            # thread_local: under async RL the capturing thread is not the process's only one
-            # (the main thread gathers meanwhile), and only this thread's calls must be capture-safe
-            with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(g, pool=pool, capture_error_mode=_capture_mode()):
                 out = self._step(sess, m)
             graphs.append((g, out))
         return graphs
