@@ -113,12 +113,12 @@ class SampledAhead:
         self.queue: list[Rollout] = []
         self.gen_version = 0
         settings = {"max_staleness": schedule.max_staleness, "sync_every": schedule.sync_every}
-        if saved is not None and saved["settings"] != settings:
+        if saved is not None and saved.get("settings") != settings:
             # batches sampled under other settings could break this run's bound: sample afresh
             if ctx.main:
                 print(f"async: {ctx.cfg.run_dir}'s checkpoint holds {len(saved['queue'])} batches sampled "
-                      f"ahead under {saved['settings']}; this run has {settings}, so it samples them "
-                      "again with the checkpoint's weights")
+                      f"ahead under {saved.get('settings', 'other settings')}; this run has {settings}, "
+                      "so it samples them again with the checkpoint's weights")
             saved = None
         if saved is not None:
             self.queue = [Rollout.from_state(r) for r in saved["queue"]]

@@ -106,6 +106,7 @@ class Executor:
         self._dataflow_timing = False
         self._launched: list[Launched] = []  # calls computing in the background, not yet collected
         self._gather_group, self._store, self._thread_store = None, None, None
+        self._threads: list[threading.Thread] = []  # launched calls' threads on this rank
         self._launch_prefix, self._launches = "", 0
         if cfg.async_.max_staleness and dist.is_initialized():
             self._start_background(cfg)
@@ -128,8 +129,9 @@ class Executor:
         self._launch_prefix = f"meshrl/launched/{all_gather_objects(token)[0]}"
 
     def computing_in_background(self) -> bool:
-        """Whether a launched call is computing on a thread of this rank."""
-        return any(r.thread is not None and r.thread.is_alive() for r in self._launched)
+        """Whether a launched call's thread still runs on this rank (collected or not: a thread
+        stuck in a collective after its peer failed still holds the device)."""
+        return any(t.is_alive() for t in self._threads)
 
     @contextlib.contextmanager
     def _dataflow_time(self):
@@ -307,20 +309,33 @@ class Executor:
                         run.result = (first, list(res))
                 except BaseException as e:  # noqa: BLE001 - relayed to every rank (_gather, collect)
                     run.error = e
-                    run.news = self._failure(run)
+                    try:
+                        run.news = self._failure(run)
+                    except BaseException:  # noqa: BLE001 - an exception that cannot be printed
+                        run.news = f"{job.timer or job.call} failed on rank {self.rank}: {type(e).__name__}"
                 run.seconds = time.perf_counter() - t0
-                if store is None:
-                    return
-                if run.news is not None:  # posted, and every waiter woken at once
-                    store.set(f"{run.key}/failed", run.news)
-                    store.set(f"{run.key}/ended", "failed")
-                elif store.add(f"{run.key}/done", 1) == len(layout.ranks):  # the last to finish
-                    store.set(f"{run.key}/ended", "done")
+                if store is not None:
+                    self._post(store, run, members=len(layout.ranks))
 
             run.thread = threading.Thread(target=work, name=f"meshrl-{job.call}", daemon=True)
             run.thread.start()
+            self._threads = [t for t in self._threads if t.is_alive()] + [run.thread]
         self._launched.append(run)
         return run
+
+    @staticmethod
+    def _post(store, run: Launched, *, members: int):
+        """A member thread's end in the store: its failure (the first posted wins, so every rank
+        raises the same line) and ``ended``, which wakes every waiter at once; or its count, the
+        last of the layout's members setting ``ended``."""
+        try:
+            if run.news is not None:
+                store.compare_set(f"{run.key}/failed", "", run.news)
+                store.set(f"{run.key}/ended", "failed")
+            elif store.add(f"{run.key}/done", 1) == members:
+                store.set(f"{run.key}/ended", "done")
+        except Exception as e:  # noqa: BLE001 - the waiters time out instead; say why here
+            print(f"meshrl: rank could not post {run.job.call}'s end in the store: {e!r}", file=sys.stderr)
 
     @_in_dataflow
     def collect(self, run: Launched) -> list:
@@ -358,7 +373,6 @@ class Executor:
         t = self.cfg.dist.timeout_s
         self._store.wait([f"{run.key}/ended"], datetime.timedelta(seconds=t + grace_s(t)))
         if self._store.check([f"{run.key}/failed"]):
-            self._launched.remove(run)
             raise LaunchedCallError(self._store.get(f"{run.key}/failed").decode())
 
     @_in_dataflow

@@ -49,9 +49,11 @@ class RunServices:
         try:
             with self.watchdog.inside(label or call):
                 yield
-        finally:
+            # only on success: an error path must not wait on the device (a generation thread
+            # may be stuck in a collective with a failed peer)
             if self.device.type != "cpu" and self.may_sync_device():
                 torch.accelerator.synchronize()
+        finally:
             self.timings[call] = self.timings.get(call, 0.0) + time.perf_counter() - t0
 
     def add_time(self, call: str, seconds: float):
