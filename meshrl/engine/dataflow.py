@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from meshrl.parallel.layout import format_ranks
+
 # the calls, by name (config keys under ``calls:``; `actor_inf` runs in actor_train's layout)
 ACTOR_GEN, ACTOR_INF, ACTOR_TRAIN = "actor_gen", "actor_inf", "actor_train"
 CRITIC_INF, CRITIC_TRAIN = "critic_inf", "critic_train"
@@ -177,16 +179,5 @@ def async_overlap_error(max_staleness: int, calls: Mapping[str, Iterable[int]]) 
         return None
     other, shared = hit
     return (f"async.max_staleness={max_staleness} overlaps generation with training, so "
-            f"calls.{ACTOR_GEN} needs ranks no other call uses: it shares rank(s) {_ranks_text(shared)} "
+            f"calls.{ACTOR_GEN} needs ranks no other call uses: it shares rank(s) {format_ranks(shared)} "
             f"with calls.{other}; give {ACTOR_GEN} ranks of its own")
-
-
-def _ranks_text(ranks: tuple[int, ...]) -> str:
-    """Ascending ranks as a config writes them: runs of consecutive ranks as lo-hi ("0-3,6")."""
-    runs: list[list[int]] = []
-    for r in ranks:
-        if runs and r == runs[-1][1] + 1:
-            runs[-1][1] = r
-        else:
-            runs.append([r, r])
-    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)

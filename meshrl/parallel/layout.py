@@ -48,6 +48,18 @@ def parse_ranks(spec) -> list[int]:
     return out
 
 
+def format_ranks(ranks) -> str:
+    """Ranks as a config writes them, ``parse_ranks``'s inverse: runs of consecutive ranks as lo-hi
+    ("0-3,6")."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
+
+
 def world_size_or_one() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

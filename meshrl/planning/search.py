@@ -46,6 +46,7 @@ from meshrl.engine.dataflow import ACTOR_GEN, GENERATE, TRAIN_CALLS, UPDATE, asy
 from meshrl.engine.model.config import ModelConfig
 from meshrl.engine.runtime.config import CallSpec, RunConfig, RunConfigError
 from meshrl.engine.runtime.models import DTYPES, complete_calls, load_model_config, model_heads
+from meshrl.parallel.layout import format_ranks, parse_ranks
 
 from . import costmodel as cm
 from .plan import (CallPlan, PlanError, PlanReport, blends, call_layout, call_plan, call_time,
@@ -75,12 +76,7 @@ class Choice:
 
     @property
     def ranks_text(self) -> str:
-        lo, hi = self.ranks[0], self.ranks[-1]
-        if len(self.ranks) == 1:
-            return str(lo)
-        if list(self.ranks) == list(range(lo, hi + 1)):
-            return f"{lo}-{hi}"
-        return ",".join(map(str, self.ranks))
+        return format_ranks(self.ranks)
 
     def spec(self, model: str) -> CallSpec:
         return CallSpec(model=model, ranks=self.ranks_text, tp=self.tp, pp=self.pp, dp=self.dp,
@@ -198,7 +194,7 @@ class Search:
         actor_gen (fixed calls that overlap it are the config's error)."""
         if not self.staleness:
             return {}
-        fixed = {n: [int(r) for r in c.ranks.split(",")] for n, c in self.calls.items() if n not in self.free}
+        fixed = {n: parse_ranks(c.ranks) for n, c in self.calls.items() if n not in self.free}
         overlap = async_overlap_error(self.staleness, fixed)
         if overlap:
             raise SearchError(overlap)
