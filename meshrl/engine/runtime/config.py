@@ -18,7 +18,7 @@ from meshrl.engine.dataflow import REF_INF
 from meshrl.engine.generate import ENGINES as GENERATION_ENGINES
 from meshrl.engine.train import OptimConfig
 
-from .config_ranges import check_values
+from .config_ranges import check_values, yaml_key
 from .metrics import check_trackers
 
 ALGORITHMS = ("sft", "rm", "dpo", "ppo", "grpo")
@@ -178,8 +178,9 @@ class GRPOSpec(PolicyGradientSpec):
 @dataclass(kw_only=True)
 class AsyncSpec:
     """Asynchronous RL (``async:`` in YAML; PPO, GRPO, iterative DPO): generation on a mesh of its
-    own samples the next batches while the other meshes train on the current one. The policy's version counts
-    its iterations; a batch sampled with version v is trained from version at most v + max_staleness."""
+    own samples the next batches while the other meshes train on the current one. The policy's
+    version counts its iterations; a batch sampled with version v is trained from version at most
+    v + max_staleness."""
     max_staleness: int = 0  # 0: the synchronous loop
     sync_every: int = 1  # iterations between weight moves to the generation mesh (at most max_staleness)
     # the off-policy correction: decoupled (AReaL's: π_prox/π_behav per token, tokens above imp_cap
@@ -272,8 +273,8 @@ def load_run_config(path: str | None, overrides: list[str] = (), base: dict | No
         run = OmegaConf.to_object(cfg)
         run.auto_calls = ["all"] if "all" in auto else sorted(set(run.auto_calls) | set(auto))
     except OmegaConfBaseException as e:
-        key = _yaml_key(getattr(e, "full_key", None))
-        msg = _yaml_key(str(e).splitlines()[0])
+        key = yaml_key(getattr(e, "full_key", None))
+        msg = yaml_key(str(e).splitlines()[0])
         raise RunConfigError(f"config{(' key ' + key) if key else ''}: {msg}") from None
     except FileNotFoundError:
         raise RunConfigError(f"config file {path} not found: check the path") from None
@@ -285,11 +286,6 @@ def _rename_async(layer):
     """The YAML section ``async`` into the schema's ``async_`` (``async`` is a Python keyword)."""
     if "async" in layer:
         layer["async_"] = layer.pop("async")
-
-
-def _yaml_key(text):
-    """A schema key as the YAML writes it (``async_`` is ``async``)."""
-    return text.replace("async_", "async") if text else text
 
 
 def _take_auto_calls(layer, cfg, auto: list[str]):

@@ -22,8 +22,8 @@ AT_LEAST_1 = ("sft.batch_size", "sft.epochs", "sft.steps", "rm.batch_size", "rm.
               "data.max_len", "cluster.nodes", "cluster.gpus_per_node", "calls.*.tp", "calls.*.pp",
               "calls.*.dp", "calls.*.microbatch_tokens", "async_.sync_every")
 AT_LEAST_2 = ("dpo.samples_per_prompt",)  # a pair (grpo.group_size: checked with its estimator)
-NOT_NEGATIVE = ("dpo.rounds", "async_.max_staleness", "dpo.sft_coef", *_rl("kl_coef", "entropy_coef", "overlong_buffer",
-                                                   "overlong_penalty"), "ppo.value_clip",
+NOT_NEGATIVE = ("dpo.rounds", "async_.max_staleness", "dpo.sft_coef",
+                *_rl("kl_coef", "entropy_coef", "overlong_buffer", "overlong_penalty"), "ppo.value_clip",
                 "logging.eval_every", "logging.save_every", "logging.keep_checkpoints",
                 "logging.dump_rollouts",
                 "generation.min_new_tokens", "generation.top_k", "data.eval_samples",
@@ -40,7 +40,14 @@ INTERVALS = {"generation.top_p": (0, 1, False, True),
 CHOICES = {"models.*.optim.schedule": SCHEDULES, **{k: tuple(KL_ESTIMATORS) for k in _rl("kl_estimator")},
            **{k: POLICY_LOSSES for k in _rl("policy_loss")}, **{k: AGGREGATIONS for k in _rl("loss_agg")},
            "grpo.advantage": ESTIMATORS, "grpo.kl_in": ("loss", "reward"),
-           "dpo.loss_type": LOSS_TYPES, "async_.correction": CORRECTIONS, "data.too_long": ("error", "skip")}
+           "dpo.loss_type": LOSS_TYPES, "async_.correction": CORRECTIONS,
+           "data.too_long": ("error", "skip")}
+
+
+def yaml_key(text):
+    """A schema key as the YAML spells it: the section ``async_`` (``async`` is a Python keyword)
+    is ``async``."""
+    return text.replace("async_", "async") if text else text
 
 
 def values(cfg, pattern: str):
@@ -58,7 +65,7 @@ def values(cfg, pattern: str):
 def check_values(cfg, error) -> None:
     """Raise ``error`` (one line) at the first value out of range."""
     def fail(key, value, need):
-        raise error(f"{key.replace('async_', 'async')}={value}: {need}")  # as the YAML spells it
+        raise error(f"{yaml_key(key)}={value}: {need}")
 
     for least, patterns in ((1, AT_LEAST_1), (2, AT_LEAST_2)):
         for pattern in patterns:
