@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from meshrl.engine.algorithms import losses as L
-from meshrl.engine.algorithms.policy_losses import (LossCounts, aggregate, behaviour_cap, behaviour_ratio,
-                                                    behaviour_weights, policy_terms)
+from meshrl.engine.algorithms.policy_losses import (LossCounts, aggregate, behaviour_cap, behaviour_terms,
+                                                    policy_terms)
 from meshrl.engine.algorithms.reductions import masked_mean, zero_masked
 
 
@@ -127,9 +127,9 @@ def policy_call(counts: LossCounts, *, kind: str = "clip", agg: str = "token-mea
                                     clip_ratio_c=clip_ratio_c)
         if correction != "none":  # the policy term only, as AReaL and verl weigh it
             old, behav = mb.tokens["old_logp"], mb.tokens["behav_logp"]
-            w, capped = behaviour_weights(old, behav, mask, correction, imp_cap)
+            ratio, w, capped = behaviour_terms(old, behav, mask, correction, imp_cap)
             per_token = per_token * w.to(per_token.dtype)
-            m["imp_weight_mean"] = masked_mean(behaviour_ratio(old, behav, mask), mask)
+            m["imp_weight_mean"] = masked_mean(ratio, mask)
             m["imp_capped_frac"] = masked_mean(capped.to(w.dtype), mask)
         if kl_coef:
             kl = L.kl_estimate(zero_masked(logp, mask), zero_masked(mb.tokens["ref_logp"], mask),

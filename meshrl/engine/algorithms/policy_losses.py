@@ -163,6 +163,24 @@ def behaviour_ratio(old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torc
     return zero_masked(zero_masked(log_w, mask).exp(), mask)  # inner: no exp of a prompt's garbage
 
 
+def behaviour_terms(old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor,
+                    correction: str, cap: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The uncapped ratio π_prox/π_behav [N] (`behaviour_ratio`), the weights [N] of the per-token
+    policy loss under ``correction`` (module docstring) and the counted actions [N] whose ratio
+    exceeded the cap (left out by ``decoupled``, clamped by ``tis``), from one ratio."""
+    cap = behaviour_cap(correction, cap)
+    ratio = behaviour_ratio(old_logp, behav_logp, mask)
+    capped = (ratio > cap) & mask.bool()
+    if correction == "decoupled":
+        w = ratio.masked_fill(capped, 0.0)
+    elif correction == "tis":
+        w = ratio.clamp(max=cap)
+    else:
+        w = zero_masked(torch.ones_like(ratio), mask)
+    return ratio, w, capped
+
+
 def behaviour_weights(old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor,
                       correction: str, cap: float | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,16 +188,7 @@ def behaviour_weights(old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: to
     counted actions [N] whose weight exceeded the cap (left out by ``decoupled``, clamped by
     ``tis``). ``old_logp`` is π_prox's, ``behav_logp`` the generation engine's; ``none`` weighs
     every counted action 1."""
-    cap = behaviour_cap(correction, cap)
-    w = behaviour_ratio(old_logp, behav_logp, mask)
-    capped = (w > cap) & mask.bool()
-    if correction == "decoupled":
-        w = w.masked_fill(capped, 0.0)
-    elif correction == "tis":
-        w = w.clamp(max=cap)
-    else:
-        w = zero_masked(torch.ones_like(w), mask)
-    return w, capped
+    return behaviour_terms(old_logp, behav_logp, mask, correction, cap)[1:]
 
 
 def behaviour_stats(old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor,
@@ -189,8 +198,7 @@ def behaviour_stats(old_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torc
     capped or left out). The actor's call reports the mean and the fraction too, as shares that sum
     over microbatches and ranks; a max cannot be summed that way, so it comes from here."""
     mask = mask.bool()
-    w = behaviour_ratio(old_logp, behav_logp, mask)
-    _, capped = behaviour_weights(old_logp, behav_logp, mask, correction, cap)
+    w, _, capped = behaviour_terms(old_logp, behav_logp, mask, correction, cap)
     if not bool(mask.any()):
         return {"imp_weight_mean": 0.0, "imp_weight_max": 0.0, "imp_capped_frac": 0.0}
     return {"imp_weight_mean": float(masked_mean(w, mask)), "imp_weight_max": float(w[mask].max()),
