@@ -112,7 +112,8 @@ class SampledAhead:
         saved = ctx.host_state.get(_STATE_KEY)
         self.queue: list[Rollout] = []
         self.gen_version = 0
-        settings = {"max_staleness": schedule.max_staleness, "sync_every": schedule.sync_every}
+        self.settings = settings = {"max_staleness": schedule.max_staleness,
+                                    "sync_every": schedule.sync_every}
         if saved is not None and saved.get("settings") != settings:
             # batches sampled under other settings could break this run's bound: sample afresh
             if ctx.main:
@@ -152,10 +153,8 @@ class SampledAhead:
             self.queue.append(finish(x.collect(run)))
         else:  # past the last batch: nothing to wait for (the step still reports its busy fractions)
             x.add_time(f"wait/{ACTOR_GEN}", 0.0)
-        sch = self.schedule
-        self.ctx.host_state[_STATE_KEY] = {
-            "settings": {"max_staleness": sch.max_staleness, "sync_every": sch.sync_every},
-            "queue": [r.state() for r in self.queue]}
+        self.ctx.host_state[_STATE_KEY] = {"settings": self.settings,
+                                           "queue": [r.state() for r in self.queue]}
 
     def metrics(self, roll: Rollout, it: int) -> dict:
         return staleness_metrics(roll, it, self.schedule.max_staleness)

@@ -51,9 +51,9 @@ class Job:
 class Launched:
     """A sharded call computing in the background on its layout's ranks (`Executor.launch`)."""
     job: Job
-    key: str  # its keys in the process group's store: ``KEY/done`` (a count), ``KEY/failed``
+    key: str  # its keys in the store: ``KEY/done`` (a count), ``KEY/failed``, ``KEY/ended``
     thread: threading.Thread | None = None  # None on ranks outside the call's layout
-    result: tuple | None = None  # (first index, results) on the replica's reporting rank
+    result: tuple | None = None  # (0, first index, results) on the replica's reporting rank
     error: BaseException | None = None
     news: str | None = None  # the failure's one line, when it failed on this rank
     seconds: float = 0.0  # the thread's wall time
@@ -113,11 +113,11 @@ class Executor:
 
     def _start_background(self, cfg: RunConfig):
         """What calls launched in the background need (asynchronous generation): the store their
-        failures are posted in
-        (under a key fresh for this executor, as the store outlives runs and restarts) and, on
-        NCCL, a gloo group for the gathers: a generation rank's main thread gathers while its
-        generation thread runs its own groups' NCCL collectives and CUDA graph captures, which then
-        meet no other thread's NCCL calls (whose order across ranks nothing would fix)."""
+        failures are posted in (under a key fresh for this executor, as the store outlives runs
+        and restarts) and, on NCCL, a gloo group for the gathers: a generation rank's main thread
+        gathers while its generation thread runs its own groups' NCCL collectives and CUDA graph
+        captures, which then meet no other thread's NCCL calls (whose order across ranks nothing
+        would fix)."""
         if dist.get_backend() == "nccl":
             t = cfg.dist.timeout_s
             self._gather_group = dist.new_group(
@@ -227,6 +227,11 @@ class Executor:
                 res = job.fn(self.stage(job.call), local, first)
             if is_reporter(layout):
                 mine.append((k, first, list(res)))
+        return self._gather_results(mine, jobs)
+
+    def _gather_results(self, mine: list, jobs: list) -> list[list]:
+        """Each job's results in the order of its items, from every rank's ``(job index, first
+        item, results)`` parts (`_gather`)."""
         outs = [[None] * len(job.items) for job in jobs]
         for part in self._gather(mine, ", ".join(job.call for job in jobs)):
             for k, first, res in part:
@@ -306,7 +311,7 @@ class Executor:
                     if device.type != "cpu":
                         torch.accelerator.synchronize()
                     if is_reporter(layout):
-                        run.result = (first, list(res))
+                        run.result = (0, first, list(res))
                 except BaseException as e:  # noqa: BLE001 - relayed to every rank (_gather, collect)
                     run.error = e
                     try:
@@ -345,25 +350,20 @@ class Executor:
         job, t0 = run.job, time.perf_counter()
         self.executed.append({"gather": [{"call": job.timer or job.call, "layout": job.call,
                                           "launched": True}]})
-        if self._store is not None:
-            with self.watchdog.inside(f"waiting for {job.timer or job.call} (in the background)"):
+        name = job.timer or job.call
+        with self.watchdog.inside(f"{name} (in the background)"):
+            if self._store is not None:
                 self._wait_done(run)
-        if run.thread is not None:
-            with self.watchdog.inside(f"{job.timer or job.call} (in the background)"):
+            if run.thread is not None:
                 run.thread.join()
         try:
-            parts = self._gather([] if run.result is None else [run.result], job.call)
+            out = self._gather_results([] if run.result is None else [run.result], [job])[0]
         finally:
             self._launched.remove(run)
-        name = job.timer or job.call
         if run.thread is not None:
             self.add_time(name, run.seconds)
         else:
             self.add_time(f"wait/{name}", time.perf_counter() - t0)
-        out = [None] * len(job.items)
-        for part in parts:
-            for first, res in part:
-                out[first:first + len(res)] = res
         return out
 
     def _wait_done(self, run: Launched):

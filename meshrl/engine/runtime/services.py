@@ -54,7 +54,7 @@ class RunServices:
             if self.device.type != "cpu" and self.may_sync_device():
                 torch.accelerator.synchronize()
         finally:
-            self.timings[call] = self.timings.get(call, 0.0) + time.perf_counter() - t0
+            self.add_time(call, time.perf_counter() - t0)
 
     def add_time(self, call: str, seconds: float):
         """Add seconds measured elsewhere (a call computing on its own thread) under ``time/<call>``."""
