@@ -106,7 +106,11 @@ class PolicyGradient:
 
     def rollout(self, it: int) -> tuple[Rollout, dict]:
         S = self.S
-        if self.critic or not S.dynamic_sampling:
+        if self.ahead is not None:  # asynchronous: sampled ahead on the generation mesh
+            roll = self.ahead.take(it)
+            roll.scores = score(self.ctx, ACTOR_GEN, roll)
+            stats = self.ahead.metrics(roll, it)
+        elif self.critic or not S.dynamic_sampling:
             roll = self._sample(global_batch(len(self.prompts), S.batch_size, it, self.cfg.seed), it)
             stats = {}
         else:
@@ -290,16 +294,13 @@ class PolicyGradient:
 
     def step(self, it: int) -> dict:
         ctx = self.ctx
-        if self.ahead is None:
-            trained = [ctx.executor.model(c.name) for c in ctx.executor.phase("train")]
-            for m in trained:
-                m.offload()
-            roll, metrics = self.rollout(it)
-        else:  # asynchronous: sampled ahead on the generation mesh, which samples on meanwhile
-            trained, roll = [], self.ahead.take(it)
-            roll.scores = score(ctx, ACTOR_GEN, roll)
-            dump(ctx, it, roll)
-            metrics = self.ahead.metrics(roll, it)
+        # idle optimizer state leaves the device while generation runs, unless generation runs
+        # on ranks of its own (asynchronous: it samples the next batch meanwhile)
+        x = ctx.executor
+        trained = [x.model(c.name) for c in x.phase("train")] if self.ahead is None else []
+        for m in trained:
+            m.offload()
+        roll, metrics = self.rollout(it)
         if len(roll):
             metrics.update(self.advantages(roll, it))
         for m in trained:
