@@ -28,6 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
+from async_rl import steady_state  # noqa: E402 - the steps averaged as the step-time benchmark does
 
 EXAMPLE = os.path.join(ROOT, "examples", "ppo_arithmetic.yaml")
 SFT = os.path.join(ROOT, "runs", "demo", "sft")
@@ -61,15 +62,6 @@ def final_pass_rate(run_dir: str, iterations: int) -> float | None:
     ev = [r for r in rows(run_dir) if r.get("phase") == "eval" and r["step"] == iterations
           and r.get("pass_rate") is not None]
     return ev[-1]["pass_rate"] if ev else None
-
-
-def step_seconds(run_dir: str, skip: int) -> float:
-    """Mean step time over the train steps after the first ``skip`` (start-up, the first batch);
-    async: those that sampled a batch (the last max_staleness steps sample nothing)."""
-    train = [r for r in rows(run_dir) if r.get("phase") == "train"][skip:]
-    train = [r["step_seconds"] for r in train
-             if "time/wait/actor_gen" not in r or r.get("time/actor_gen", 0.0) > 0]
-    return sum(train) / len(train) if train else float("nan")
 
 
 def worker(cfg_json: str):
@@ -137,7 +129,7 @@ def main():
             wall = run_cell(s, n, a)
             d = cell_dir(s, n)
             cells[(s, n)] = {"pass_rate": final_pass_rate(d, a.iterations),
-                             "step_s": step_seconds(d, a.skip), "wall_s": wall}
+                             "step_s": steady_state(d, a.skip)["step_s"], "wall_s": wall}
             print(f"seed {s} max_staleness {n}: pass rate {cells[(s, n)]['pass_rate']:.3f}, "
                   f"step {cells[(s, n)]['step_s']:.2f} s" + (f", {wall:.0f} s" if wall else " (cached)"),
                   flush=True)
