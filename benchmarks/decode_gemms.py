@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import anchor, bench_device, print_table, time_fn, write_results  # noqa: E402
-from meshrl.engine.fastgen.engine import preferred_blas  # noqa: E402
+from meshrl.engine.generation.fast import preferred_blas  # noqa: E402
 
 # (name, out features N, in features K) of the 1.1B Llama's decode matmuls, per layer
 SHAPES = [("qkv (fused)", 3072, 2048), ("o", 2048, 2048), ("gate+up (fused)", 16384, 2048),

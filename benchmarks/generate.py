@@ -73,9 +73,9 @@ def prompts_for(batch, length, vocab, seed=0, ragged=False):
 def check(device, bf16=False) -> bool:
     """Fast engine vs reference engine on a small model: fp32 must match; bf16 (optional, it
     costs another round of compilation) is reported."""
-    from meshrl.engine.fastgen import FastGenerator, FastOptions
-    from meshrl.engine.generate import generate
-    from meshrl.engine.sampling import SamplingParams
+    from meshrl.engine.generation import FastGenerator, FastOptions
+    from meshrl.engine.generation import generate
+    from meshrl.engine.generation.sampling import SamplingParams
     prompts = prompts_for(8, 40, CHECK["vocab_size"], seed=1, ragged=True)
     # the sampled case also splits decode attention (two 64-position blocks, one per split)
     cases = {"greedy": (SamplingParams(max_new_tokens=48, greedy=True), FastOptions()),
@@ -148,8 +148,8 @@ VARIANTS = {"autotune": dict(compile_mode="max-autotune-no-cudagraphs"),
 
 
 def meshrl_rows(cfg, prompts, new, device, dtype, iters, sampled, variants=()):
-    from meshrl.engine.fastgen import FastGenerator, FastOptions
-    from meshrl.engine.sampling import SamplingParams
+    from meshrl.engine.generation import FastGenerator, FastOptions
+    from meshrl.engine.generation.sampling import SamplingParams
     stage = meshrl_stage(cfg, device, dtype)
     params = sum(p.numel() for p in stage.parameters())
     greedy = SamplingParams(max_new_tokens=new, greedy=True)
@@ -232,8 +232,8 @@ def kernel_times(fn, device):
 def profile_decode(stage, prompts, new, device):
     """Prefill vs decode time, and one decode step's kernels by kind (from the difference between a
     (1 + n)-token and a 1-token call, profiled without graphs so every kernel is seen)."""
-    from meshrl.engine.fastgen import FastGenerator, FastOptions
-    from meshrl.engine.sampling import SamplingParams
+    from meshrl.engine.generation import FastGenerator, FastOptions
+    from meshrl.engine.generation.sampling import SamplingParams
     one, full = SamplingParams(max_new_tokens=1, greedy=True), SamplingParams(max_new_tokens=new, greedy=True)
     gen = FastGenerator(stage)
     t_one = time_fn(lambda: gen.generate(prompts, one), device, warmup=1, iters=3)

@@ -38,9 +38,9 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.harness import bench_device  # noqa: E402
 from benchmarks.generate import CHECK, _common_prefix, meshrl_stage, prompts_for  # noqa: E402
-from meshrl.engine.generate import generate, stage_pass  # noqa: E402
+from meshrl.engine.generation import generate, stage_pass  # noqa: E402
 from meshrl.engine.model import PackedMeta, build_stage  # noqa: E402
-from meshrl.engine.sampling import SamplingParams, filter_logits, gumbel_noise  # noqa: E402
+from meshrl.engine.generation.sampling import SamplingParams, filter_logits, gumbel_noise  # noqa: E402
 from meshrl.parallel.layout import ParallelLayout  # noqa: E402
 
 CHECKS = []  # (name, cuda_only, fn): fn() -> (ok, measured, tolerance)
@@ -128,7 +128,7 @@ def reference_run(dtype, case):
 def fast_generator(dtype, splits):
     """One generator per (dtype, splits), kept for the process: its greedy and sampled sessions live
     side by side (max_sessions 2), and each generator compiles its prefill pieces afresh."""
-    from meshrl.engine.fastgen import FastGenerator, FastOptions
+    from meshrl.engine.generation import FastGenerator, FastOptions
     # otherwise the defaults: CUDA graphs, torch.compile, Triton decode attention, cuBLASLt
     return FastGenerator(check_stage(dtype), FastOptions(attention_splits=splits))
 

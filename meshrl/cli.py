@@ -9,7 +9,7 @@ import sys
 # (command, module with add_arguments/run, help)
 COMMANDS = [
     ("run", "meshrl.launch", "train with a YAML config (sft, rm, dpo, ppo, grpo)"),
-    ("generate", "meshrl.engine.generate_job", "sample completions for JSONL prompts"),
+    ("generate", "meshrl.engine.generation.job", "sample completions for JSONL prompts"),
     ("plan", "meshrl.planning.plan", "dry run on the CPU: memory per GPU, reallocation, step estimate"),
     ("bench", "meshrl.planning.bench",
      "a few steps of a ppo, grpo, sft, rm or offline dpo run; measured per-call seconds vs the plan"),

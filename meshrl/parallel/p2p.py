@@ -108,3 +108,15 @@ class StageComm:
 
     def send_backward_recv_forward(self, input_grad):
         return self.exchange(self.prev, send_bwd=input_grad, recv_fwd=True)[0]
+
+
+def exchange_stages(layout: ParallelLayout, sends=(), recvs=()):
+    """One batched round of fixed-shape transfers on this rank's pipeline: ``sends`` and ``recvs``
+    are (tensor, stage index) pairs (the receiving tensors are filled in place). For traffic whose
+    shapes both sides know already (generation's decode ring), so no header travels."""
+    group = layout.pp_group
+    ops = [dist.P2POp(dist.isend, t, layout.stage_rank(s), group) for t, s in sends]
+    ops += [dist.P2POp(dist.irecv, t, layout.stage_rank(s), group) for t, s in recvs]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()

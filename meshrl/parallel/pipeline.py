@@ -164,3 +164,12 @@ def broadcast_from_last_stage(obj, layout: ParallelLayout, *, device=None):
     t = obj.detach().contiguous() if last else torch.empty(rest[0], dtype=rest[1], device=device)
     dist.broadcast(t, src=src, group=group)
     return obj if last else t
+
+
+def fill_from_last_stage(t: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """``t`` overwritten in place, on every stage of this rank's pipeline, with the last stage's
+    ``t`` (the same shape and dtype everywhere, so nothing but the data travels; a preallocated
+    buffer stays where it is). Collective over ``layout.pp_group``; returns ``t``."""
+    if layout.pp_size > 1:
+        dist.broadcast(t, src=layout.stage_rank(layout.pp_size - 1), group=layout.pp_group)
+    return t

@@ -291,10 +291,9 @@ def _measure_rows(threads: int, barrier=None) -> dict[str, list[tuple]]:
     from the latter. ``barrier``: wait for the other measuring processes before starting."""
     from meshrl.engine.algorithms.calls import logprobs_call, sft_call
     from meshrl.engine.batch import pack
-    from meshrl.engine.generate import generate
+    from meshrl.engine import generation
     from meshrl.engine.model import build_stage, config_from_hf_dict
     from meshrl.engine.model.attention import DENSE_BLOCK_TOKENS
-    from meshrl.engine.sampling import SamplingParams
     from meshrl.engine.train import OptimConfig, Trainer, infer
     from meshrl.parallel.layout import ParallelLayout
 
@@ -328,8 +327,8 @@ def _measure_rows(threads: int, barrier=None) -> dict[str, list[tuple]]:
                 prompts = torch.randint(1, 64, (b, 8), generator=g).tolist()
 
                 def gen(steps, st=stage, prompts=prompts):
-                    sp = SamplingParams(max_new_tokens=steps, min_new_tokens=steps, top_k=0, seed=0)
-                    return lambda: generate(st, prompts, sp)
+                    sp = generation.SamplingParams(max_new_tokens=steps, min_new_tokens=steps, top_k=0, seed=0)
+                    return lambda: generation.generate(st, prompts, sp)
                 dec.append((layers, 2 * P * b, b, (_median(gen(16), 3) - _median(gen(4), 3)) / 12))
     x, y = torch.empty(16 << 20), torch.empty(16 << 20)  # 64 MB each
     copy = [(x.numel() * 4, _median(lambda: y.copy_(x)))]

@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from meshrl.engine.fastgen import FastGenerator, FastOptions, generate_fast
-from meshrl.engine.fastgen.attention import attend, attend_oracle, kernel_meta
-from meshrl.engine.fastgen.sampling import Sampler, gumbel_columns, noise_keys
-from meshrl.engine.fastgen.schedule import Schedule
-from meshrl.engine.generate import generate
+from meshrl.engine.generation import FastGenerator, FastOptions, generate_fast
+from meshrl.kernels.decode_attention import attend, attend_oracle, kernel_meta
+from meshrl.engine.generation.shard_sampling import Sampler, gumbel_columns, noise_keys
+from meshrl.engine.generation.schedule import Schedule
+from meshrl.engine.generation import generate
 from meshrl.engine.model import build_stage
 from meshrl.engine.model.attention import apply_rope, rope_cos_sin
-from meshrl.engine.sampling import SamplingParams, gumbel_noise, sample_tokens
+from meshrl.engine.generation.sampling import SamplingParams, gumbel_noise, sample_tokens
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.parallel.sharding import padded_size
 from meshrl.testing.tiny_models import make_tiny_hf
@@ -68,7 +68,7 @@ def test_matches_reference_single_process(models):
 
 
 def test_engine_choice(models, monkeypatch):
-    from meshrl.engine.generate import choose_engine
+    from meshrl.engine.generation import choose_engine
     stage = build_stage(ParallelLayout(ranks=[0]), model_dir=models["llama"])
     assert choose_engine(stage) == "reference"  # auto: the fast engine on CUDA only
     monkeypatch.setenv("MESHRL_GENERATE", "fast")
@@ -98,7 +98,7 @@ def test_generator_reuses_session_and_sees_weight_updates(models):
 
 
 def test_generator_block_keeps_one_session_for_many_batches(models, monkeypatch):
-    from meshrl.engine.generate import generator
+    from meshrl.engine.generation import generator
     monkeypatch.setenv("MESHRL_GENERATE", "fast")
     stage = build_stage(ParallelLayout(ranks=[0]), model_dir=models["llama"])
     params = CASES[1][0]
@@ -117,7 +117,7 @@ def test_generator_block_keeps_one_session_for_many_batches(models, monkeypatch)
 
 
 def test_compile_failure_falls_back_to_eager_pieces(models):
-    from meshrl.engine.fastgen.step import StepFns
+    from meshrl.engine.generation.step import StepFns
 
     def broken(*args, **kwargs):
         raise RuntimeError("inductor could not lower this")
@@ -167,7 +167,7 @@ def test_prefill_and_decode_compilations_count_apart():
     # then one with the row count symbolic) are copies with their own, so they never use up the
     # decode step's budget (one entry per shape).
     import torch._dynamo
-    from meshrl.engine.fastgen.step import StepFns
+    from meshrl.engine.generation.step import StepFns
     torch._dynamo.reset()
     inv_freq = torch.rand(4)
     with torch._dynamo.config.patch(recompile_limit=2):
@@ -355,7 +355,7 @@ def test_attention_torch_path_matches_oracle(rotate):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rotate", [False, True])
 def test_interpreted_triton_attention(dtype, rotate):
-    from meshrl.engine.fastgen.attention import attend_triton
+    from meshrl.kernels.decode_attention import attend_triton
     for b, hq, hkv, d, cap, lengths, window in ATTN_CASES:
         q, kn, vn, kc, vc, n = _attention_inputs(dtype, b, hq, hkv, d, cap, lengths)
         rope = _rope_tables(d, n, dtype) if rotate else None
@@ -379,7 +379,7 @@ SPLIT_CASES = ATTN_CASES + [(2, 4, 2, 16, 300, [64, 299], None), (3, 4, 1, 16, 4
 @pytest.mark.skipif(not INTERPRETING, reason="run by test_triton_attention_interpreted")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_interpreted_split_attention(dtype):
-    from meshrl.engine.fastgen.attention import attend_triton
+    from meshrl.kernels.decode_attention import attend_triton
     for i, (b, hq, hkv, d, cap, lengths, window) in enumerate(SPLIT_CASES):
         q, kn, vn, kc, vc, n = _attention_inputs(dtype, b, hq, hkv, d, cap, lengths)
         if i == len(SPLIT_CASES) - 1 and dtype == torch.float32:
@@ -439,9 +439,9 @@ def test_triton_attention_interpreted():
                                                       (torch.bfloat16, None, True, 4),
                                                       (torch.bfloat16, 4096, True, 3)])
 def test_triton_attention_compiles_for_sm90(dtype, window, rope, splits):
-    from meshrl.engine.fastgen.attention import COMBINE_META
-    from meshrl.engine.fastgen.attention import _combine_kernel as combine
-    from meshrl.engine.fastgen.attention import _decode_attention_kernel as kernel
+    from meshrl.kernels.decode_attention import COMBINE_META
+    from meshrl.kernels.decode_attention import _combine_kernel as combine
+    from meshrl.kernels.decode_attention import _decode_attention_kernel as kernel
     ty = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     ptrs = ("q_ptr", "kn_ptr", "vn_ptr", "kc_ptr", "vc_ptr", "o_ptr", "cos_ptr", "sin_ptr")
     sig = {n: "i32" for n in kernel.arg_names if n.startswith("s") and n != "scale"}
@@ -487,7 +487,7 @@ def _resource_usage(cubin: bytes) -> dict:
 
 
 def test_split_count_fills_the_gpu_and_no_more():
-    from meshrl.engine.fastgen.attention import MAX_SPLITS, choose_splits
+    from meshrl.kernels.decode_attention import MAX_SPLITS, choose_splits
     assert choose_splits(programs=64 * 8, capacity=384, sm_count=132) == 1  # the 1.1B decode case
     assert choose_splits(programs=8 * 8, capacity=4096, sm_count=132) == 5  # 64 → 320 programs
     assert choose_splits(programs=1, capacity=1 << 16, sm_count=132) == MAX_SPLITS
@@ -496,7 +496,7 @@ def test_split_count_fills_the_gpu_and_no_more():
 
 
 def test_split_count_is_checked():
-    from meshrl.engine.fastgen.attention import attend_triton
+    from meshrl.kernels.decode_attention import attend_triton
     q, kn, vn, kc, vc, n = _attention_inputs(torch.float32, 1, 2, 1, 16, 8, [3])
     with pytest.raises(ValueError, match="attention splits=0: use 1 to 16"):
         attend_triton(q, kn, vn, kc, vc, n, splits=0)
@@ -511,7 +511,7 @@ def test_split_count_is_checked():
 
 
 def test_blas_preference_is_scoped_to_cuda_calls(monkeypatch):
-    from meshrl.engine.fastgen.engine import preferred_blas
+    from meshrl.engine.generation.fast import preferred_blas
     state = {"lib": "cublas"}
 
     def fake(name=None):

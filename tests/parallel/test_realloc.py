@@ -81,7 +81,7 @@ def _specs(cfg, head, layout):
 
 def _outputs(stage):
     """Logits (or values) of one packed sequence on the last stage's tp rank 0 of replica 0."""
-    from meshrl.engine.generate import stage_pass
+    from meshrl.engine.generation import stage_pass
     from meshrl.engine.model import PackedMeta
     from meshrl.parallel import mappings
     lo = stage.layout

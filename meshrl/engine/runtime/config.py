@@ -15,7 +15,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from meshrl.engine.dataflow import REF_INF
-from meshrl.engine.generate import ENGINES as GENERATION_ENGINES
+from meshrl.engine.generation import ENGINES as GENERATION_ENGINES
 from meshrl.engine.train import OptimConfig
 
 from .config_ranges import check_values, yaml_key

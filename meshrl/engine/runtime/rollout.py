@@ -12,8 +12,8 @@ from meshrl.engine.algorithms.calls import logprobs_call, scores_call, values_ca
 from meshrl.engine.batch import PackedBatch, pack, split_by_tokens
 from meshrl.engine.data.jsonl import DataError
 from meshrl.engine.dataflow import REW_INF
-from meshrl.engine.generate import generator
-from meshrl.engine.sampling import SamplingParams
+from meshrl.engine.generation import generator
+from meshrl.engine.generation.sampling import SamplingParams
 from meshrl.engine.train import infer
 
 from .executor import Job
@@ -102,15 +102,14 @@ def sample_job(ctx, call: str, prompts: list, params: SamplingParams, *, k: int 
     batch = ctx.cfg.generation.batch_size
 
     def fn(stage, local, first):
-        flat = [p.prompt_ids for p in local for _ in range(k)]
-        out = []
         engine = ctx.cfg.generation.engine
-        # one session (and CUDA graph capture) for all batches
+        # one call for the replica's prompts: the fast engine refills a slot as its sequence
+        # finishes, and a prompt's k samples share its prefill; the reference engine decodes
+        # static batches of `batch` sequences
         with generator(stage, None if engine == "auto" else engine) as gen:
-            for b in range(0, len(flat), batch):
-                ctx.watchdog.mark()
-                r = gen(flat[b:b + batch], params, seq_offset=first * k + b, device=ctx.device)
-                out += list(zip(r.output_ids, r.logprobs, r.finish_reason))
+            r = gen([p.prompt_ids for p in local], params, seq_offset=first * k, device=ctx.device,
+                    samples=k, slots=batch, on_progress=ctx.watchdog.mark)
+        out = list(zip(r.output_ids, r.logprobs, r.finish_reason))
         return [out[i * k:(i + 1) * k] for i in range(len(local))]
 
     def finish(per_prompt) -> Rollout:

@@ -184,6 +184,6 @@ def test_parquet_without_pyarrow_is_a_one_line_error(tmp_path, monkeypatch):
 
 def test_no_loader_imports_pyarrow_until_a_parquet_file_is_read():
     code = ("import sys, meshrl.engine.data.datasets, meshrl.engine.data.preference, "
-            "meshrl.engine.generate_job, meshrl.engine.runtime.loop; print('pyarrow' in sys.modules)")
+            "meshrl.engine.generation.job, meshrl.engine.runtime.loop; print('pyarrow' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]

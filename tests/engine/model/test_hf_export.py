@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from meshrl.engine.generate import stage_pass
+from meshrl.engine.generation import stage_pass
 from meshrl.engine.model import PackedMeta, build_stage, save_hf
 from meshrl.parallel import mappings
 from meshrl.parallel.layout import ParallelLayout

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from meshrl.engine.model import ConfigError, PackedMeta, build_stage, load_config, save_hf
-from meshrl.engine.generate import stage_pass
+from meshrl.engine.generation import stage_pass
 from meshrl.parallel.layout import LayoutError, ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
 

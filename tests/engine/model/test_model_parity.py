@@ -3,7 +3,7 @@ tensor parallelism (with and without sequence parallelism, K/V heads replicated)
 import pytest
 import torch
 
-from meshrl.engine.generate import stage_pass
+from meshrl.engine.generation import stage_pass
 from meshrl.engine.model import PackedMeta, build_stage
 from meshrl.parallel import mappings
 from meshrl.parallel.layout import ParallelLayout

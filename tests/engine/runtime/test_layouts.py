@@ -46,7 +46,7 @@ def _run(cfg):
 
 
 def _run_counting_fast_calls(cfg):
-    from meshrl.engine.fastgen.engine import FastGenerator
+    from meshrl.engine.generation.fast import FastGenerator
     orig, count = FastGenerator.generate, [0]
 
     def counted(self, *args, **kwargs):

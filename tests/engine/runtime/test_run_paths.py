@@ -9,12 +9,12 @@ import pytest
 from meshrl.engine.data.datasets import load_prompts
 from meshrl.engine.data.jsonl import DataError, read_jsonl, write_jsonl
 from meshrl.engine.data.tokenizer import load_tokenizer
-from meshrl.engine.generate import generate
+from meshrl.engine.generation import generate
 from meshrl.engine.model import build_stage
 from meshrl.engine.runtime.config import load_run_config
 from meshrl.engine.runtime.metrics import read_metrics
 from meshrl.engine.runtime.run import run_config
-from meshrl.engine.sampling import SamplingParams
+from meshrl.engine.generation.sampling import SamplingParams
 from meshrl.engine.tasks import make_dataset
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.study.setup import init_scratch_model

@@ -1,11 +1,11 @@
 """Decode attention over a static KV cache: append each sequence's new key/value at its own length,
 then attend over the positions it may see.
 
-Three forms (every kernel's, docs/architecture.md): ``attend_oracle`` (float64, tests), ``attend_torch`` (the CPU path:
-SDPA over the whole capacity with a length mask, so its shapes never change), and the Triton kernel
-(the CUDA path): one program per (sequence, KV head) holds that head's group of query heads and walks
-only the cached positions below the sequence's length, read on the device, so a captured step reads
-no more of the cache than the sequences fill. The new key/value stay in registers for their own
+Three forms (every kernel's, docs/architecture.md): ``attend_oracle`` (float64, tests),
+``attend_torch`` (the CPU path: SDPA over the whole capacity with a length mask, so its shapes never
+change), and the Triton kernel (the CUDA path): one program per (sequence, KV head) holds that
+head's group of query heads and walks only the cached positions below the sequence's length, read on
+the device, so a captured step reads no more of the cache than the sequences fill. The new key/value stay in registers for their own
 score and are stored for later steps; no program reads what another writes.
 
 When batch × KV heads programs would leave SMs idle (small batches, heads sharded by tp), each
@@ -16,7 +16,7 @@ follow the lengths on the device.
 
 Given the step's rotary tables (``cos``/``sin``), ``attend`` takes the query and new key *before*
 rotation: the kernel rotates them in registers (fp32, one rounding to the model dtype, as a compiled
-``apply_rope`` does), which saves the decode step a separate rotary kernel per layer.
+``rotate`` does), which saves the decode step a separate rotary kernel per layer.
 """
 from __future__ import annotations
 
@@ -28,9 +28,7 @@ import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
-from meshrl.kernels.dispatch import use_triton
-
-from ..model.attention import apply_rope
+from .dispatch import use_triton
 
 BLOCK_N = 64  # cached positions per block
 NUM_WARPS = 4
@@ -59,8 +57,16 @@ def attend(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None, backend=N
         return attend_triton(q, k_new, v_new, k_cache, v_cache, lengths, window=window, rope=rope,
                              splits=splits, block_n=block_n, num_warps=num_warps)
     if rope is not None:
-        q, k_new = apply_rope(q, *rope), apply_rope(k_new, *rope)
+        q, k_new = rotate(q, *rope), rotate(k_new, *rope)
     return attend_torch(q, k_new, v_new, k_cache, v_cache, lengths, window=window)
+
+
+def rotate(x, cos, sin):
+    """Rotary embedding of x [B, heads, D] by the tables cos/sin [B, D]: x·cos + rotate_half(x)·sin,
+    rotate_half(x) = (−x[D/2:], x[:D/2]) (the torch path's rotation; the kernel does it in registers)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 def visible_mask(lengths, capacity, window):

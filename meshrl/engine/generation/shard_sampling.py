@@ -1,5 +1,5 @@
 """Sampling on vocabulary shards, with the same tokens as ``sampling.sample_tokens`` on the gathered
-logits, and the step as a device tensor so a captured decode step can advance it.
+logits, and each row's step as a device tensor so a captured decode step can advance it.
 
 Under tp, each rank computes for its columns the Gumbel-max winner (noise keyed by the *global* token
 index), the max and sum-exp of the scaled logits and the scaled logit at its winner; one all-gather
@@ -17,7 +17,7 @@ import torch
 
 from meshrl.parallel import mappings
 
-from ..sampling import _MASK32, SamplingParams, _mix32, filter_logits, kth_largest
+from .sampling import _MASK32, SamplingParams, _mix32, filter_logits, kth_largest
 
 NEG_INF = float("-inf")
 
@@ -106,14 +106,15 @@ class Sampler:
 def shard_sample(logits, keys, step, column_keys, banned, padded, s: ShardSampler, group=None):
     """logits [B, columns] of this shard (padded columns may hold anything) -> (tokens [B] int64,
     log-probs [B] fp32), equal on every rank of ``group`` and to ``sample_tokens`` on the gathered
-    logits. ``step`` is a 0-dim int64 tensor; nothing here reads a device value on the host."""
+    logits. ``step`` is int64, each row's [B] (or one for all, 0-dim); nothing here reads a device
+    value on the host."""
     tp = mappings.group_size(group)
     scaled = logits.float() / s.temperature
     if s.valid < s.columns:
         scaled = scaled.masked_fill(padded, NEG_INF)
     choice = scaled
     if s.ban_ids:
-        choice = choice.masked_fill(banned & (step < s.min_new_tokens), NEG_INF)
+        choice = choice.masked_fill(banned & (step < s.min_new_tokens)[..., None], NEG_INF)
     if not s.greedy:
         choice = _filter(choice, s, group) + gumbel_columns(keys, step, column_keys).float()
     best = torch.argmax(choice, dim=-1, keepdim=True)
@@ -158,18 +159,22 @@ def _filter(choice, s: ShardSampler, group):
     return choice
 
 
-def record_step(state, tok, logp, step):
+def record_step(state, tok, logp):
     """Bookkeeping after sampling one step, in place on device buffers (as the reference loop does,
-    but with the step as a tensor): output columns, counts, finish reasons, done flags."""
+    but each row at its own ``state.step``): its output column, count, finish reason and done flag
+    (a stop token, or the row's last column ``state.limit``), then the live rows' steps advance. A
+    finished (or free) row records nothing."""
     live = ~state.done
-    col = step.view(1, 1).expand(tok.shape[0], 1)
-    state.out_tokens.scatter_(1, col, tok[:, None])
-    state.out_logp.scatter_(1, col, logp[:, None])
+    col = state.step.clamp(max=state.out_tokens.shape[1] - 1)[:, None]
+    state.out_tokens.scatter_(1, col, torch.where(live[:, None], tok[:, None],
+                                                  state.out_tokens.gather(1, col)))
+    state.out_logp.scatter_(1, col, torch.where(live[:, None], logp[:, None],
+                                                state.out_logp.gather(1, col)))
     state.n_out.add_(live.long())
     # explicit comparisons, not isin: CUDA's isin sorts (and syncs) once the id list is long
     hit = live & (tok[:, None] == state.stop).any(-1)
     kind = torch.where((tok[:, None] == state.eos).any(-1), 1, 2)
     state.finish.copy_(torch.where(hit, kind, state.finish))
-    state.done.logical_or_(hit)
+    state.done.logical_or_(hit | (live & (state.step >= state.limit)))
     state.tokens.copy_(tok)
-
+    state.step.add_(live.long())

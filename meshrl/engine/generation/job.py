@@ -2,7 +2,10 @@
 
 Input lines hold ``prompt`` (text, tokenized as is unless ``--chat-template``) or ``input_ids``; other
 fields pass through and order is preserved. Output adds ``output_ids``, ``completion``, ``logprobs``
-and ``finish_reason``. dp = world / (tp·pp); replica d takes a contiguous block of the prompts.
+and ``finish_reason``; with ``--samples-per-prompt K`` each input line gives K output lines in a row,
+numbered by ``sample``. dp = world / (tp·pp); replica d takes a contiguous block of the prompts and
+decodes ``--batch-size`` sequences at a time (the fast engine refills a slot as soon as its sequence
+finishes; its samples share the prompt's prefill).
 """
 from __future__ import annotations
 
@@ -11,12 +14,12 @@ import torch.distributed as dist
 
 from meshrl.parallel.layout import LayoutError, ParallelLayout
 
-from .data.jsonl import DataError, write_jsonl
-from .data.records import read_data
-from .data.tokenizer import encode_prompt, load_tokenizer
-from .distributed import init_distributed, world
-from .generate import ENGINES, generator
-from .model import build_stage, load_config
+from ..data.jsonl import DataError, write_jsonl
+from ..data.records import read_data
+from ..data.tokenizer import encode_prompt, load_tokenizer
+from ..distributed import init_distributed, world
+from ..model import build_stage, load_config
+from .generate import ENGINES, generate
 from .sampling import SamplingParams
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -38,7 +41,10 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat-template", action="store_true", help="wrap text prompts in the chat template")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts per decoding batch per replica")
+    p.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="completions per prompt (K output lines per input line, field 'sample')")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="sequences decoded at once per replica (the fast engine's slots)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="generation engine: auto (fast on CUDA, else reference; $MESHRL_GENERATE "
                         "overrides), fast, reference")
@@ -68,7 +74,7 @@ def _prompt_ids(records, path, tokenizer, chat_template, vocab_size):
 
 
 def _check_args(args):
-    for flag in ("tp", "pp", "batch_size", "max_new_tokens"):
+    for flag in ("tp", "pp", "batch_size", "max_new_tokens", "samples_per_prompt"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be at least 1")
 
@@ -109,24 +115,27 @@ def run(args) -> int:
                             top_p=args.top_p, eos_ids=sorted(eos), stop_ids=args.stop_ids,
                             seed=args.seed)
     stage = build_stage(layout, model_dir=args.model, dtype=DTYPES[args.dtype], device=device)
+    k = args.samples_per_prompt
     lo = layout.dp_rank * len(prompts) // layout.dp_size
     hi = (layout.dp_rank + 1) * len(prompts) // layout.dp_size
     mine = {}
-    engine = None if args.engine == "auto" else args.engine
-    with generator(stage, engine) as gen:  # the fast engine captures once for all full batches
-        for b in range(lo, hi, args.batch_size):
-            batch = prompts[b:min(hi, b + args.batch_size)]
-            r = gen(batch, params, seq_offset=b, device=device)
-            for j in range(len(batch)):
-                mine[b + j] = (r.output_ids[j], r.logprobs[j], r.finish_reason[j])
+    if hi > lo:
+        r = generate(stage, prompts[lo:hi], params, seq_offset=lo * k, device=device,
+                     engine=None if args.engine == "auto" else args.engine, samples=k,
+                     slots=args.batch_size)
+        for j in range(len(r.output_ids)):
+            mine[lo * k + j] = (r.output_ids[j], r.logprobs[j], r.finish_reason[j])
     results = _gather_to_rank0(mine if layout.is_last_stage and layout.tp_rank == 0 else {})
     if results is not None:
         out = []
         for i, (_, rec) in enumerate(records):
-            ids, logps, reason = results[i]
-            text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None else None
-            out.append({**rec, "output_ids": ids, "completion": text, "logprobs": logps,
-                        "finish_reason": reason})
+            for sample in range(k):
+                ids, logps, reason = results[i * k + sample]
+                text = (tokenizer.decode(ids, skip_special_tokens=True) if tokenizer is not None
+                        else None)
+                extra = {"sample": sample} if k > 1 else {}
+                out.append({**rec, **extra, "output_ids": ids, "completion": text,
+                            "logprobs": logps, "finish_reason": reason})
         write_jsonl(args.out, out)
         print(f"wrote {len(out)} completions to {args.out}")
     if dist.is_initialized():

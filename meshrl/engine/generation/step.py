@@ -18,15 +18,16 @@ import torch.nn.functional as F
 
 from meshrl.parallel import mappings
 
+from meshrl.kernels.decode_attention import attend, auto_splits, uses_triton
+
 from ..model.attention import apply_rope, rope_cos_sin, varlen_causal_attention
-from .attention import attend, auto_splits, uses_triton
-from .sampling import record_step
+from .shard_sampling import record_step
 
 
 class StaticKVCache:
     """Per layer K and V of B sequences, [B, kv_heads, capacity, head_dim], allocated once. The
     prefill pass goes through the stage's own forward (``attend`` below); decode steps write and
-    read the cache through ``fastgen.attention``."""
+    read the cache through ``kernels.decode_attention``."""
 
     def __init__(self, stage, batch: int, capacity: int, *, dtype, device):
         self.k, self.v = {}, {}
@@ -42,6 +43,12 @@ class StaticKVCache:
         self.k[layer_idx][self.prefill_rows, :, meta.position_ids] = k
         self.v[layer_idx][self.prefill_rows, :, meta.position_ids] = v
         return varlen_causal_attention(q, k, v, meta, window=window)
+
+    def copy_prefix(self, sources, targets, length: int):
+        """Every layer's first ``length`` positions of slots ``sources`` (index tensor) copied into
+        slots ``targets``: samples of one prompt share its prefill."""
+        for cache in (*self.k.values(), *self.v.values()):
+            cache[targets, :, :length] = cache[sources, :, :length]
 
     def rows(self, r: slice):
         """Per layer (K, V) views of some rows, in layer order."""
@@ -166,12 +173,6 @@ def finish_stage(x, delta, delta_bias, norm_w, eps: float):
     return x if norm_w is None else rms_norm(x, norm_w, eps)
 
 
-def record_and_advance(state, tok, logp, step):
-    """The last stage's bookkeeping after sampling, then the step counter moves on."""
-    record_step(state, tok, logp, step)
-    step.add_(1)
-
-
 @dataclass
 class StepFns:
     """The pieces a step calls: plain functions, or ``torch.compile``d ones on CUDA (where each
@@ -181,7 +182,7 @@ class StepFns:
     post: object = post_attention
     final: object = finish_stage
     rope: object = rope_cos_sin  # the step's rotary tables, once for all layers
-    record: object = record_and_advance
+    record: object = record_step
 
     @staticmethod
     def compiled(mode: str | None = None, *, prefill: bool = False):
@@ -191,7 +192,7 @@ class StepFns:
         copies with code objects of their own, because torch.compile caches, and counts
         recompilations against its limit, per code object."""
         kw = dict(dynamic=None if prefill else False, fullgraph=True, mode=mode)
-        fns = (pre_attention, post_attention, finish_stage, rope_cos_sin, record_and_advance)
+        fns = (pre_attention, post_attention, finish_stage, rope_cos_sin, record_step)
         return StepFns(*(torch.compile(_own_code(f, "prefill_") if prefill else f, **kw)
                          for f in fns))
 

@@ -1,12 +1,15 @@
-"""The pipelined decode schedule: which microbatch and step each stage runs at each tick, and which
-p2p transfers connect consecutive ticks.
+"""The pipelined decode schedule of one chunk of decode steps: which microbatch and step each stage
+runs at each tick, and which p2p transfers connect consecutive ticks.
 
-With pp stages the batch is split into M = min(pp, B) microbatches and item (m, j) — microbatch m,
-decode step j ≥ 1 — enters stage 0 at tick (j-1)·pp + m and reaches stage s at tick (j-1)·pp + m + s.
+With pp stages the slots are split into M = min(pp, slots) microbatches and item (m, j) — microbatch
+m, the chunk's decode step j ≥ 1 — enters stage 0 at tick (j-1)·pp + m and reaches stage s at tick
+(j-1)·pp + m + s.
 When M = pp every stage has an item at every tick of the steady state, and the last stage samples
 (m, j) exactly one tick before stage 0 needs that token for (m, j+1): the tokens travel around the
 ring with no bubble. After each tick one batched exchange moves each stage's output to its
-successor (hidden states) and the last stage's tokens to the first.
+successor (hidden states) and the last stage's tokens to the first. A chunk starts with the tokens
+stage 0 needs already there (the engine broadcasts them from the last stage between chunks) and ends
+with the pipeline drained, so slots can be refilled between chunks.
 """
 from __future__ import annotations
 
@@ -16,14 +19,14 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Item:
     m: int  # microbatch
-    j: int  # decode step (step 0 is sampled after the prefill)
+    j: int  # the decode step within the chunk, from 1
 
 
 @dataclass(frozen=True)
 class Schedule:
     pp: int
     microbatches: int
-    steps: int  # decode steps: max_new_tokens - 1
+    steps: int  # decode steps in the chunk
 
     @property
     def ticks(self) -> int:
@@ -37,13 +40,6 @@ class Schedule:
             return None
         m, j = r % self.pp, r // self.pp + 1
         return Item(m, j) if m < self.microbatches and j <= self.steps else None
-
-    def check_tick(self, j: int) -> int:
-        """The tick at whose end the last stage has sampled step j for every microbatch."""
-        return (j - 1) * self.pp + self.microbatches - 1 + self.pp - 1
-
-    def check_ticks(self, every: int) -> set[int]:
-        return {self.check_tick(j) for j in range(every, self.steps, every)}
 
     def transfers(self, tick: int, stage: int) -> list[tuple[str, str, int]]:
         """(kind, 'send'|'recv', microbatch) this stage posts in the exchange after ``tick``:

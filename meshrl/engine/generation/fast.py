@@ -1,10 +1,13 @@
-"""The fast generation engine: the same outputs as ``generate.generate`` for the same seed, with a
-static KV cache, a decode step whose shapes never change (so it is captured once as a CUDA graph on
-GPU and replayed), device-side bookkeeping with a termination check every ``check_every`` steps,
-microbatches pipelined across pp stages, and sampling on vocabulary shards.
+"""The fast generation engine: the same outputs as the reference engine for the same seed, with
+continuous batching over a fixed number of slots (a finished sequence's slot is refilled with a
+waiting one between decode chunks, ``slots.py``), prompts shared by their samples (prefilled once,
+the prefix copied between slots), a static KV cache, a decode step whose shapes never change (so it
+is captured once as a CUDA graph on GPU and replayed), device-side bookkeeping read on the host
+once per chunk of ``check_every`` steps, microbatches pipelined across pp stages, and sampling on
+vocabulary shards.
 
-A ``FastGenerator`` keeps its session (cache, buffers, captured graphs) between calls of the same
-batch size and sampling settings, so a caller that generates batch after batch (the CLI, a rollout
+A ``FastGenerator`` keeps its session (cache, buffers, captured graphs) between calls with the same
+slot count and sampling settings, so a caller that generates call after call (the CLI, a rollout
 loop) captures once; ``release()`` frees it all, e.g. before training needs the memory.
 """
 from __future__ import annotations
@@ -19,15 +22,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..generate import GenerationResult, stage_pass
+from meshrl.kernels.decode_attention import BLOCK_N as ATTN_BLOCK_N
+from meshrl.kernels.decode_attention import MAX_SPLITS, check_launch
+from meshrl.kernels.decode_attention import NUM_WARPS as ATTN_NUM_WARPS
+from meshrl.parallel.p2p import exchange_stages
+from meshrl.parallel.pipeline import broadcast_from_last_stage, fill_from_last_stage
+
 from ..model.attention import PackedMeta
-from ..sampling import SamplingParams
-from .attention import BLOCK_N as ATTN_BLOCK_N
-from .attention import MAX_SPLITS, check_launch
-from .attention import NUM_WARPS as ATTN_NUM_WARPS
-from .sampling import Sampler, record_step, shard_sample
+from .forward import stage_pass
+from .outputs import FINISH_NAMES, GenerationResult
+from .sampling import SamplingParams
 from .schedule import Schedule
+from .sequences import Sequences
 from .session import Session
+from .shard_sampling import Sampler, shard_sample
+from .slots import SlotTable
 from .step import DecodeWeights, StepFns, decode_layers, pre_attention, prefill_layers
 
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
@@ -39,7 +48,9 @@ CAPACITY_QUANTUM = 64  # cache capacity is rounded up, so batches of similar len
 
 @dataclass(kw_only=True)
 class FastOptions:
-    check_every: int = 16  # decode steps between host reads of the done flags
+    check_every: int = 16  # decode steps between host reads of the done flags (and refills)
+    refill: bool = True  # refill finished slots at once; False: only when every slot finished
+    share_prefixes: bool = True  # a prompt's samples prefill it once; False: each its own
     cuda_graphs: bool | None = None  # None: on CUDA devices at tp=1
     compile: bool | None = None  # torch.compile the per-layer pieces; None: on CUDA devices
     # torch.compile's mode for those pieces: None (default) or "max-autotune-no-cudagraphs" (inductor
@@ -138,6 +149,9 @@ class FastGenerator:
                                      num_warps=self.opts.attention_warps)
         self._sessions: OrderedDict = OrderedDict()
         self._fingerprint = None
+        # the last call's counts: slots, decode_steps (per slot), prefill_tokens, admissions,
+        # generated_tokens (the benchmark's slot utilisation and prefill figures)
+        self.last_stats: dict | None = None
 
     def release(self):
         """Free the cache, buffers, graphs and fused weights (compiled code stays cached by torch)."""
@@ -147,34 +161,75 @@ class FastGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, *, seq_offset: int = 0,
-                 device=None) -> GenerationResult:
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token")
+                 device=None, samples: int = 1, slots: int | None = None, limits=None,
+                 on_progress=None) -> GenerationResult:
+        """``generation.generate``'s contract: ``samples`` continuations of each prompt, decoded
+        ``slots`` at a time (default: all at once), each capped at its ``limits`` entry."""
+        seqs = Sequences.build(prompts, params.max_new_tokens, samples=samples, limits=limits,
+                               seq_offset=seq_offset)
+        if slots is not None and slots < 1:
+            raise ValueError(f"generate: slots={slots}: must be at least 1")
         device = device if device is not None else self.stage.inv_freq.device
         with preferred_blas(self.opts.blas, device):
-            return self._generate(prompts, params, seq_offset, device)
+            return self._generate(seqs, params, min(slots or len(seqs), len(seqs)), device,
+                                  on_progress)
 
-    def _generate(self, prompts, params, seq_offset, device) -> GenerationResult:
+    def _generate(self, seqs: Sequences, params, n_slots, device, on_progress) -> GenerationResult:
         self.weights.refresh()
         fingerprint = self.weights.fingerprint()
         if fingerprint != self._fingerprint:  # parameters moved: graphs point at old storage
             for sess in self._sessions.values():
                 sess.graphs, sess.prepared = None, False
             self._fingerprint = fingerprint
-        sess = self._session(prompts, params, device)
-        sess.reset(prompts, params, seq_offset)
-        self._prefill(sess, prompts)
-        sched = Schedule(self.stage.layout.pp_size, len(sess.rows), params.max_new_tokens - 1)
-        if sched.steps and not sess.prepared:
-            self._prepare(sess)
-        self._decode(sess, sched)
-        return sess.result()
+        sess = self._session(n_slots, max(len(p) for p in seqs.prompts), params, device)
+        sess.reset()
+        table = SlotTable(n_slots, seqs, refill=self.opts.refill,
+                          share_prefixes=self.opts.share_prefixes)
+        last = self.stage.layout.is_last_stage
+        outputs = {}  # sequence -> its row of Session.rows_of (last stage)
+        first_hidden = {}  # prompt -> final hidden state at its last position (last stage)
+        stats = dict(slots=n_slots, decode_steps=0, prefill_tokens=0, admissions=0)
+        while not table.all_finished:
+            adm = table.admit()
+            if adm:
+                stats["prefill_tokens"] += self._admit(sess, seqs, params, adm, first_hidden)
+                stats["admissions"] += 1
+            if any(seqs.limits[q] > 1 for q in table.running if q >= 0):
+                if not sess.prepared:
+                    self._prepare(sess)
+                self._decode_chunk(sess, self.opts.check_every)
+                stats["decode_steps"] += self.opts.check_every
+            done = fill_from_last_stage(sess.state.done.int(), self.stage.layout).tolist()
+            finished = table.finish(done)
+            if finished and last:
+                rows = sess.rows_of([s for s, _ in finished])
+                outputs.update((q, rows[i]) for i, (_, q) in enumerate(finished))
+            if on_progress is not None:
+                on_progress()
+        result = self._result(outputs, len(seqs), params.max_new_tokens)
+        stats["generated_tokens"] = sum(len(t) for t in result.output_ids)
+        self.last_stats = stats
+        return result
+
+    def _result(self, outputs: dict, n: int, width: int) -> GenerationResult:
+        """The last stage's rows in sequence order, on every stage of the pipeline."""
+        layout = self.stage.layout
+        packed = (torch.stack([outputs[q] for q in range(n)]) if layout.is_last_stage
+                  else None)
+        packed = broadcast_from_last_stage(packed, layout).cpu()
+        n_out = packed[:, 2 * width].long().tolist()
+        tokens = packed[:, :width].long().tolist()
+        logps = packed[:, width:2 * width].float().tolist()
+        return GenerationResult(
+            output_ids=[t[:k] for t, k in zip(tokens, n_out)],
+            logprobs=[lp[:k] for lp, k in zip(logps, n_out)],
+            finish_reason=[FINISH_NAMES[int(f)] for f in packed[:, 2 * width + 1].tolist()])
 
     # ---- sessions -------------------------------------------------------------------------------
-    def _session(self, prompts, params, device) -> Session:
-        capacity = max(len(p) for p in prompts) + params.max_new_tokens
+    def _session(self, n_slots, longest_prompt, params, device) -> Session:
+        capacity = longest_prompt + params.max_new_tokens
         capacity = -(-capacity // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
-        key = (len(prompts), params.greedy, params.temperature, params.top_k, params.top_p,
+        key = (n_slots, params.greedy, params.temperature, params.top_k, params.top_p,
                params.min_new_tokens, tuple(params.eos_ids), tuple(params.stop_ids),
                params.max_new_tokens, str(device))
         sess = self._sessions.pop(key, None)
@@ -183,7 +238,7 @@ class FastGenerator:
         if sess is None:
             while len(self._sessions) >= self.opts.max_sessions:
                 self._sessions.popitem(last=False)
-            sess = Session(self.stage, len(prompts), capacity, params, device,
+            sess = Session(self.stage, n_slots, capacity, params, device,
                            self._sampler(params, device))
         self._sessions[key] = sess
         return sess
@@ -201,27 +256,43 @@ class FastGenerator:
         return Sampler(params, stage.cfg.vocab_size, start, head.weight.shape[0],
                        stage.layout.tp_group, device, fn=fn)
 
-    # ---- prefill --------------------------------------------------------------------------------
-    def _prefill(self, sess: Session, prompts):
-        """All prompts packed through the decode step's pieces (fused weights; compiled for any
-        row count on GPU), their attention filling the static cache, then step 0 sampled eagerly
-        from each prompt's last position."""
+    # ---- admission: prefill, shared prefixes, the first token -----------------------------------
+    def _admit(self, sess: Session, seqs: Sequences, params, adm, first_hidden) -> int:
+        """Start the admitted sequences in their slots: the prompts no slot holds prefilled packed
+        (through the decode step's pieces; compiled for any row count on GPU) into their slots'
+        cache, the other samples' prefixes copied between slots, and step 0 sampled eagerly from
+        each prompt's last position. Returns the prompt tokens prefilled."""
         stage, layout = self.stage, self.stage.layout
-        lengths = [len(p) for p in prompts]
-        meta = PackedMeta.from_lengths(lengths, device=sess.device)
-        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.long, device=sess.device)
-        h = stage_pass(stage, ids, meta, sess.cache, (ids.numel(), stage.cfg.hidden_size),
-                       forward=self._prefill_forward if self.opts.prefill_pieces else None)
+        dev = sess.device
+        idx = sess.start([s for s, _ in adm.slots], [seqs.seq_offset + q for _, q in adm.slots],
+                         [len(seqs.prompt(q)) for _, q in adm.slots],
+                         [seqs.limits[q] for _, q in adm.slots], params.seed)
+        prefilled = [seqs.prompts[p] for _, p in adm.prefill]
+        if prefilled:
+            lengths = [len(p) for p in prefilled]
+            meta = PackedMeta.from_lengths(lengths, device=dev)
+            ids = torch.tensor([t for p in prefilled for t in p], dtype=torch.long, device=dev)
+            sess.cache.prefill_rows = torch.repeat_interleave(
+                torch.tensor([s for s, _ in adm.prefill]), torch.tensor(lengths)).to(dev)
+            h = stage_pass(stage, ids, meta, sess.cache, (ids.numel(), stage.cfg.hidden_size),
+                           forward=self._prefill_forward if self.opts.prefill_pieces else None)
+            if layout.is_last_stage:
+                ends = h[(meta.cu_seqlens[1:] - 1).long()]
+                for i, (_, p) in enumerate(adm.prefill):
+                    first_hidden[p] = ends[i]
+        if adm.copies:
+            src, dst, prompts = zip(*adm.copies)
+            sess.cache.copy_prefix(torch.tensor(src, device=dev), torch.tensor(dst, device=dev),
+                                   max(len(seqs.prompts[p]) for p in prompts))
         if layout.is_last_stage:
-            last = (meta.cu_seqlens[1:] - 1).long()
-            zero = torch.zeros((), dtype=torch.long, device=sess.device)
-            logits = F.linear(h[last], stage.lm_head.weight)
-            tok, logp = sess.sampler(logits, sess.keys, zero, eager=True)
-            record_step(sess.state, tok, logp, zero)
-        if layout.pp_size > 1:
-            dist.broadcast(sess.state.tokens, src=layout.stage_rank(layout.pp_size - 1),
-                           group=layout.pp_group)
-        sess.steps.fill_(1)
+            h0 = torch.stack([first_hidden[seqs.prompt_index(q)] for _, q in adm.slots])
+            logits = F.linear(h0, stage.lm_head.weight)
+            zero = torch.zeros(len(adm.slots), dtype=torch.long, device=dev)
+            tok, logp = sess.sampler(logits, sess.keys[idx], zero, eager=True)
+            sess.record_first(idx, tok, logp)
+        for p in adm.completed:
+            first_hidden.pop(p, None)
+        return sum(len(p) for p in prefilled)
 
     def _prefill_forward(self, ids, meta, cache):
         x = self.stage.input_hidden(ids)
@@ -248,12 +319,14 @@ class FastGenerator:
         h = decode_layers(stage, self.weights, self.fns, x, pos, sess.cache_rows[m],
                           attention=None if self.opts.attention == "auto" else self.opts.attention,
                           launch=self.attention_launch)
-        pos += 1
+        # A finished or free slot keeps stepping (static shapes); its position stops at the cache's
+        # end, where nothing it writes is read before the slot is refilled.
+        pos.add_(1).clamp_(max=sess.capacity - 1)
         if not layout.is_last_stage:
             return h
-        step = sess.steps[m]
-        tok, logp = sess.sampler(F.linear(h, stage.lm_head.weight), sess.keys[rows], step)
-        self.fns.record(sess.views[m], tok, logp, step)
+        view = sess.views[m]
+        tok, logp = sess.sampler(F.linear(h, stage.lm_head.weight), sess.keys[rows], view.step)
+        self.fns.record(view, tok, logp)
         return None
 
     def _prepare(self, sess: Session):
@@ -311,12 +384,15 @@ class FastGenerator:
                 self._step(sess, m)
 
     # ---- the decode loop --------------------------------------------------------------------------
-    def _decode(self, sess: Session, sched: Schedule):
+    def _decode_chunk(self, sess: Session, steps: int):
+        """``steps`` decode steps of every slot, pipelined across the stages and drained at the end
+        (the last stage's latest tokens first reach stage 0)."""
         layout = self.stage.layout
-        stage_idx = layout.pp_rank
-        checks = sched.check_ticks(self.opts.check_every)
+        sched = Schedule(layout.pp_size, len(sess.rows), steps)
+        if layout.pp_size > 1:
+            fill_from_last_stage(sess.state.tokens, layout)
         for tick in range(sched.ticks):
-            item = sched.item(tick, stage_idx)
+            item = sched.item(tick, layout.pp_rank)
             if item is not None:
                 if sess.graphs is not None:
                     g, out = sess.graphs[item.m]
@@ -324,43 +400,30 @@ class FastGenerator:
                 else:
                     out = self._step(sess, item.m)
                 sess.hidden_out[item.m] = out
-            if tick in checks and self._all_done(sess):
-                return
             if layout.pp_size > 1:
-                self._exchange(sess, sched.transfers(tick, stage_idx))
-
-    def _all_done(self, sess) -> bool:
-        """The one host read per ``check_every`` steps; under pp the last stage decides for all."""
-        layout = self.stage.layout
-        flag = sess.state.done.all().to(torch.int32).reshape(1)
-        if layout.pp_size > 1:
-            dist.broadcast(flag, src=layout.stage_rank(layout.pp_size - 1), group=layout.pp_group)
-        return bool(flag.item())
+                self._exchange(sess, sched.transfers(tick, layout.pp_rank))
 
     def _exchange(self, sess, transfers):
         layout = self.stage.layout
-        ops = []
+        sends, recvs = [], []
         for kind, direction, m in transfers:
             if kind == "hidden":
-                peer = layout.stage_rank(layout.pp_rank + (1 if direction == "send" else -1))
+                peer = layout.pp_rank + (1 if direction == "send" else -1)
                 buf = sess.hidden_out[m] if direction == "send" else sess.hidden_in[m]
             else:
-                peer = layout.stage_rank(0 if direction == "send" else layout.pp_size - 1)
+                peer = 0 if direction == "send" else layout.pp_size - 1
                 buf = sess.state.tokens[sess.rows[m]]
-            op = dist.isend if direction == "send" else dist.irecv
-            ops.append(dist.P2POp(op, buf, peer, layout.pp_group))
-        if ops:
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+            (sends if direction == "send" else recvs).append((buf, peer))
+        exchange_stages(layout, sends, recvs)
 
 
 def generate_fast(stage, prompts: list[list[int]], params: SamplingParams, *, seq_offset: int = 0,
-                  device=None, options: FastOptions | None = None) -> GenerationResult:
-    """``generate.generate`` through a one-off ``FastGenerator`` (a caller generating many batches
-    should keep one generator instead, so its graphs are captured once)."""
+                  device=None, options: FastOptions | None = None, **kw) -> GenerationResult:
+    """``generation.generate`` through a one-off ``FastGenerator`` (a caller generating many
+    times should keep one generator instead, so its graphs are captured once)."""
     gen = FastGenerator(stage, options)
     try:
-        return gen.generate(prompts, params, seq_offset=seq_offset, device=device)
+        return gen.generate(prompts, params, seq_offset=seq_offset, device=device, **kw)
     finally:
         gen.release()
 
