@@ -15,6 +15,28 @@ measured copy bandwidth (``benchmarks/anchors/h100.json``).
     python benchmarks/generate.py --small      # tiny model on CPU: a smoke run in seconds
     python benchmarks/generate.py --skip-hf --profile --variants autotune   # where the step goes
 
+``--rollout`` benchmarks a rollout's long-tailed lengths instead (``rollout``). Each sequence's length
+is drawn from a seeded log-normal (median 64, sigma of the log 1.0, rounded, clipped to [1, 1024]);
+greedy decoding with no EOS ids and meshrl's per-sequence ``limits`` (transformers: EOS forced at the
+drawn length by a logits processor and masked before it) make every engine emit exactly the drawn
+lengths, which is checked. On a GPU: 512 prompts of 128 tokens, the 1.1B model above in bf16, 128
+slots (transformers: static batches of 128 rows), k = 1 and 8 samples per prompt (samples draw their
+own lengths), 16-step decode chunks. Rows per k: meshrl continuous (refill), meshrl static
+(``refill=False``), meshrl continuous with every length the drawn mean ("equal lengths", same
+sequences and slots), transformers (dynamic cache); then, for the largest k, a prefill-only call
+(one new token each) with shared prefixes and with every sample prefilling its prompt. Columns:
+seconds (median), useful tokens/s (output tokens kept / seconds), slot utilisation (useful decode
+tokens, i.e. tokens beyond each sequence's first, which the prefill gives, over slot-steps: slots ×
+decode steps for meshrl, each batch's rows × its longest row's decode steps for transformers), and
+ratios to static, transformers, the equal-length row and the unshared prefill. The goals (GPU case):
+long-tailed ≥ 0.9× the equal-length useful tokens/s and ≥ 2× static; k = 8 prefill ≥ 6× faster
+shared. ``--small`` (the default on CPU, where it runs single-threaded) is a tiny version: 32 prompts
+of 16 tokens, the SMALL model in fp32, 8 slots, median 16 capped at 64, k = 1 and 4, 4-step chunks.
+
+    python benchmarks/generate.py --rollout                    # GPU: the issue's case
+    python benchmarks/generate.py --rollout --hf-batches 8     # transformers on its first 8 batches only
+    python benchmarks/generate.py --rollout --small            # tiny version on CPU, seconds
+
 The check builds a small fp32 model on the device and requires the fast engine (CUDA graphs and
 torch.compile as used in the benchmark) to give ``generate(engine="reference")``'s tokens exactly,
 greedy and sampled, and log-probs within 1e-4; a bf16 copy is compared for information only (bf16
@@ -31,7 +53,11 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# Run as a script, this folder comes first on the path, and its kernels.py would shadow the `kernels`
+# package that transformers imports (hub kernels): take it off; the repo root goes first instead.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
 
 from benchmarks.harness import (anchor, bench_device, device_name, peak_extra_gib, print_table,  # noqa: E402
                                reset_peak, synchronize, time_fn, write_results)
@@ -308,9 +334,17 @@ def main(argv=None):
                    help="break a decode step down by kernel kind (torch.profiler)")
     p.add_argument("--no-sampled", action="store_true", help="skip the sampled meshrl row")
     p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--rollout", action="store_true",
+                   help="long-tailed lengths: continuous vs static batching vs transformers")
+    p.add_argument("--hf-batches", type=int, default=None,
+                   help="--rollout: time transformers on its first N static batches only")
     args = p.parse_args(argv)
     device = bench_device()
     print(f"device {device_name(device)}, torch {torch.__version__}", flush=True)
+    if args.rollout:
+        small = args.small or device.type == "cpu"
+        return rollout(device, small=small, iters=args.iters or (3 if small else 1),
+                       hf_batches=args.hf_batches, skip_hf=args.skip_hf)
     checked = None
     if args.check or args.check_only:
         t0 = time.perf_counter()
@@ -377,6 +411,251 @@ def _summarise(rows, floor_tokens_per_s):
         r["vs_hf_default"] = r["tokens_per_s"] / hf_default["tokens_per_s"] if hf_default else None
         r["vs_hf_static"] = r["tokens_per_s"] / hf_static["tokens_per_s"] if hf_static else None
         r["frac_floor"] = r["tokens_per_s"] / floor_tokens_per_s
+
+
+# ---- rollout: long-tailed lengths ---------------------------------------------------------------
+# The issue's case on a GPU: 512 prompts of 128 tokens, the 1.1B model (BIG) in bf16, 128 slots,
+# lengths log-normal (median 64, sigma 1.0: mean ≈ 105, 1% above ≈ 660) capped at 1,024, k = 1
+# and 8 samples per prompt, the engine's default 16-step decode chunks. The small case (CPU,
+# --small) keeps the shape of it at a size that runs in seconds: 32 prompts of 16 tokens, the SMALL
+# model in fp32, 8 slots, median 16 capped at 64, k = 1 and 4, 4-step chunks (chunk / median as
+# on the GPU).
+ROLLOUT = dict(prompts=512, prompt_len=128, median=64, sigma=1.0, cap=1024, slots=128, ks=(1, 8),
+               check_every=16, seed=0)
+ROLLOUT_SMALL = dict(prompts=32, prompt_len=16, median=16, sigma=1.0, cap=64, slots=8, ks=(1, 4),
+                     check_every=4, seed=0)
+ROLLOUT_COLS = ["case", "k", "seqs", "seconds", "useful_tok_s", "slot_util", "vs_static", "vs_hf",
+                "vs_equal", "vs_unshared", "lengths_ok", "prefill_tokens", "first_call_s"]
+EOS = 2  # the token transformers is forced to end each row with (meshrl runs with no EOS ids)
+GOAL_VS_EQUAL = 0.9  # long-tailed useful tokens/s over the equal-length case's
+GOAL_VS_STATIC = 2.0  # over meshrl's static batching
+GOAL_PREFILL = 6.0  # k = 8: prefill with every sample prefilling its prompt / sharing it
+
+
+def draw_lengths(n, median, sigma, cap, seed):
+    """n lengths from a log-normal with the given median and sigma (of the log), rounded and
+    clipped to [1, cap]; seeded on the host, so every engine gets the same ones."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, generator=g, dtype=torch.float64)
+    return (median * torch.exp(sigma * z)).round().clamp(1, cap).long().tolist()
+
+
+def _meshrl_run(gen, prompts, params, k, slots, limits, device, iters):
+    """Warm up (compilation, graph capture, the allocator: a short call that fills every slot,
+    then refills some, so the prefill also meets a second row count), then time the call (median of
+    ``iters``); returns (seconds, result, last_stats, warm-up seconds)."""
+    n_warm = min(len(limits), slots + slots // 2)
+    warm_limits = [min(params.max_new_tokens, 2 * gen.opts.check_every + 1)] * n_warm
+    warm_prompts = prompts[:-(-n_warm // k)]
+    t0 = time.perf_counter()
+    gen.generate(warm_prompts, params, samples=k, slots=slots,
+                 limits=(warm_limits + [1] * (len(warm_prompts) * k - n_warm)))
+    synchronize(device)
+    first = time.perf_counter() - t0
+    out = None
+
+    def call():
+        nonlocal out
+        out = gen.generate(prompts, params, samples=k, slots=slots, limits=limits)
+    sec = time_fn(call, device, warmup=0, iters=iters)
+    return sec, out, dict(gen.last_stats), first
+
+
+def _meshrl_row(name, k, gen, prompts, params, slots, limits, device, iters):
+    sec, out, st, first = _meshrl_run(gen, prompts, params, k, slots, limits, device, iters)
+    got = [len(o) for o in out.output_ids]
+    useful = st["generated_tokens"] - len(got)  # the first token of each comes from the prefill
+    slot_steps = st["slots"] * st["decode_steps"]
+    return {"case": name, "k": k, "seqs": len(got), "seconds": sec, "useful_tok_s": sum(got) / sec,
+            "slot_util": useful / slot_steps if slot_steps else None, "lengths_ok": got == limits,
+            "prefill_tokens": st["prefill_tokens"], "first_call_s": first, "slot_steps": slot_steps,
+            "useful_decode_tokens": useful, "tokens": sum(got), "admissions": st["admissions"],
+            "finish_reasons": sorted(set(out.finish_reason))}
+
+
+class ForceEOSAt:
+    """A transformers LogitsProcessor: row r ends with EOS as its ``lengths[r]``-th new token and
+    never emits EOS before (greedy then gives each row exactly its drawn length)."""
+
+    def __init__(self, lengths, prompt_len, eos, device):
+        self.last = torch.tensor(lengths, device=device) - 1  # the step that must give EOS
+        self.prompt_len, self.eos = prompt_len, eos
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_len  # tokens generated before this one
+        scores = scores.clone()
+        scores[:, self.eos] = float("-inf")
+        at = (self.last == step)[:, None]
+        eos_only = torch.full_like(scores, float("-inf"))
+        eos_only[:, self.eos] = 0.0
+        return torch.where(at, eos_only, scores)
+
+
+def _hf_lengths(out, prompt_len, eos):
+    """New tokens per row up to and including the first EOS (all of them when there is none)."""
+    new = out[:, prompt_len:]
+    hit = new == eos
+    first = torch.where(hit.any(1), hit.int().argmax(1) + 1, torch.full_like(hit[:, 0], new.shape[1],
+                                                                            dtype=torch.long))
+    return first.tolist()
+
+
+def _hf_row(model, flat_prompts, lengths, slots, device, batches=None, iters=1):
+    """transformers ``generate`` (dynamic cache, greedy) over static batches of ``slots`` rows
+    (each runs until its longest row ends; finished rows are padded), EOS forced at each row's
+    drawn length; seconds are the median of ``iters`` passes over the batches."""
+    from transformers import LogitsProcessorList
+    plen = len(flat_prompts[0])
+    spans = [(lo, min(lo + slots, len(flat_prompts))) for lo in range(0, len(flat_prompts), slots)]
+    spans = spans[:batches] if batches else spans
+
+    def run(lo, hi, lens):
+        ids = torch.tensor(flat_prompts[lo:hi], device=device)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max(lens),
+                              do_sample=False, pad_token_id=0, eos_token_id=EOS,
+                              logits_processor=LogitsProcessorList(
+                                  [ForceEOSAt(lens, plen, EOS, device)]))
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        lo, hi = spans[0]
+        run(lo, hi, [min(x, 4) for x in lengths[lo:hi]])  # warm-up
+        synchronize(device)
+        first = time.perf_counter() - t0
+        got, slot_steps = [], 0
+
+        def call():
+            got.clear()
+            for lo, hi in spans:
+                got.extend(_hf_lengths(run(lo, hi, lengths[lo:hi]), plen, EOS))
+        sec = time_fn(call, device, warmup=0, iters=iters)
+        for lo, hi in spans:  # decode steps: each row's first token comes from the prefill
+            slot_steps += (hi - lo) * (max(lengths[lo:hi]) - 1)
+    want = lengths[:spans[-1][1]]
+    useful = sum(want) - len(want)
+    return {"seconds": sec, "useful_tok_s": sum(got) / sec, "lengths_ok": got == want,
+            "slot_util": useful / slot_steps if slot_steps else None, "first_call_s": first,
+            "slot_steps": slot_steps, "useful_decode_tokens": useful, "tokens": sum(got),
+            "seqs": len(got), "batches": len(spans)}
+
+
+def rollout(device, small, iters=1, hf_batches=None, skip_hf=False):
+    """Long-tailed rollout lengths: useful tokens/s and slot utilisation of meshrl's continuous
+    batching, its static batching and transformers, and shared vs per-sample prefill."""
+    from meshrl.engine.generation import FastGenerator, FastOptions
+    from meshrl.engine.generation.sampling import SamplingParams
+    case = ROLLOUT_SMALL if small else ROLLOUT
+    if device.type == "cpu":  # a tiny model gains nothing from a second thread, and a busy host's
+        torch.set_num_threads(1)  # other processes make threads wait on each other for seconds
+    cfg = SMALL if small else BIG
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    slots, cap = case["slots"], case["cap"]
+    prompts = prompts_for(case["prompts"], case["prompt_len"], cfg["vocab_size"], seed=case["seed"])
+    # greedy, no EOS ids: each sequence runs to its limit, the drawn length
+    params = SamplingParams(max_new_tokens=cap, greedy=True)
+    print(f"rollout: {case['prompts']} prompts of {case['prompt_len']} tokens, {slots} slots, lengths "
+          f"log-normal median {case['median']} sigma {case['sigma']} capped at {cap}, "
+          f"k = {', '.join(map(str, case['ks']))}, {cfg['num_hidden_layers']} layers, "
+          f"{str(dtype)[6:]}, decode chunks of {case['check_every']}", flush=True)
+    stage = meshrl_stage(cfg, device, dtype)
+    rows, draws = [], {}
+    opts = dict(check_every=case["check_every"])
+    for k in case["ks"]:
+        n = case["prompts"] * k
+        lengths = draw_lengths(n, case["median"], case["sigma"], cap, case["seed"] + k)
+        mean = round(sum(lengths) / n)
+        draws[k] = dict(mean=sum(lengths) / n, median=sorted(lengths)[n // 2], max=max(lengths),
+                        at_cap=sum(x == cap for x in lengths), equal_length=mean)
+        print(f"k={k}: {n} sequences, lengths mean {draws[k]['mean']:.1f}, median "
+              f"{draws[k]['median']}, max {draws[k]['max']} ({draws[k]['at_cap']} at the cap)",
+              flush=True)
+        for name, o, lim in [("meshrl continuous", dict(refill=True), lengths),
+                             ("meshrl static", dict(refill=False), lengths),
+                             (f"meshrl continuous, equal lengths ({mean})", dict(refill=True),
+                              [mean] * n)]:
+            gen = FastGenerator(stage, FastOptions(**opts, **o))
+            rows.append(_meshrl_row(name, k, gen, prompts, params, slots, lim, device, iters))
+            gen.release()
+            print_table(rows[-1:], ROLLOUT_COLS)
+        if not skip_hf:
+            hf = _hf_model(cfg, device, dtype)
+            flat = [p for p in prompts for _ in range(k)]  # prompt-major, as meshrl's sequences
+            try:
+                row = _hf_row(hf, flat, lengths, slots, device, hf_batches, iters)
+            except Exception as exc:  # noqa: BLE001 - a baseline failure should not lose meshrl's rows
+                print(f"transformers k={k}: failed: {exc!r:.500}", flush=True)
+            else:
+                rows.append({"case": "transformers generate, dynamic cache", "k": k, **row})
+                print_table(rows[-1:], ROLLOUT_COLS)
+            del hf
+            _free(device)
+    # prefill: one new token per sequence (limits all 1), the largest k, shared vs per sample
+    k = max(case["ks"])
+    ones = [1] * (case["prompts"] * k)
+    for name, share in [("prefill only, shared prefixes", True),
+                        ("prefill only, every sample prefills", False)]:
+        gen = FastGenerator(stage, FastOptions(**opts, share_prefixes=share))
+        row = _meshrl_row(name, k, gen, prompts, params, slots, ones, device, max(iters, 3))
+        gen.release()
+        row["slot_util"] = None  # no decode steps
+        rows.append(row)
+        print_table(rows[-1:], ROLLOUT_COLS)
+    _rollout_ratios(rows)
+    print()
+    print_table(rows, ROLLOUT_COLS)
+    goals = rollout_goals(rows, judged=device.type != "cpu" and not small)
+    for line in goals["lines"]:
+        print(line)
+    extra = {"small": small, "layers": cfg["num_hidden_layers"], "dtype": str(dtype)[6:], **case,
+             "ks": list(case["ks"]), "draws": draws, "hf_batches": hf_batches, "iters": iters,
+             "goals": goals["values"]}
+    stem = "generate-rollout-small" if small else "generate-rollout"
+    print(f"wrote {write_results(stem, device, rows, extra)}")
+    return 0
+
+
+def _hf_model(cfg, device, dtype):
+    import transformers
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **cfg, attn_implementation="sdpa", eos_token_id=EOS, pad_token_id=0))
+    return model.to(dtype).eval()
+
+
+def _rollout_ratios(rows):
+    for r in rows:
+        same_k = {x["case"]: x for x in rows if x["k"] == r["k"]}
+        static = same_k.get("meshrl static")
+        hf = same_k.get("transformers generate, dynamic cache")
+        equal = next((x for c, x in same_k.items() if c.startswith("meshrl continuous, equal")), None)
+        if r["case"].startswith("prefill only"):
+            unshared = same_k.get("prefill only, every sample prefills")
+            r["vs_unshared"] = unshared["seconds"] / r["seconds"] if unshared else None
+            continue
+        r["vs_static"] = r["useful_tok_s"] / static["useful_tok_s"] if static else None
+        r["vs_hf"] = r["useful_tok_s"] / hf["useful_tok_s"] if hf else None
+        r["vs_equal"] = r["useful_tok_s"] / equal["useful_tok_s"] if equal else None
+
+
+def rollout_goals(rows, judged):
+    """The issue's goals as lines; met / NOT met where ``judged`` (the GPU case), figures only
+    elsewhere."""
+    lines, values = [], {}
+
+    def line(label, value, goal):
+        values[label] = dict(value=value, goal=goal, met=(value >= goal) if judged else None)
+        verdict = ("met" if value >= goal else "NOT met") if judged else \
+            "not judged (the goal is for the GPU case)"
+        lines.append(f"goal {label} ≥ {goal:g}: {value:.3g} — {verdict}")
+    for r in rows:
+        if r["case"] == "meshrl continuous":
+            if r.get("vs_equal") is not None:
+                line(f"k={r['k']} long-tailed / equal-length useful tokens/s", r["vs_equal"],
+                     GOAL_VS_EQUAL)
+            if r.get("vs_static") is not None:
+                line(f"k={r['k']} continuous / static useful tokens/s", r["vs_static"], GOAL_VS_STATIC)
+        if r["case"] == "prefill only, shared prefixes" and r.get("vs_unshared") is not None:
+            line(f"k={r['k']} prefill time, per-sample / shared", r["vs_unshared"], GOAL_PREFILL)
+    return {"lines": lines, "values": values}
 
 
 def _free(device):

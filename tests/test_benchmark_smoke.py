@@ -65,3 +65,29 @@ def test_async_benchmark_smoke(tmp_path):
     assert rows[0]["staleness_mean"] == 0 and rows[1]["staleness_mean"] == 1
     for r in rows.values():
         assert r["step_s"] > 0 and r["plan_step_s"] > 0 and 0 < r["gen_busy"] <= 1 and 0 < r["train_busy"] <= 1
+
+
+def test_generate_rollout_benchmark_smoke(tmp_path):
+    """benchmarks/generate.py --rollout --small: every engine gives each sequence exactly its drawn
+    length, continuous batching keeps more of its slot-steps busy than static batching, and shared
+    prefixes prefill fewer tokens (the times themselves are measured, not tested)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MESHRL_BENCH_RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--rollout", "--small",
+                           "--iters", "1"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = tmp_path.glob("generate-rollout-small-*.json")
+    payload = json.loads(result.read_text())
+    rows = {(r["case"], r["k"]): r for r in payload["rows"]}
+    for k in payload["ks"]:
+        cases = ["meshrl continuous", "meshrl static", "transformers generate, dynamic cache",
+                 f"meshrl continuous, equal lengths ({payload['draws'][str(k)]['equal_length']})"]
+        for case in cases:
+            r = rows[(case, k)]
+            assert r["lengths_ok"] is True, (case, k)
+            assert 0 < r["slot_util"] <= 1 and r["seconds"] > 0 and r["useful_tok_s"] > 0, (case, k, r)
+        assert rows[("meshrl continuous", k)]["slot_util"] > rows[("meshrl static", k)]["slot_util"]
+    k = max(payload["ks"])
+    shared = rows[("prefill only, shared prefixes", k)]
+    unshared = rows[("prefill only, every sample prefills", k)]
+    assert shared["lengths_ok"] and unshared["lengths_ok"]
+    assert shared["prefill_tokens"] < unshared["prefill_tokens"]
