@@ -27,7 +27,7 @@ if not torch.cuda.is_available():  # Triton decides at import whether kernels ar
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from benchmarks.harness import anchor, bench_device, print_table, time_fn, write_results  # noqa: E402
-from meshrl.engine.generation import attention as A  # noqa: E402
+from meshrl.kernels import decode_attention as A  # noqa: E402
 from meshrl.engine.model.attention import rope_cos_sin  # noqa: E402
 
 # (name, batch, q heads, kv heads, head dim, capacity, filled positions)

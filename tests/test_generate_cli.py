@@ -44,7 +44,7 @@ def test_greedy_cli_matches_transformers_single_and_tp2_pp2(setup):
         ref.append(g.sequences[0, len(ids):].tolist())
         logits = torch.cat(g.logits)
         top2 = logits.topk(2, -1).values
-        # no near-tie for fp32 differences to flip (smallest gap measured: 2.3e-2; see test_generate.py)
+        # no near-tie for fp32 differences to flip (smallest gap measured: 2.3e-2; see tests/engine/generation/test_reference.py)
         assert (top2[:, 0] - top2[:, 1]).min() > 1e-3, top2
         ref_logps.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(ref[-1])[:, None])[:, 0])
     for nproc, extra in [(1, []), (1, ["--engine", "fast"]), (4, ["--tp", "2", "--pp", "2"])]:

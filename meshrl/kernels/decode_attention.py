@@ -1,7 +1,7 @@
 """Decode attention over a static KV cache: append each sequence's new key/value at its own length,
 then attend over the positions it may see.
 
-Three forms (every kernel's, docs/architecture.md): ``attend_oracle`` (float64, tests),
+Three forms (every kernel's, docs/architecture.md): a float64 oracle (tests/kernels/oracles.py),
 ``attend_torch`` (the CPU path: SDPA over the whole capacity with a length mask, so its shapes never
 change), and the Triton kernel (the CUDA path): one program per (sequence, KV head) holds that
 head's group of query heads and walks only the cached positions below the sequence's length, read on
@@ -86,22 +86,6 @@ def attend_torch(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None):
                                          attn_mask=visible[:, None, None, :],
                                          enable_gqa=k_cache.shape[1] != q.shape[1])
     return out.squeeze(2)
-
-
-def attend_oracle(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None):
-    """Float64, one sequence and head at a time; writes the caches like the others."""
-    out = torch.empty(q.shape, dtype=torch.float64)
-    group = q.shape[1] // k_cache.shape[1]
-    for b in range(q.shape[0]):
-        n = int(lengths[b])
-        k_cache[b, :, n], v_cache[b, :, n] = k_new[b], v_new[b]
-        lo = 0 if window is None else max(0, n + 1 - window)
-        for h in range(q.shape[1]):
-            keys = k_cache[b, h // group, lo:n + 1].double()
-            vals = v_cache[b, h // group, lo:n + 1].double()
-            w = torch.softmax(keys @ q[b, h].double() / math.sqrt(q.shape[-1]), 0)
-            out[b, h] = w @ vals
-    return out
 
 
 @triton.jit

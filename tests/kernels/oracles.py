@@ -1,6 +1,8 @@
 """Float64 oracles for the kernels: the plainest possible formulas, for tests only."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -76,3 +78,20 @@ def assert_within(got, want, *, atol, rtol):
     assert excess.numel() == 0 or excess.flatten()[worst] <= 0, (
         f"at flat index {worst}: got {got.flatten()[worst].item():.8g}, want "
         f"{want.flatten()[worst].item():.8g} (atol={atol}, rtol={rtol})")
+
+
+def decode_attention_oracle(q, k_new, v_new, k_cache, v_cache, lengths, *, window=None):
+    """Decode attention (meshrl/kernels/decode_attention.py) in float64, one sequence and head at a
+    time; writes the new key/value into the caches as the kernel does."""
+    out = torch.empty(q.shape, dtype=torch.float64)
+    group = q.shape[1] // k_cache.shape[1]
+    for b in range(q.shape[0]):
+        n = int(lengths[b])
+        k_cache[b, :, n], v_cache[b, :, n] = k_new[b], v_new[b]
+        lo = 0 if window is None else max(0, n + 1 - window)
+        for h in range(q.shape[1]):
+            keys = k_cache[b, h // group, lo:n + 1].double()
+            vals = v_cache[b, h // group, lo:n + 1].double()
+            w = torch.softmax(keys @ q[b, h].double() / math.sqrt(q.shape[-1]), 0)
+            out[b, h] = w @ vals
+    return out

@@ -26,7 +26,7 @@ from meshrl.kernels.decode_attention import BLOCK_N as ATTN_BLOCK_N
 from meshrl.kernels.decode_attention import MAX_SPLITS, check_launch
 from meshrl.kernels.decode_attention import NUM_WARPS as ATTN_NUM_WARPS
 from meshrl.parallel.p2p import exchange_stages
-from meshrl.parallel.pipeline import broadcast_from_last_stage, fill_from_last_stage
+from meshrl.parallel.pipeline import fill_from_last_stage
 
 from ..model.attention import PackedMeta
 from .forward import stage_pass
@@ -206,17 +206,20 @@ class FastGenerator:
                 outputs.update((q, rows[i]) for i, (_, q) in enumerate(finished))
             if on_progress is not None:
                 on_progress()
-        result = self._result(outputs, len(seqs), params.max_new_tokens)
+        result = self._result(outputs, len(seqs), params.max_new_tokens, device)
         stats["generated_tokens"] = sum(len(t) for t in result.output_ids)
         self.last_stats = stats
         return result
 
-    def _result(self, outputs: dict, n: int, width: int) -> GenerationResult:
-        """The last stage's rows in sequence order, on every stage of the pipeline."""
+    def _result(self, outputs: dict, n: int, width: int, device) -> GenerationResult:
+        """The last stage's rows in sequence order, on every stage of the pipeline (one broadcast
+        of a tensor every stage can shape, one transfer to the host)."""
         layout = self.stage.layout
-        packed = (torch.stack([outputs[q] for q in range(n)]) if layout.is_last_stage
-                  else None)
-        packed = broadcast_from_last_stage(packed, layout).cpu()
+        packed = torch.stack([outputs[q] for q in range(n)]) if layout.is_last_stage else None
+        if layout.pp_size > 1:  # the rows are host tensors (Session.rows_of)
+            buf = (packed.to(device) if layout.is_last_stage
+                   else torch.empty(n, 2 * width + 2, dtype=torch.float64, device=device))
+            packed = fill_from_last_stage(buf, layout).cpu()
         n_out = packed[:, 2 * width].long().tolist()
         tokens = packed[:, :width].long().tolist()
         logps = packed[:, width:2 * width].float().tolist()

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from meshrl.parallel import mappings
-
 from meshrl.kernels.decode_attention import attend, auto_splits, uses_triton
+from meshrl.parallel import mappings
 
 from ..model.attention import apply_rope, rope_cos_sin, varlen_causal_attention
 from .shard_sampling import record_step

@@ -79,7 +79,7 @@ class GenSpec:
     temperature: float = 1.0
     top_k: int = 200
     top_p: float = 1.0
-    batch_size: int = 256  # prompts per decoding batch per replica
+    batch_size: int = 256  # sequences decoded at once per replica (the fast engine's slots)
     engine: str = "auto"  # auto (fast on CUDA, else reference) | fast | reference; MESHRL_GENERATE overrides auto
 
 

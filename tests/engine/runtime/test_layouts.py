@@ -108,10 +108,12 @@ def test_disjoint_meshes(dist_pool, setup):
 
 def test_fast_engine_run_matches_the_reference_engine_run(dist_pool, setup):
     # generation.engine=fast on the CPU: the rollouts go through the fast engine (one session per
-    # rollout) and the run matches the reference engine's run (the "shared" one) for the same seed
+    # rollout, 3 slots refilled as sequences finish, for each replica's 8 prompts) and the run
+    # matches the reference engine's run (the "shared" one: one static batch) for the same seed
     d, model = setup
     cfg = _config(d, model, "fast", _calls({"tp": 2, "pp": 1}, {"tp": 2, "pp": 1}, {"tp": 2, "pp": 1}))
     cfg["generation"]["engine"] = "fast"
+    cfg["generation"]["batch_size"] = 3
     assert all(n > 0 for n in dist_pool(4).run(_run_counting_fast_calls, cfg))
     _compare(d, "shared", "fast")
 

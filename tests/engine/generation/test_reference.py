@@ -4,8 +4,13 @@ import pytest
 import torch
 
 from meshrl.engine.generation import generate
+from meshrl.engine.generation.sampling import (
+    SamplingParams,
+    filter_logits,
+    gumbel_noise,
+    kth_largest,
+)
 from meshrl.engine.model import build_stage
-from meshrl.engine.generation.sampling import SamplingParams, filter_logits, gumbel_noise, kth_largest
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
 

@@ -14,7 +14,12 @@ import sys
 import pytest
 import torch
 
-from meshrl.engine.generation import FastOptions, SamplingParams, generate, generate_fast
+from meshrl.engine.generation import (
+    FastOptions,
+    SamplingParams,
+    generate,
+    generate_fast,
+)
 from meshrl.engine.generation.sequences import Sequences
 from meshrl.engine.generation.slots import SlotTable
 from meshrl.engine.model import build_stage
@@ -47,7 +52,7 @@ def _same(ref, got, where=""):
     assert got.output_ids == ref.output_ids, f"tokens differ {where}"
     assert got.finish_reason == ref.finish_reason, f"finish reasons differ {where}"
     for a, b in zip(ref.logprobs, got.logprobs):
-        # the tolerance of tests/engine/test_fastgen.py (fp32, summation order only)
+        # the tolerance of tests/engine/generation/test_fast.py (fp32, summation order only)
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=3e-5, rtol=0), where
 
 
