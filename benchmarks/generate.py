@@ -564,7 +564,8 @@ def rollout(device, small, iters=1, hf_batches=None, skip_hf=False):
         lengths = draw_lengths(n, case["median"], case["sigma"], cap, case["seed"] + k)
         mean = round(sum(lengths) / n)
         draws[k] = dict(mean=sum(lengths) / n, median=sorted(lengths)[n // 2], max=max(lengths),
-                        at_cap=sum(x == cap for x in lengths), equal_length=mean)
+                        at_cap=sum(x == cap for x in lengths), equal_length=mean,
+                        util_bound=utilisation_bound(lengths, slots))
         print(f"k={k}: {n} sequences, lengths mean {draws[k]['mean']:.1f}, median "
               f"{draws[k]['median']}, max {draws[k]['max']} ({draws[k]['at_cap']} at the cap)",
               flush=True)
@@ -602,7 +603,7 @@ def rollout(device, small, iters=1, hf_batches=None, skip_hf=False):
     _rollout_ratios(rows)
     print()
     print_table(rows, ROLLOUT_COLS)
-    goals = rollout_goals(rows, judged=device.type != "cpu" and not small)
+    goals = rollout_goals(rows, judged=device.type != "cpu" and not small, draws=draws)
     for line in goals["lines"]:
         print(line)
     extra = {"small": small, "layers": cfg["num_hidden_layers"], "dtype": str(dtype)[6:], **case,
@@ -636,21 +637,35 @@ def _rollout_ratios(rows):
         r["vs_equal"] = r["useful_tok_s"] / equal["useful_tok_s"] if equal else None
 
 
-def rollout_goals(rows, judged):
+def utilisation_bound(lengths, slots: int) -> float:
+    """The most slot utilisation any engine decoding ``slots`` sequences at a time can reach on
+    these lengths: the decode work W = Σ(L − 1) takes at least max(L) − 1 steps (the longest
+    sequence's own, one after another) and at least W / slots, so W / (slots · that)."""
+    work = sum(n - 1 for n in lengths)
+    return work / (slots * max(max(lengths) - 1, -(-work // slots)))
+
+
+def rollout_goals(rows, judged, draws=None):
     """The issue's goals as lines; met / NOT met where ``judged`` (the GPU case), figures only
-    elsewhere."""
+    elsewhere. The long-tailed / equal-length line also gives the critical-path bound on that
+    ratio (``utilisation_bound`` over the equal-length row's utilisation, for a decode step whose
+    cost does not depend on how many slots are useful)."""
     lines, values = [], {}
 
-    def line(label, value, goal):
+    def line(label, value, goal, note=""):
         values[label] = dict(value=value, goal=goal, met=(value >= goal) if judged else None)
         verdict = ("met" if value >= goal else "NOT met") if judged else \
             "not judged (the goal is for the GPU case)"
-        lines.append(f"goal {label} ≥ {goal:g}: {value:.3g} — {verdict}")
+        lines.append(f"goal {label} ≥ {goal:g}: {value:.3g} — {verdict}{note}")
+    equal_util = {r["k"]: r["slot_util"] for r in rows if r["case"].startswith("meshrl continuous, equal")}
     for r in rows:
         if r["case"] == "meshrl continuous":
             if r.get("vs_equal") is not None:
+                bound = (draws or {}).get(r["k"], {}).get("util_bound")
+                note = (f" (critical-path bound {bound / equal_util[r['k']]:.3g}: the longest "
+                        "sequence's steps)" if bound and equal_util.get(r["k"]) else "")
                 line(f"k={r['k']} long-tailed / equal-length useful tokens/s", r["vs_equal"],
-                     GOAL_VS_EQUAL)
+                     GOAL_VS_EQUAL, note)
             if r.get("vs_static") is not None:
                 line(f"k={r['k']} continuous / static useful tokens/s", r["vs_static"], GOAL_VS_STATIC)
         if r["case"] == "prefill only, shared prefixes" and r.get("vs_unshared") is not None:
