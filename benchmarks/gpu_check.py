@@ -239,7 +239,11 @@ def continuous_fp32():
               for x, y in zip(a[:_common_prefix(r, f)], b)] or [0.0])
     finish = ref.finish_reason == fast.finish_reason
     stats = gen.last_stats
-    ok = same == n and finish and lp <= 1e-4 and stats["prefill_tokens"] < k * sum(map(len, prompts))
+    # on CUDA the check is about the captured, compiled engine (captured here after admissions)
+    path_ok = not (Ctx.cuda() and not (gen.graphs and gen.compiled)
+                   or gen.compile_failed is not None or gen.capture_failed is not None)
+    ok = (path_ok and same == n and finish and lp <= 1e-4
+          and stats["prefill_tokens"] < k * sum(map(len, prompts)))
     return (ok, f"{same}/{n} identical, finish {'equal' if finish else 'DIFFER'}, |Δ log-prob| "
             f"{lp:.1e}, {stats['admissions']} admissions, {stats['prefill_tokens']} prompt tokens "
             f"prefilled of {k * sum(map(len, prompts))} [graphs={gen.graphs} compiled={gen.compiled}]",

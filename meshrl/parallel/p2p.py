@@ -113,7 +113,10 @@ class StageComm:
 def exchange_stages(layout: ParallelLayout, sends=(), recvs=()):
     """One batched round of fixed-shape transfers on this rank's pipeline: ``sends`` and ``recvs``
     are (tensor, stage index) pairs (the receiving tensors are filled in place). For traffic whose
-    shapes both sides know already (generation's decode ring), so no header travels."""
+    shapes both sides know already (generation's decode ring), so no header travels. On NCCL, as
+    for ``StageComm``'s rounds, every rank of the group should enter its first batched p2p (the
+    group's communicator is set up there): generation's first pp-group call is a prefill, which
+    every stage enters."""
     group = layout.pp_group
     ops = [dist.P2POp(dist.isend, t, layout.stage_rank(s), group) for t, s in sends]
     ops += [dist.P2POp(dist.irecv, t, layout.stage_rank(s), group) for t, s in recvs]

@@ -190,11 +190,14 @@ class FastGenerator:
         first_hidden = {}  # prompt -> final hidden state at its last position (last stage)
         stats = dict(slots=n_slots, decode_steps=0, prefill_tokens=0, admissions=0)
         while not table.all_finished:
+            # Each round either admits (prefill, first tokens) or decodes a chunk, then reads the
+            # done flags: a sequence that ends at its first token (an EOS, a limit of 1) frees its
+            # slot before any chunk is spent on it.
             adm = table.admit()
             if adm:
                 stats["prefill_tokens"] += self._admit(sess, seqs, params, adm, first_hidden)
                 stats["admissions"] += 1
-            if any(seqs.limits[q] > 1 for q in table.running if q >= 0):
+            else:
                 if not sess.prepared:
                     self._prepare(sess)
                 self._decode_chunk(sess, self.opts.check_every)
@@ -204,6 +207,7 @@ class FastGenerator:
             if finished and last:
                 rows = sess.rows_of([s for s, _ in finished])
                 outputs.update((q, rows[i]) for i, (_, q) in enumerate(finished))
+            self._park(sess, seqs, table)
             if on_progress is not None:
                 on_progress()
         result = self._result(outputs, len(seqs), params.max_new_tokens, device)
@@ -227,6 +231,16 @@ class FastGenerator:
             output_ids=[t[:k] for t, k in zip(tokens, n_out)],
             logprobs=[lp[:k] for lp, k in zip(logps, n_out)],
             finish_reason=[FINISH_NAMES[int(f)] for f in packed[:, 2 * width + 1].tolist()])
+
+    def _park(self, sess: Session, seqs: Sequences, table: SlotTable):
+        """A free slot keeps stepping (static shapes) but need not attend over the whole cache: its
+        position goes back to the end of the prefix it holds (0 if none), which its writes never
+        touch. Every stage does the same from the same table."""
+        free = [s for s, q in enumerate(table.running) if q < 0]
+        if free:
+            held = [len(seqs.prompts[table.holds[s]]) if table.holds[s] >= 0 else 0 for s in free]
+            sess.lengths[torch.tensor(free, device=sess.device)] = torch.tensor(held,
+                                                                                 device=sess.device)
 
     # ---- sessions -------------------------------------------------------------------------------
     def _session(self, n_slots, longest_prompt, params, device) -> Session:
@@ -297,13 +311,19 @@ class FastGenerator:
             first_hidden.pop(p, None)
         return sum(len(p) for p in prefilled)
 
+    def _may_fall_back(self, exc) -> bool:
+        """Whether a failure in compiled pieces may be answered by rerunning them eagerly: not a
+        failure that says nothing about compilation, and not under tp, where the rerun would issue
+        again the all-reduces the other tp ranks have already moved past (they may not have failed)."""
+        return not isinstance(exc, NOT_A_COMPILE_FAILURE) and self.stage.layout.tp_size == 1
+
     def _prefill_forward(self, ids, meta, cache):
         x = self.stage.input_hidden(ids)
         try:
             return prefill_layers(self.stage, self.weights, self.prefill_fns, x, meta, cache)
         except Exception as exc:  # noqa: BLE001 - reported through compile_failed and a warning
             if (self.opts.compile or self.prefill_fns.pre is pre_attention
-                    or isinstance(exc, NOT_A_COMPILE_FAILURE)):
+                    or not self._may_fall_back(exc)):
                 raise
             warnings.warn(f"fast generation: torch.compile failed in the prefill ({exc!r:.300}); "
                           "running it uncompiled")
@@ -347,7 +367,7 @@ class FastGenerator:
             try:
                 self._warm_up(sess)
             except Exception as exc:  # noqa: BLE001 - reported through compile_failed and a warning
-                if self.opts.compile or not self.compiled or isinstance(exc, NOT_A_COMPILE_FAILURE):
+                if self.opts.compile or not self.compiled or not self._may_fall_back(exc):
                     raise
                 warnings.warn(f"fast generation: torch.compile failed ({exc!r:.300}); "
                               "running the decode step uncompiled")

@@ -86,8 +86,11 @@ class Session:
                           s.n_out[idx, None].double(), s.finish[idx, None].double()], 1).cpu()
 
     def snapshot(self):
+        """Copies of everything a decode step writes but the cache (whose writes land at each
+        slot's next position, rewritten by the step that follows), for ``restore``."""
         s = self.state
-        return [(t, t.clone()) for t in (s.tokens, s.done, s.n_out, s.finish, s.step, self.lengths)]
+        return [(t, t.clone()) for t in (s.tokens, s.done, s.n_out, s.finish, s.step, s.out_tokens,
+                                         s.out_logp, self.lengths)]
 
     @staticmethod
     def restore(saved):

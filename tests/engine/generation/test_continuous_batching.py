@@ -160,6 +160,58 @@ def test_refilling_keeps_slots_busier_than_static_batches(model):
     assert steps[True] < steps[False], steps
 
 
+def test_sequences_ending_at_their_first_token_spend_no_decode_steps(model):
+    from meshrl.engine.generation import FastGenerator
+    stage = build_stage(ParallelLayout(ranks=[0]), model_dir=model)
+    # every token is a stop token: each sequence ends at its first, sampled from the prefill
+    params = SamplingParams(max_new_tokens=CAP, greedy=True, stop_ids=list(range(stage.cfg.vocab_size)))
+    gen = FastGenerator(stage, FastOptions(check_every=16))
+    got = gen.generate(PROMPTS, params, samples=2, slots=4)
+    assert all(len(t) == 1 for t in got.output_ids) and set(got.finish_reason) == {"stop"}
+    assert gen.last_stats["decode_steps"] == 0 and gen.last_stats["admissions"] == 3
+
+
+def test_warm_up_after_admissions_restores_the_state(model, monkeypatch):
+    # On GPU the first decode chunk compiles and captures the step after warming it up on the live
+    # state, then restores that state (Session.snapshot/restore). Here that path runs with eager
+    # pieces, after two admissions whose sequences all end at their first token, so the state it
+    # saves already holds earlier sequences' rows.
+    from meshrl.engine.generation import FastGenerator
+    stage = build_stage(ParallelLayout(ranks=[0]), model_dir=model)
+    k = 2
+    limits = [1] * 8 + limits_for(len(PROMPTS) * k)[8:]
+    gen = FastGenerator(stage, FastOptions(check_every=2))
+    gen.compiled = True  # take the warm-up path of a compiled engine (with eager pieces)
+    seen, real = [], FastGenerator._prepare
+
+    def prepare(self, sess):
+        before = [t.clone() for t in (*vars(sess.state).values(), sess.lengths, sess.keys)]
+        real(self, sess)
+        after = (*vars(sess.state).values(), sess.lengths, sess.keys)
+        seen.append((self.last_admissions, all(torch.equal(x, y) for x, y in zip(before, after))))
+    monkeypatch.setattr(FastGenerator, "_prepare", prepare)
+    real_admit = FastGenerator._admit
+
+    def counting(self, *a):
+        self.last_admissions = getattr(self, "last_admissions", 0) + 1
+        return real_admit(self, *a)
+    monkeypatch.setattr(FastGenerator, "_admit", counting)
+    got = gen.generate(PROMPTS, SAMPLED, samples=k, slots=4, limits=limits)
+    assert seen == [(3, True)], seen  # once, after the third admission, leaving the state as it was
+    _same(_reference(stage, SAMPLED, k, limits, offset=0), got, "warm-up mid-call")
+
+
+def test_free_slots_step_at_the_end_of_the_prefix_they_hold(model):
+    # a free slot keeps stepping with the others; parked at its held prompt's end, it attends over
+    # that prompt alone instead of a position that grew to the cache's end
+    from meshrl.engine.generation import FastGenerator
+    stage = build_stage(ParallelLayout(ranks=[0]), model_dir=model)
+    gen = FastGenerator(stage, FastOptions(check_every=2))
+    gen.generate(PROMPTS, GREEDY, samples=2, slots=5, limits=limits_for(len(PROMPTS) * 2))
+    (sess,) = gen._sessions.values()  # every slot is free once the call returns
+    assert set(sess.lengths.tolist()) <= {len(p) for p in PROMPTS}, sess.lengths
+
+
 def _distributed(path, tp, pp, cases):
     import torch.distributed as dist
     layout = ParallelLayout(ranks=list(range(dist.get_world_size())), tp=tp, pp=pp, dp=1)
