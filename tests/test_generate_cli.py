@@ -32,9 +32,13 @@ def _run(args, nproc=1):
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
 
 
-def test_greedy_cli_matches_transformers_single_and_tp2_pp2(setup):
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_greedy_cli_matches_transformers_single_and_tp2_pp2(setup, kind):
     import transformers
     d, model, prompts, rows = setup
+    if kind != "llama":
+        model = make_tiny_hf(kind, str(d / kind), seed=3)
+        d = d / kind
     m = transformers.AutoModelForCausalLM.from_pretrained(model).eval()
     ref, ref_logps = [], []
     for r in rows:

@@ -28,12 +28,20 @@ def tiny_config(kind: str, **overrides):
     if kind == "qwen2":
         kw.setdefault("tie_word_embeddings", True)
         return transformers.Qwen2Config(**kw)
+    if kind == "qwen3":  # q/k norms; head_dim 24, not hidden / heads = 16
+        kw.setdefault("head_dim", 24)
+        return transformers.Qwen3Config(**kw)
+    if kind == "llama3.2":  # tied embeddings and llama3 rope scaling
+        kw.setdefault("rope_scaling", LLAMA3_ROPE)
+        kw.setdefault("tie_word_embeddings", True)
+        return transformers.LlamaConfig(**kw)
     raise ValueError(f"unknown tiny model kind {kind}")
 
 
 def make_tiny_hf(kind: str, out_dir: str, *, seed: int = 0, head: str = "lm", **overrides) -> str:
-    """Save a random tiny model of ``kind`` (llama with llama3 rope scaling, mistral with a
-    sliding window, qwen2 with qkv bias and tied embeddings) to ``out_dir``; return the path."""
+    """Save a random tiny model of ``kind`` (llama with llama3 rope scaling, llama3.2 the same with
+    tied embeddings, mistral with a sliding window, qwen2 with qkv bias and tied embeddings, qwen3
+    with q/k norms and a head_dim of its own) to ``out_dir``; return the path."""
     import transformers
     torch.manual_seed(seed)
     cfg = tiny_config(kind, **overrides)

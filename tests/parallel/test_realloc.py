@@ -25,6 +25,7 @@ CASES4 = [
     ("llama", ([0, 1], 1, 1, 2), ([2, 3], 1, 2, 1), False, dict(SMALL_BUCKETS, min_chunk_bytes=0)),
     ("qwen2", ([0, 1], 1, 2, 1), ([2, 3], 2, 1, 1), True),
     ("heads6", ([0, 1, 2], 3, 1, 1), ([1, 2], 2, 1, 1), True),  # rank 3 in neither layout
+    ("qwen3", ([0, 1, 2, 3], 4, 1, 1), ([0, 1, 2, 3], 1, 2, 2), True),  # q/k norms, K/V replicated
 ]
 CASES8 = [
     ("llama", ([0, 1, 2, 3], 2, 2, 1), ([4, 5, 6, 7], 4, 1, 1), True),
@@ -35,7 +36,8 @@ CASES8 = [
     ("heads6", (list(range(6)), 3, 1, 2), ([4, 5, 6, 7], 2, 2, 1), True, SMALL_BUCKETS),
     ("llama", ([0, 1, 4, 5], 1, 1, 4), ([2, 3, 6, 7], 2, 1, 2), False, dict(TWO_NODES, min_chunk_bytes=0)),
 ]
-KINDS = {"llama": ("llama", "lm", {}), "qwen2": ("qwen2", "lm", {}), "critic": ("llama", "value", {}),
+KINDS = {"llama": ("llama", "lm", {}), "qwen2": ("qwen2", "lm", {}), "qwen3": ("qwen3", "lm", {}),
+         "critic": ("llama", "value", {}),
          # 6 heads: tp 3 cuts the padded vocabulary (102 rows) against tp 2's halves
          "heads6": ("llama", "lm", dict(hidden_size=96, intermediate_size=192, num_attention_heads=6,
                                         num_key_value_heads=6))}

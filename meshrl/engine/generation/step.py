@@ -68,6 +68,8 @@ class LayerWeights:
     up_bias: torch.Tensor | None
     down: torch.Tensor
     down_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None = None  # per-head RMSNorm weights (Qwen3), else None
+    k_norm: torch.Tensor | None = None
 
 
 def _d(p):
@@ -121,7 +123,9 @@ class DecodeWeights:
                 ln1=_d(layer.input_layernorm.weight), qkv=qkv, qkv_bias=qkv_b,
                 o=_d(a.o_proj.weight), o_bias=_d(a.o_proj.bias),
                 ln2=_d(layer.post_attention_layernorm.weight), gate=gate, gate_bias=gate_b, up=up,
-                up_bias=up_b, down=_d(m.down_proj.weight), down_bias=_d(m.down_proj.bias)))
+                up_bias=up_b, down=_d(m.down_proj.weight), down_bias=_d(m.down_proj.bias),
+                q_norm=None if a.q_norm is None else _d(a.q_norm.weight),
+                k_norm=None if a.k_norm is None else _d(a.k_norm.weight)))
 
     def release(self):
         self._bufs.clear()
@@ -141,15 +145,18 @@ def _residual(x, delta, bias):
 
 
 def pre_attention(x, delta, delta_bias, ln_w, eps: float, qkv_w, qkv_b, cos, sin,
-                  n_heads: int, n_kv: int, head_dim: int, rotate: bool = True):
-    """Previous MLP's residual, norm, fused QKV, rotary (unless the attention kernel rotates,
-    ``rotate=False``) -> (x, q, k, v)."""
+                  n_heads: int, n_kv: int, head_dim: int, rotate: bool = True, q_norm=None,
+                  k_norm=None):
+    """Previous MLP's residual, norm, fused QKV, per-head q/k norms (when given), rotary (unless
+    the attention kernel rotates, ``rotate=False``) -> (x, q, k, v)."""
     x = _residual(x, delta, delta_bias)
     qkv = F.linear(rms_norm(x, ln_w, eps), qkv_w, qkv_b)
     nq, nk = n_heads * head_dim, n_kv * head_dim
     q = qkv[:, :nq].view(-1, n_heads, head_dim)
     k = qkv[:, nq:nq + nk].view(-1, n_kv, head_dim)
     v = qkv[:, nq + nk:].view(-1, n_kv, head_dim)
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     if not rotate:
         return x, q, k, v
     return x, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -215,7 +222,7 @@ def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *
     for j, (lw, layer) in enumerate(zip(weights.layers, stage.model.layers.values())):
         a = layer.self_attn
         x, q, k, v = fns.pre(x, delta, delta_bias, lw.ln1, cfg.rms_norm_eps, lw.qkv, lw.qkv_bias,
-                             cos, sin, a.n_heads, a.n_kv, a.head_dim, rotate)
+                             cos, sin, a.n_heads, a.n_kv, a.head_dim, rotate, lw.q_norm, lw.k_norm)
         o = attention(j, a, q, k, v, rope)
         out = mappings.all_reduce(F.linear(o.reshape(o.shape[0], -1), lw.o), group)
         x, delta = fns.post(x, out, lw.o_bias, lw.ln2, cfg.rms_norm_eps, lw.gate, lw.gate_bias, lw.up,

@@ -9,8 +9,9 @@ import json
 import os
 from dataclasses import dataclass, field
 
-# architecture prefix -> model_type; qkv bias is read from the config (Qwen2 always has it)
-ARCHITECTURES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2"}
+# architecture prefix -> model_type; qkv bias is read from the config (Qwen2 always has it);
+# Qwen3 normalises each query and key head (RMSNorm over head_dim) before the rotary embedding
+ARCHITECTURES = {"Llama": "llama", "Mistral": "mistral", "Qwen2": "qwen2", "Qwen3": "qwen3"}
 HEAD_SUFFIXES = ("ForCausalLM", "ForSequenceClassification")
 
 
@@ -37,6 +38,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False  # RMSNorm on each query and key head before rotary (Qwen3)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -63,6 +65,7 @@ class ModelConfig:
         kv = self.num_key_value_heads * self.head_dim
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * f + 2 * h
         per_layer += (q + 2 * kv) * self.qkv_bias + h * self.o_bias + (2 * f + h) * self.mlp_bias
+        per_layer += 2 * self.head_dim * self.qk_norm
         head = h if value_head else (0 if self.tie_word_embeddings else self.vocab_size * h)
         return self.vocab_size * h + L * per_layer + h + head
 
@@ -84,7 +87,9 @@ class ModelConfig:
         d["rope_theta"] = self.rope_theta  # transformers 4 readers look here
         if self.model_type == "llama":
             d.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        if self.model_type in ("mistral", "qwen2"):
+        if self.model_type == "qwen3":
+            d["attention_bias"] = self.qkv_bias
+        if self.model_type in ("mistral", "qwen2", "qwen3"):
             d["sliding_window"] = self.sliding_window
         return d
 
@@ -151,6 +156,7 @@ def config_from_hf_dict(d: dict, path: str = "config.json") -> ModelConfig:
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), qkv_bias=qkv_bias,
         o_bias=bool(d.get("attention_bias", False)) and model_type == "llama",
         mlp_bias=bool(d.get("mlp_bias", False)), sliding_window=window,
+        qk_norm=model_type == "qwen3",
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"),
         pad_token_id=d.get("pad_token_id"),
         extra={k: v for k, v in d.items() if k not in known})

@@ -143,7 +143,7 @@ def _gather_full(p: torch.Tensor, layout: ParallelLayout) -> torch.Tensor | None
 
 
 def hf_architecture(cfg: ModelConfig, head: str) -> str:
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[cfg.model_type]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[cfg.model_type]
     return prefix + ("ForCausalLM" if head == "lm" else "ForSequenceClassification")
 
 

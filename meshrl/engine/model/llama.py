@@ -1,4 +1,5 @@
-"""The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/2.5) as one pipeline stage of a layout.
+"""The Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3) as one pipeline stage of
+a layout.
 
 Parameter names follow Hugging Face's (``model.layers.3.self_attn.q_proj.weight``), so checkpoint
 interop is a lookup; each parameter's ShardSpec says which slice this rank holds.
@@ -57,12 +58,22 @@ class Attention(nn.Module):
         self.v_proj = ColumnParallelLinear(cfg.hidden_size, kv_out, layout, bias=cfg.qkv_bias,
                                            out_range=kv_range, **kw)
         self.o_proj = RowParallelLinear(q_out, cfg.hidden_size, layout, bias=cfg.o_bias, **kw)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            # one weight for all heads, each tp rank holding some heads: its gradient is a partial
+            # sum over tp (also for K/V heads replicated across ranks: each copy serves other
+            # query heads)
+            norm = dict(partial_grad=True, dtype=dtype, device=device)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, **norm)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, **norm)
 
     def forward(self, x, cos, sin, meta: PackedMeta, cache=None):
         x = self.q_proj.enter(x)  # one input collective for q, k and v
         q = self.q_proj(x, entered=True).view(-1, self.n_heads, self.head_dim)
         k = self.k_proj(x, entered=True).view(-1, self.n_kv, self.head_dim)
         v = self.v_proj(x, entered=True).view(-1, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             o = cache.attend(self.layer_idx, q, k, v, meta, window=self.window)

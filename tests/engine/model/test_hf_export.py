@@ -41,7 +41,7 @@ def _export_and_run(src, dst, tp, pp, head, ids):
 
 
 def _architecture(kind, suffix):
-    return {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[kind] + suffix
+    return {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[kind] + suffix
 
 
 def _ids():
@@ -92,6 +92,7 @@ def _hf_outputs(path, ids, head):
 @pytest.mark.parametrize("kind,tp,pp", [
     ("llama", 2, 2),  # llama3 rope scaling, untied head
     ("qwen2", 2, 2),  # tied embeddings: both pipeline ends hold the matrix, stage 0 writes it
+    ("qwen3", 2, 2),  # q/k norms, head_dim 24
 ])
 def test_export_from_tp2_pp2_is_the_same_model_to_transformers(dist_pool, tmp_path, kind, tp, pp):
     src = make_tiny_hf(kind, str(tmp_path / "src"), seed=21)
@@ -103,6 +104,8 @@ def test_export_from_tp2_pp2_is_the_same_model_to_transformers(dist_pool, tmp_pa
     cfg = _assert_config_kept(src, out, _architecture(kind, "ForCausalLM"))
     if kind == "llama":
         assert cfg["rope_parameters"]["rope_type"] == "llama3"  # the case is the one it claims
+    elif kind == "qwen3":
+        assert cfg["head_dim"] == 24 and cfg["architectures"] == ["Qwen3ForCausalLM"]
     else:
         assert cfg["tie_word_embeddings"] is True
         with open(os.path.join(out, "model.safetensors.index.json")) as f:

@@ -34,7 +34,7 @@ def _state(path):
     return out
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_load_save_load_is_bit_exact_in_tp2_pp2(dist_pool, tmp_path, kind):
     src = make_tiny_hf(kind, str(tmp_path / "src"), seed=4)
     dist_pool(4).run(_load_save, src, str(tmp_path / "a"), 2, 2, 1, "lm")

@@ -1,5 +1,6 @@
 """meshrl's model reproduces transformers' logits in every layout (tp, pp, dp), and its gradients under
-tensor parallelism (with and without sequence parallelism, K/V heads replicated)."""
+tensor parallelism (with and without sequence parallelism, K/V heads replicated), for Llama (3.1-style
+rope scaling; 3.2 with tied embeddings), Mistral, Qwen2 and Qwen3 (q/k norms, head_dim of its own)."""
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from meshrl.parallel import mappings
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
 
-KINDS = ["llama", "mistral", "qwen2"]
+KINDS = ["llama", "mistral", "qwen2", "qwen3", "llama3.2"]
 LENGTHS = [5, 40, 1, 17]  # 40 > mistral's window of 16 and llama3 rope's original 32 positions
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2), (2, 2, 2), (4, 1, 1)]
 # fp32 end to end; the only differences from transformers are summation orders (tp all-reduce,
@@ -115,7 +116,7 @@ def test_gradients_match_transformers(dist_pool, tiny_models, tp, sp):
     and up once), as many as the cost model prices."""
     import transformers
     g = torch.Generator().manual_seed(3)
-    for kind in ("llama", "qwen2"):
+    for kind in ("llama", "qwen2", "qwen3"):  # qwen3: the q/k norms' partial sums over tp
         path = tiny_models[kind][0]
         ids = [torch.randint(0, 101, (n,), generator=g) for n in GRAD_LENGTHS]
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
