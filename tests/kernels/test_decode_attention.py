@@ -4,13 +4,13 @@ inside, sliding windows and split programs; the kernel compiles for sm_90 withou
 the split count and launch settings are checked."""
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 from oracles import decode_attention_oracle
 
 from meshrl.kernels.decode_attention import attend, kernel_meta, rotate
+from meshrl.testing.triton_interpreter import run_interpreted
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -116,11 +116,7 @@ def test_interpreted_split_attention(dtype):
 
 
 def test_triton_attention_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "interpreted_"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+    run_interpreted(__file__, "interpreted_", 6)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="kernels are interpreted functions in this process")

@@ -4,8 +4,6 @@ decode loop reads the device at most once per ``check_every`` steps; the engine 
 decode attention (interpreted) with the reference's outputs. The kernel itself is tested in
 tests/kernels/test_decode_attention.py."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +21,7 @@ from meshrl.engine.model.attention import rope_cos_sin
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.parallel.sharding import padded_size
 from meshrl.testing.tiny_models import make_tiny_hf
+from meshrl.testing.triton_interpreter import run_interpreted
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11, 12, 13, 14], [1], [20, 21], [30, 31, 32, 33, 34]]
@@ -363,8 +362,4 @@ def test_blas_preference_is_scoped_to_cuda_calls(monkeypatch):
 
 
 def test_engine_with_triton_attention_interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "interpreted_"], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "3 passed" in proc.stdout, proc.stdout[-2000:]
+    run_interpreted(__file__, "interpreted_", 3)
