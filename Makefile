@@ -32,7 +32,7 @@ study: .installed
 
 # CPU smoke runs of every benchmark; real figures come from `bash benchmarks/gpu_session.sh` on a GPU.
 bench: .installed
-	$(PYTHON) benchmarks/kernels.py --small
+	$(PYTHON) benchmarks/fused_kernels.py --small
 	$(PYTHON) benchmarks/train_throughput.py --small
 	$(PYTHON) benchmarks/generate.py --small --check
 	$(PYTHON) benchmarks/decode_attention.py --small

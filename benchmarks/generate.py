@@ -53,11 +53,7 @@ import traceback
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# Run as a script, this folder comes first on the path, and its kernels.py would shadow the `kernels`
-# package that transformers imports (hub kernels): take it off; the repo root goes first instead.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.harness import (anchor, bench_device, device_name, peak_extra_gib, print_table,  # noqa: E402
                                reset_peak, synchronize, time_fn, write_results)

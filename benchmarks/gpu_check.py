@@ -32,9 +32,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-# run as a script, benchmarks/ is sys.path[0], and benchmarks/kernels.py would shadow the `kernels`
-# package that transformers imports when it is installed
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 sys.path.insert(0, ROOT)
 
 from benchmarks.harness import bench_device  # noqa: E402

@@ -28,7 +28,7 @@ step() {  # name, seconds, command...
 # Triton JIT for a dozen kernel shapes take most of its 2–3 minutes on a fresh machine)
 step gpu_check 300 python benchmarks/gpu_check.py
 step kernel_tests 150 python -m pytest -q -x tests/kernels -k cuda -p no:cacheprovider
-step kernels_bench 150 python benchmarks/kernels.py ${KERNEL_FLAGS:-}
+step kernels_bench 150 python benchmarks/fused_kernels.py ${KERNEL_FLAGS:-}
 step train_bench 200 python benchmarks/train_throughput.py ${TRAIN_FLAGS:-}
 step realloc_bench 120 python benchmarks/realloc.py
 # no --check: gpu_check's fastgen checks compare the same engine on the same model (GEN_FLAGS=--check adds it)

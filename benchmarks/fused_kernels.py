@@ -1,7 +1,7 @@
 """meshrl kernels against the peers' baselines, in one process.
 
-    PYTHONPATH=. python benchmarks/kernels.py            # real sizes on a GPU (about 2 minutes on an H100)
-    PYTHONPATH=. python benchmarks/kernels.py --small    # tiny sizes, seconds on CPU (smoke test)
+    PYTHONPATH=. python benchmarks/fused_kernels.py            # real sizes on a GPU (about 2 minutes on an H100)
+    PYTHONPATH=. python benchmarks/fused_kernels.py --small    # tiny sizes, seconds on CPU (smoke test)
 
 One row per case: baseline time, meshrl time, speed-up, the physical floor (bytes over copy
 bandwidth or FLOPs over the bf16 matmul ceiling, from benchmarks/anchors/h100.json) and meshrl's
