@@ -136,27 +136,40 @@ def fast_run(dtype, case, splits=None):
     gen = fast_generator(dtype, splits)
     t0 = time.perf_counter()
     fast = gen.generate(prompts, params, seq_offset=2)
-    paths = (f"graphs={gen.graphs} compiled={gen.compiled} attention={'triton' if Ctx.cuda() else 'torch'}"
-             f" blas={gen.opts.blas if Ctx.cuda() else '-'} splits={splits or 'auto'} "
-             f"{time.perf_counter() - t0:.1f} s")
-    # on CUDA the check is about the captured, compiled engine: a fallback to eager is a failure
-    bad_path = bool(Ctx.cuda() and not (gen.graphs and gen.compiled)
-                    or gen.compile_failed is not None or gen.capture_failed is not None)
-    if bad_path:
-        paths += f" compile_failed={gen.compile_failed!r:.200} capture_failed={gen.capture_failed!r:.200}"
-    return prompts, params, ref, fast, paths, not bad_path
+    path_ok, paths = engine_path(gen)
+    paths += (f" attention={'triton' if Ctx.cuda() else 'torch'} blas={gen.opts.blas if Ctx.cuda() else '-'}"
+              f" splits={splits or 'auto'} {time.perf_counter() - t0:.1f} s")
+    return prompts, params, ref, fast, paths, path_ok
 
 
-def fastgen_fp32(case, splits=None):
-    prompts, params, ref, fast, paths, path_ok = fast_run(torch.float32, case, splits)
+def engine_path(gen):
+    """(whether the engine ran the path the check is about, its description): on CUDA the captured,
+    compiled engine, so a fallback to eager is a failure."""
+    bad = bool(Ctx.cuda() and not (gen.graphs and gen.compiled)
+               or gen.compile_failed is not None or gen.capture_failed is not None)
+    text = f"graphs={gen.graphs} compiled={gen.compiled}"
+    if bad:
+        text += f" compile_failed={gen.compile_failed!r:.200} capture_failed={gen.capture_failed!r:.200}"
+    return not bad, text
+
+
+def fp32_agreement(ref, fast):
+    """(all tokens and finish reasons equal with |Δ log-prob| ≤ 1e-4 on the common prefixes, the
+    measured figures as text)."""
     same = sum(a == b for a, b in zip(ref.output_ids, fast.output_ids))
     lp = max([abs(x - y) for a, b, r, f in zip(ref.logprobs, fast.logprobs, ref.output_ids, fast.output_ids)
               for x, y in zip(a[:_common_prefix(r, f)], b)] or [0.0])
     finish = ref.finish_reason == fast.finish_reason
     reasons = ",".join(sorted(set(ref.finish_reason)))
-    ok = path_ok and same == len(prompts) and finish and lp <= 1e-4
-    return (ok, f"{same}/{len(prompts)} identical, finish {'equal' if finish else 'DIFFER'} ({reasons}), "
-            f"|Δ log-prob| {lp:.1e} [{paths}]",
+    ok = same == len(ref.output_ids) and finish and lp <= 1e-4
+    return ok, (f"{same}/{len(ref.output_ids)} identical, finish {'equal' if finish else 'DIFFER'} "
+                f"({reasons}), |Δ log-prob| {lp:.1e}")
+
+
+def fastgen_fp32(case, splits=None):
+    _, _, ref, fast, paths, path_ok = fast_run(torch.float32, case, splits)
+    agree, text = fp32_agreement(ref, fast)
+    return (path_ok and agree, f"{text} [{paths}]",
             "tokens and finish equal, |Δ log-prob| ≤ 1e-4 (fp32: the same sums in another order)")
 
 
@@ -230,20 +243,12 @@ def continuous_fp32():
     gen = fast_generator(torch.float32, None)
     fast = gen.generate(prompts, params, seq_offset=2, samples=k, slots=max(1, n // 3),
                         limits=limits)
-    same = sum(a == b for a, b in zip(ref.output_ids, fast.output_ids))
-    lp = max([abs(x - y) for a, b, r, f in zip(ref.logprobs, fast.logprobs, ref.output_ids,
-                                                fast.output_ids)
-              for x, y in zip(a[:_common_prefix(r, f)], b)] or [0.0])
-    finish = ref.finish_reason == fast.finish_reason
-    stats = gen.last_stats
-    # on CUDA the check is about the captured, compiled engine (captured here after admissions)
-    path_ok = not (Ctx.cuda() and not (gen.graphs and gen.compiled)
-                   or gen.compile_failed is not None or gen.capture_failed is not None)
-    ok = (path_ok and same == n and finish and lp <= 1e-4
-          and stats["prefill_tokens"] < k * sum(map(len, prompts)))
-    return (ok, f"{same}/{n} identical, finish {'equal' if finish else 'DIFFER'}, |Δ log-prob| "
-            f"{lp:.1e}, {stats['admissions']} admissions, {stats['prefill_tokens']} prompt tokens "
-            f"prefilled of {k * sum(map(len, prompts))} [graphs={gen.graphs} compiled={gen.compiled}]",
+    agree, text = fp32_agreement(ref, fast)
+    path_ok, paths = engine_path(gen)  # captured here after admissions
+    stats, every = gen.last_stats, k * sum(map(len, prompts))
+    ok = path_ok and agree and stats["prefill_tokens"] < every
+    return (ok, f"{text}, {stats['admissions']} admissions, {stats['prefill_tokens']} prompt tokens "
+            f"prefilled of {every} [{paths}]",
             "tokens and finish equal, |Δ log-prob| ≤ 1e-4, samples share their prompts' prefill")
 
 
