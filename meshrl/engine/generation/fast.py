@@ -30,7 +30,7 @@ from meshrl.parallel.pipeline import fill_from_last_stage
 
 from ..model.attention import PackedMeta
 from .forward import stage_pass
-from .outputs import FINISH_NAMES, GenerationResult
+from .outputs import GenerationResult, to_result
 from .sampling import SamplingParams
 from .schedule import Schedule
 from .sequences import Sequences
@@ -224,13 +224,8 @@ class FastGenerator:
             buf = (packed.to(device) if layout.is_last_stage
                    else torch.empty(n, 2 * width + 2, dtype=torch.float64, device=device))
             packed = fill_from_last_stage(buf, layout).cpu()
-        n_out = packed[:, 2 * width].long().tolist()
-        tokens = packed[:, :width].long().tolist()
-        logps = packed[:, width:2 * width].float().tolist()
-        return GenerationResult(
-            output_ids=[t[:k] for t, k in zip(tokens, n_out)],
-            logprobs=[lp[:k] for lp, k in zip(logps, n_out)],
-            finish_reason=[FINISH_NAMES[int(f)] for f in packed[:, 2 * width + 1].tolist()])
+        return to_result(packed[:, :width], packed[:, width:2 * width], packed[:, 2 * width].long(),
+                         packed[:, 2 * width + 1])
 
     def _park(self, sess: Session, seqs: Sequences, table: SlotTable):
         """A free slot keeps stepping (static shapes) but need not attend over the whole cache: its

@@ -20,9 +20,10 @@ class GenerationResult:
 
 
 def to_result(tokens, logps, n_out, finish) -> GenerationResult:
-    """Device buffers (tokens/logps [B, width], counts and finish codes [B]) to host lists."""
-    tokens, logps, n_out, finish = tokens.cpu(), logps.cpu(), n_out.cpu(), finish.cpu()
+    """Buffers (tokens/logps [B, width], counts and finish codes [B], on any device) to host lists,
+    each row cut at its count."""
+    n_out = n_out.tolist()
     return GenerationResult(
-        output_ids=[tokens[b, :n_out[b]].tolist() for b in range(tokens.shape[0])],
-        logprobs=[logps[b, :n_out[b]].tolist() for b in range(tokens.shape[0])],
-        finish_reason=[FINISH_NAMES[int(f)] for f in finish])
+        output_ids=[t[:n] for t, n in zip(tokens.long().tolist(), n_out)],
+        logprobs=[lp[:n] for lp, n in zip(logps.float().tolist(), n_out)],
+        finish_reason=[FINISH_NAMES[int(f)] for f in finish.tolist()])
