@@ -5,8 +5,9 @@ Three forms (every kernel's, docs/architecture.md): a float64 oracle (tests/kern
 ``attend_torch`` (the CPU path: SDPA over the whole capacity with a length mask, so its shapes never
 change), and the Triton kernel (the CUDA path): one program per (sequence, KV head) holds that
 head's group of query heads and walks only the cached positions below the sequence's length, read on
-the device, so a captured step reads no more of the cache than the sequences fill. The new key/value stay in registers for their own
-score and are stored for later steps; no program reads what another writes.
+the device, so a captured step reads no more of the cache than the sequences fill. The new
+key/value stay in registers for their own score and are stored for later steps; no program reads
+what another writes.
 
 When batch × KV heads programs would leave SMs idle (small batches, heads sharded by tp), each
 (sequence, KV head)'s visible blocks are dealt out to up to ``MAX_SPLITS`` programs (flash-decoding):

@@ -9,16 +9,11 @@ import pytest
 import torch
 from oracles import decode_attention_oracle
 
+from meshrl.engine.model.attention import rope_cos_sin
 from meshrl.kernels.decode_attention import attend, kernel_meta, rotate
 from meshrl.testing.triton_interpreter import run_interpreted
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def rope_cos_sin(inv_freq, positions, dtype):
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 ATTN_CASES = [(3, 4, 2, 16, 80, [0, 5, 79], None), (2, 8, 2, 24, 130, [70, 129], None),
