@@ -167,12 +167,10 @@ class FastGenerator:
         ``slots`` at a time (default: all at once), each capped at its ``limits`` entry."""
         seqs = Sequences.build(prompts, params.max_new_tokens, samples=samples, limits=limits,
                                seq_offset=seq_offset)
-        if slots is not None and slots < 1:
-            raise ValueError(f"generate: slots={slots}: must be at least 1")
+        n_slots = seqs.slot_count(slots)
         device = device if device is not None else self.stage.inv_freq.device
         with preferred_blas(self.opts.blas, device):
-            return self._generate(seqs, params, min(slots or len(seqs), len(seqs)), device,
-                                  on_progress)
+            return self._generate(seqs, params, n_slots, device, on_progress)
 
     def _generate(self, seqs: Sequences, params, n_slots, device, on_progress) -> GenerationResult:
         self.weights.refresh()

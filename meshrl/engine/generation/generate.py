@@ -68,9 +68,7 @@ def generate_static_reference(stage, prompts, params: SamplingParams, *, seq_off
     until its last sequence finishes; every sample prefills its own prompt)."""
     seqs = Sequences.build(prompts, params.max_new_tokens, samples=samples, limits=limits,
                            seq_offset=seq_offset)
-    size = slots or len(seqs)
-    if size < 1:
-        raise ValueError(f"generate: slots={slots}: must be at least 1")
+    size = seqs.slot_count(slots)
     parts = []
     for lo in range(0, len(seqs), size):
         hi = min(len(seqs), lo + size)

@@ -40,6 +40,12 @@ class Sequences:
     def __len__(self) -> int:
         return len(self.prompts) * self.samples
 
+    def slot_count(self, slots: int | None) -> int:
+        """Sequences decoded at once for a call's ``slots`` (None: all of them), at most all."""
+        if slots is not None and slots < 1:
+            raise ValueError(f"generate: slots={slots}: must be at least 1")
+        return min(slots or len(self), len(self))
+
     def prompt_index(self, i: int) -> int:
         return i // self.samples
 

@@ -113,6 +113,13 @@ def test_bad_limits_and_samples_are_one_line():
         Sequences.build([[1]], 4, samples=0)
 
 
+def test_both_engines_refuse_zero_slots_in_one_line(model):
+    stage = build_stage(ParallelLayout(ranks=[0]), model_dir=model)
+    for engine in ("fast", "reference"):
+        with pytest.raises(ValueError, match=r"^generate: slots=0: must be at least 1$"):
+            generate(stage, PROMPTS, GREEDY, engine=engine, slots=0)
+
+
 # ---- the engine against the reference ---------------------------------------------------------
 @pytest.mark.parametrize("params", [SAMPLED, GREEDY], ids=["sampled", "greedy"])
 def test_fewer_slots_than_sequences_match_the_reference(model, params):
