@@ -34,26 +34,20 @@ class SlotTable:
         self.running = [-1] * n_slots  # the sequence in each slot, -1 when free
         self.holds = [-1] * n_slots  # the prompt whose prefix each slot's cache holds, -1: none
         self.next = 0  # the first sequence not yet admitted
-        self.finished = 0
 
     @property
     def waiting(self) -> int:
         return len(self.seqs) - self.next
 
     @property
-    def busy(self) -> int:
-        return sum(s >= 0 for s in self.running)
-
-    @property
     def all_finished(self) -> bool:
-        return self.finished == len(self.seqs)
+        return not self.waiting and all(q < 0 for q in self.running)
 
     def finish(self, done) -> list[tuple[int, int]]:
         """Free the busy slots whose flag in ``done`` (per slot) is set; returns (slot, sequence)."""
         out = [(s, q) for s, q in enumerate(self.running) if q >= 0 and done[s]]
         for s, _ in out:
             self.running[s] = -1
-        self.finished += len(out)
         return out
 
     def admit(self) -> Admission:
