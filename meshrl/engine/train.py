@@ -7,6 +7,7 @@ ranks), and each metric likewise, so that sums over microbatches and dp ranks ar
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -36,6 +37,10 @@ class OptimConfig:
     schedule: str = "constant"  # one of SCHEDULES
     total_steps: int | None = None  # in a run: its optimizer steps, set by the run, not the YAML
     min_lr_ratio: float = 0.0
+    # mixture of experts: the load-balancing loss's coefficient (None: the checkpoint's
+    # router_aux_loss_coef) and the router z-loss's (0: off)
+    router_aux_loss_coef: float | None = None
+    router_z_loss_coef: float = 0.0
 
     def lr_at(self, step: int) -> float:
         if self.warmup_steps and step < self.warmup_steps:
@@ -87,17 +92,30 @@ class Trainer:
         mbs = [mb.to(device) for mb in microbatches]
         self.opt.set_lr(self.cfg.lr_at(self.steps))
         self.opt.zero_grad()
-        metrics, _ = train_1f1b(_stage_step(loss_fn), mbs, self.stage, self.layout,
-                                no_sync=self.opt.no_sync, device=device)
+        with self._router_losses(mbs):
+            metrics, _ = train_1f1b(_stage_step(loss_fn), mbs, self.stage, self.layout,
+                                    no_sync=self.opt.no_sync, device=device)
         self.stage.sync_model_grads()
         self.opt.finish_grad_sync()
         info = self.opt.step()
         self.steps += 1
         out = reduce_metrics(metrics, self.layout, device)
+        if self.stage.router_losses is not None:
+            out.update(self.stage.router_losses.metrics(self.layout))
         out.update(grad_norm=float(info["grad_norm"]), lr=float(info["lr"]))
         if info.get("skipped"):
             out["skipped_step"] = 1.0
         return out
+
+    def _router_losses(self, mbs):
+        """A MoE model's router losses over this step's tokens (every microbatch, every dp rank)."""
+        losses = self.stage.router_losses
+        if losses is None:
+            return contextlib.nullcontext()
+        aux = self.cfg.router_aux_loss_coef
+        aux = self.stage.cfg.router_aux_loss_coef if aux is None else aux
+        tokens = global_sum(sum(mb.input_ids.numel() for mb in mbs), self.layout.dp_group)
+        return losses.step(max(tokens, 1.0), aux, self.cfg.router_z_loss_coef)
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "steps": self.steps}

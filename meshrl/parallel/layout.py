@@ -1,9 +1,15 @@
-"""A 3D parallel layout (tp, pp, dp) over an explicit, ordered list of global ranks.
+"""A 3D parallel layout (tp, pp, dp) over an explicit, ordered list of global ranks, with expert
+parallelism (ep) carved from dp.
 
 Position i in ``ranks`` has coordinates with tp fastest, then dp, then pp:
 ``i = (pp_rank * dp + dp_rank) * tp + tp_rank``. Every group is built in coordinate order, so a
 rank's position in its tp (dp, pp) group is its tp_rank (dp_rank, pp_rank). Several layouts live
 in one process; each owns its process groups, and nothing is global.
+
+Expert parallelism splits the dp ranks into groups of ``ep`` consecutive dp indices:
+``ep_rank = dp_rank % ep`` says which experts a rank holds, ``edp_rank = dp_rank // ep`` which copy
+of them. Attention and every other dense parameter stay replicated over all of dp; an expert's
+weights are replicated over the dp/ep ranks of its ``edp`` group, whose gradients are summed there.
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ class Coord:
     tp: int
     dp: int
     pp: int
+    ep: int = 0   # dp % ep: which experts this rank holds
+    edp: int = 0  # dp // ep: which copy of them
 
 
 def parse_ranks(spec) -> list[int]:
@@ -85,14 +93,21 @@ class ParallelLayout:
     (``as_rank``) and serves planning and meta-device model construction.
     """
 
-    def __init__(self, *, ranks, tp: int = 1, pp: int = 1, dp: int = 1, virtual: bool = False,
-                 as_rank: int | None = None, world_size: int | None = None, name: str = "layout"):
+    def __init__(self, *, ranks, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1,
+                 virtual: bool = False, as_rank: int | None = None, world_size: int | None = None,
+                 name: str = "layout"):
         self.name = name
         self.ranks = parse_ranks(ranks)
         self.tp_size, self.pp_size, self.dp_size = int(tp), int(pp), int(dp)
-        for field, v in (("tp", self.tp_size), ("pp", self.pp_size), ("dp", self.dp_size)):
+        self.ep_size = int(ep)
+        for field, v in (("tp", self.tp_size), ("pp", self.pp_size), ("dp", self.dp_size),
+                         ("ep", self.ep_size)):
             if v < 1:
                 raise LayoutError(f"{name}.{field}={v}: must be a positive integer")
+        if self.dp_size % self.ep_size:
+            raise LayoutError(f"{name}.ep={self.ep_size} does not divide dp={self.dp_size}: expert "
+                              "ranks are carved from the data-parallel ones; choose an ep that "
+                              "divides dp (or raise dp)")
         n = self.tp_size * self.pp_size * self.dp_size
         if len(self.ranks) != n:
             raise LayoutError(f"{name}.ranks has {len(self.ranks)} ranks but tp*pp*dp = "
@@ -109,7 +124,7 @@ class ParallelLayout:
         self.rank = as_rank if as_rank is not None else (None if virtual else global_rank_or_zero())
         self.coord = self.coord_of(self.rank) if self.rank is not None else None
         self.tp_group = self.pp_group = self.dp_group = self.group = self.mp_group = None
-        self.ends_group = None
+        self.ends_group = self.ep_group = self.edp_group = self.expert_mp_group = None
         if not virtual:
             self._build_groups()
 
@@ -125,7 +140,7 @@ class ParallelLayout:
         tp = i % self.tp_size
         dp = (i // self.tp_size) % self.dp_size
         pp = i // (self.tp_size * self.dp_size)
-        return Coord(tp=tp, dp=dp, pp=pp)
+        return Coord(tp=tp, dp=dp, pp=pp, ep=dp % self.ep_size, edp=dp // self.ep_size)
 
     def rank_at(self, *, tp: int, dp: int, pp: int) -> int:
         return self.ranks[(pp * self.dp_size + dp) * self.tp_size + tp]
@@ -143,10 +158,24 @@ class ParallelLayout:
         """One model replica: every (tp, pp) at this dp index, pp-major."""
         return [self.rank_at(tp=t, dp=dp, pp=p) for p in range(self.pp_size) for t in range(self.tp_size)]
 
+    def ep_ranks_of(self, tp: int, edp: int, pp: int) -> list[int]:
+        """The ranks that share out one copy of the experts (consecutive dp indices)."""
+        return [self.rank_at(tp=tp, dp=edp * self.ep_size + e, pp=pp) for e in range(self.ep_size)]
+
+    def edp_ranks_of(self, tp: int, ep: int, pp: int) -> list[int]:
+        """The ranks holding the same experts: their gradients are summed over these."""
+        return [self.rank_at(tp=tp, dp=j * self.ep_size + ep, pp=pp)
+                for j in range(self.dp_size // self.ep_size)]
+
+    def expert_mp_ranks_of(self, edp: int) -> list[int]:
+        """One copy of every expert: each (tp, ep, pp) at this edp index, pp-major."""
+        return [self.rank_at(tp=t, dp=edp * self.ep_size + e, pp=p) for p in range(self.pp_size)
+                for e in range(self.ep_size) for t in range(self.tp_size)]
+
     def as_seen_by(self, global_rank: int) -> "ParallelLayout":
         """A virtual copy answering for another rank (for meta-device builds and planning)."""
         return ParallelLayout(ranks=self.ranks, tp=self.tp_size, pp=self.pp_size, dp=self.dp_size,
-                              virtual=True, as_rank=global_rank, name=self.name)
+                              ep=self.ep_size, virtual=True, as_rank=global_rank, name=self.name)
 
     # ---- this process's view -----------------------------------------------------------------
     @property
@@ -171,6 +200,14 @@ class ParallelLayout:
         return self._require_member().pp
 
     @property
+    def ep_rank(self) -> int:
+        return self._require_member().ep
+
+    @property
+    def edp_rank(self) -> int:
+        return self._require_member().edp
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
@@ -191,7 +228,7 @@ class ParallelLayout:
                                   "with torchrun or use ranks=[0]")
             return
         me = self.rank
-        t, d, p = self.tp_size, self.dp_size, self.pp_size
+        t, d, p, e = self.tp_size, self.dp_size, self.pp_size, self.ep_size
         lists = {
             "tp": [self.tp_ranks_of(dp, pp) for pp in range(p) for dp in range(d)],
             "dp": [self.dp_ranks_of(tp, pp) for pp in range(p) for tp in range(t)],
@@ -201,6 +238,11 @@ class ParallelLayout:
             # First and last stage of each pipeline: parameters both ends hold (tied embeddings).
             "ends": ([[self.rank_at(tp=tp, dp=dp, pp=0), self.rank_at(tp=tp, dp=dp, pp=p - 1)]
                       for dp in range(d) for tp in range(t)] if p > 1 else []),
+            "ep": ([self.ep_ranks_of(tp, j, pp) for pp in range(p) for j in range(d // e)
+                    for tp in range(t)] if e > 1 else []),
+            "edp": ([self.edp_ranks_of(tp, k, pp) for pp in range(p) for k in range(e)
+                     for tp in range(t)] if e > 1 else []),
+            "expert_mp": [self.expert_mp_ranks_of(j) for j in range(d // e)] if e > 1 else [],
         }
         if not _NEW_GROUP_KEEPS_ORDER:  # refuse before building anything: every rank stops here
             for axis, rank_lists in lists.items():
@@ -230,10 +272,17 @@ class ParallelLayout:
         self.group = build(lists[""])
         if p > 1:
             self.ends_group = build(lists["ends"])
+        if e > 1:
+            self.ep_group = build(lists["ep"])
+            self.edp_group = build(lists["edp"])
+            self.expert_mp_group = build(lists["expert_mp"])
+        else:  # one copy of the experts per model replica: the dense groups serve
+            self.edp_group, self.expert_mp_group = self.dp_group, self.mp_group
 
     def __repr__(self):
-        return (f"ParallelLayout({self.name}: tp={self.tp_size}, pp={self.pp_size}, dp={self.dp_size}, "
-                f"ranks={self.ranks})")
+        ep = f", ep={self.ep_size}" if self.ep_size > 1 else ""
+        return (f"ParallelLayout({self.name}: tp={self.tp_size}, pp={self.pp_size}, dp={self.dp_size}"
+                f"{ep}, ranks={self.ranks})")
 
 
 def single_process_layout(name: str = "layout") -> ParallelLayout:

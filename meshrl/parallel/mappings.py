@@ -158,6 +158,29 @@ class _ReduceScatterToSequence(torch.autograd.Function):
         return all_gather_dim(g, 0, ctx.group), None
 
 
+def all_to_all_rows(x: torch.Tensor, out_rows: list[int], in_rows: list[int], group) -> torch.Tensor:
+    """Rows ``x[sum(in_rows[:r]):...]`` go to group rank r; rank r's rows for us arrive in rank
+    order, ``out_rows[r]`` of them."""
+    out = x.new_empty((sum(out_rows), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=list(out_rows),
+                           input_split_sizes=list(in_rows), group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows exchanged with ``all_to_all_rows``; backward sends the gradients back the same way."""
+
+    @staticmethod
+    def forward(ctx, x, out_rows, in_rows, group):
+        ctx.rows, ctx.group = (out_rows, in_rows), group
+        return all_to_all_rows(x, out_rows, in_rows, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        out_rows, in_rows = ctx.rows
+        return all_to_all_rows(g, in_rows, out_rows, ctx.group), None, None, None
+
+
 def _apply(fn, x, group):
     return x if group_size(group) == 1 else fn.apply(x, group)
 
@@ -189,6 +212,11 @@ def gather_from_sequence(x, group, *, grad_is_partial=True):
     this rank's piece, where a reduce-scatter would multiply the gradient by the tp size."""
     return _apply(_GatherFromSequence if grad_is_partial else _GatherFromSequenceReplicatedGrad,
                   x, group)
+
+
+def all_to_all(x, out_rows, in_rows, group):
+    """Expert dispatch and combine (its own adjoint with the splits swapped)."""
+    return x if group_size(group) == 1 else _AllToAll.apply(x, list(out_rows), list(in_rows), group)
 
 
 def reduce_scatter_to_sequence(x, group):

@@ -35,13 +35,25 @@ def tiny_config(kind: str, **overrides):
         kw.setdefault("rope_scaling", LLAMA3_ROPE)
         kw.setdefault("tie_word_embeddings", True)
         return transformers.LlamaConfig(**kw)
+    if kind == "qwen3_moe":  # 8 experts, top-3 unnormalised, layer 2 kept dense
+        for key, value in dict(head_dim=24, num_experts=8, num_experts_per_tok=3,
+                               moe_intermediate_size=32, norm_topk_prob=False,
+                               mlp_only_layers=[2]).items():
+            kw.setdefault(key, value)
+        return transformers.Qwen3MoeConfig(**kw)
+    if kind == "mixtral":  # 4 experts, top-2 (renormalised)
+        kw.setdefault("num_local_experts", 4)
+        kw.setdefault("num_experts_per_tok", 2)
+        kw["intermediate_size"] = overrides.get("intermediate_size", 32)
+        return transformers.MixtralConfig(**kw)
     raise ValueError(f"unknown tiny model kind {kind}")
 
 
 def make_tiny_hf(kind: str, out_dir: str, *, seed: int = 0, head: str = "lm", **overrides) -> str:
     """Save a random tiny model of ``kind`` (llama with llama3 rope scaling, llama3.2 the same with
     tied embeddings, mistral with a sliding window, qwen2 with qkv bias and tied embeddings, qwen3
-    with q/k norms and a head_dim of its own) to ``out_dir``; return the path."""
+    with q/k norms and a head_dim of its own, qwen3_moe with 8 experts (top-3, one dense layer),
+    mixtral with 4 experts (top-2)) to ``out_dir``; return the path."""
     import transformers
     torch.manual_seed(seed)
     cfg = tiny_config(kind, **overrides)

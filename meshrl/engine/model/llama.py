@@ -22,6 +22,7 @@ from meshrl.parallel.sharding import ShardSpec, replicated_head_range
 
 from .attention import PackedMeta, apply_rope, rope_cos_sin, rope_inv_freq, varlen_causal_attention
 from .config import ConfigError, ModelConfig
+from .moe import RouterLosses, SparseMoE, block_name, check_experts_fit
 
 HEADS = ("lm", "value")
 
@@ -97,17 +98,31 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, layout, layer_idx, *, sp, dtype, device):
+    """Attention and an MLP, each after a norm and around a residual. The MLP is dense, or routed
+    experts (``SparseMoE``) under the checkpoint's name for it (``mlp`` or ``block_sparse_moe``)."""
+
+    def __init__(self, cfg, layout, layer_idx, *, sp, dtype, device, router_losses=None):
         super().__init__()
         norm = dict(partial_grad=sp, dtype=dtype, device=device)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.self_attn = Attention(cfg, layout, layer_idx, sp=sp, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
-        self.mlp = MLP(cfg, layout, sp=sp, dtype=dtype, device=device)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp_name = block_name(cfg)
+            self.add_module(self.mlp_name, SparseMoE(cfg, layout, layer_idx, router_losses, sp=sp,
+                                                     dtype=dtype, device=device))
+        else:
+            self.mlp_name = "mlp"
+            self.mlp = MLP(cfg, layout, sp=sp, dtype=dtype, device=device)
+
+    @property
+    def feed_forward(self):
+        """The MLP, dense or sparse, whatever its checkpoint name."""
+        return getattr(self, self.mlp_name)
 
     def forward(self, x, cos, sin, meta, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
 def stage_layers(num_layers: int, pp: int, stage: int) -> range:
@@ -123,8 +138,10 @@ def check_layout_fits(cfg: ModelConfig, layout: ParallelLayout, name: str = "mod
     kv = cfg.num_key_value_heads
     if kv % tp and tp % kv:
         raise ConfigError(f"{name}: num_key_value_heads={kv} and tp={tp}: one must divide the other")
-    if cfg.intermediate_size % tp:
+    dense = any(not cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    if dense and cfg.intermediate_size % tp:
         raise ConfigError(f"{name}: intermediate_size={cfg.intermediate_size} is not divisible by tp={tp}")
+    check_experts_fit(cfg, layout, name)
     if cfg.num_hidden_layers < pp:
         raise ConfigError(f"{name}: {cfg.num_hidden_layers} layers cannot fill pp={pp} stages: "
                           "use pp <= num_hidden_layers")
@@ -133,14 +150,15 @@ def check_layout_fits(cfg: ModelConfig, layout: ParallelLayout, name: str = "mod
 class Decoder(nn.Module):
     """``model.*``: embedding (first stage), this stage's layers, final norm (last stage)."""
 
-    def __init__(self, cfg, layout, *, sp, dtype, device):
+    def __init__(self, cfg, layout, *, sp, dtype, device, router_losses=None):
         super().__init__()
         self.embed_tokens = None
         if layout.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, layout,
                                                        sequence_parallel=sp, dtype=dtype, device=device)
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(cfg, layout, i, sp=sp, dtype=dtype, device=device)
+            str(i): DecoderLayer(cfg, layout, i, sp=sp, dtype=dtype, device=device,
+                                 router_losses=router_losses)
             for i in stage_layers(cfg.num_hidden_layers, layout.pp_size, layout.pp_rank)})
         self.norm = None
         if layout.is_last_stage:
@@ -168,7 +186,10 @@ class LlamaStage(nn.Module):
         self.sequence_parallel = sequence_parallel and layout.tp_size > 1
         self.activation_checkpointing = activation_checkpointing
         sp = self.sequence_parallel
-        self.model = Decoder(cfg, layout, sp=sp, dtype=dtype, device=device)
+        # the load-balancing (and z-) losses of this stage's sparse layers, and their statistics
+        self.router_losses = RouterLosses(cfg, device=device) if cfg.is_moe else None
+        self.model = Decoder(cfg, layout, sp=sp, dtype=dtype, device=device,
+                             router_losses=self.router_losses)
         self.lm_head = self.score = None
         if layout.is_last_stage and head == "lm":
             if cfg.tie_word_embeddings and layout.pp_size == 1:

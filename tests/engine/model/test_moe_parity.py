@@ -1,0 +1,203 @@
+"""Mixture-of-experts models (Qwen3-MoE: top-3 of 8 unnormalised, one dense layer; Mixtral: top-2 of
+4) reproduce transformers: logits in layouts with expert parallelism (ep=2, ep2·tp2, pp2·ep2, ep4,
+ep2 with two copies of the experts), and gradients, including the load-balancing and z-losses,
+against transformers' own modules and load_balancing_loss_func."""
+import contextlib
+
+import pytest
+import torch
+
+from meshrl.engine.generation import stage_pass
+from meshrl.engine.model import PackedMeta, build_stage
+from meshrl.parallel import mappings
+from meshrl.parallel.layout import ParallelLayout
+from meshrl.testing.tiny_models import make_tiny_hf
+
+KINDS = ["qwen3_moe", "mixtral"]
+LENGTHS = [5, 40, 1, 17]
+# (tp, pp, dp, ep)
+LAYOUTS = [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2), (2, 1, 2, 2), (1, 2, 2, 2),
+           (1, 1, 4, 4), (1, 1, 4, 2)]
+ATOL = 2e-5  # as the dense models' parity (test_model_parity.py): fp32 summation orders only
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    import transformers
+    out = {}
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 101, (n,), generator=g) for n in LENGTHS]
+    for kind in KINDS:
+        path = make_tiny_hf(kind, str(tmp_path_factory.mktemp(kind)), seed=1)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            ref = [model(x[None]).logits[0] for x in ids]
+        out[kind] = (path, ids, ref)
+    return out
+
+
+def _layout(tp, pp, dp, ep):
+    import torch.distributed as dist
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return ParallelLayout(ranks=list(range(world)), tp=tp, pp=pp, dp=dp, ep=ep)
+
+
+def _replica_logits(path, ids, tp, pp, dp, ep):
+    """Replica d takes sequences d, d+dp, ...; its last stage's tp rank 0 returns their logits."""
+    layout = _layout(tp, pp, dp, ep)
+    stage = build_stage(layout, model_dir=path)
+    mine = list(range(layout.dp_rank, len(ids), dp))
+    seqs = [ids[i] for i in mine]
+    meta = PackedMeta.from_lengths([len(s) for s in seqs])
+    with torch.no_grad():
+        h = stage_pass(stage, torch.cat(seqs), meta)
+        if h is None:
+            return None
+        logits = mappings.all_gather_dim(stage.logits(h), -1, layout.tp_group)[:, :101]
+    if layout.tp_rank != 0:
+        return None
+    cu = meta.cu_seqlens.tolist()
+    return {i: logits[cu[j]:cu[j + 1]] for j, i in enumerate(mine)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "tp%d-pp%d-dp%d-ep%d" % l)
+def test_moe_logits_match_transformers(dist_pool, moe_models, layout):
+    world = layout[0] * layout[1] * layout[2]
+    for kind in KINDS:
+        path, ids, ref = moe_models[kind]
+        if world == 1:
+            results = [_replica_logits(path, ids, *layout)]
+        else:
+            results = dist_pool(world).run(_replica_logits, path, ids, *layout)
+        got = {}
+        for r in results:
+            if r:
+                got.update(r)
+        assert sorted(got) == list(range(len(ids))), f"{kind}: sequences missing"
+        for i, logits in got.items():
+            err = (logits - ref[i]).abs().max().item()
+            assert err <= ATOL, f"{kind} {layout} sequence {i}: max abs diff {err}"
+
+
+def hf_grad(ref: dict, name: str, cfg) -> torch.Tensor:
+    """transformers' gradient for a meshrl (checkpoint) name: its in-memory modules fuse each
+    layer's experts into gate_up_proj [E, 2F, H] and down_proj [E, H, F], Mixtral's under mlp."""
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    if ".experts." not in name:
+        return ref[name]
+    head, rest = name.split(".experts.")
+    j, proj = rest.split(".")[:2]
+    j, f = int(j), cfg.expert_intermediate_size
+    if proj in ("gate_proj", "w1"):
+        return ref[head + ".experts.gate_up_proj"][j, :f]
+    if proj in ("up_proj", "w3"):
+        return ref[head + ".experts.gate_up_proj"][j, f:]
+    return ref[head + ".experts.down_proj"][j]
+
+
+GRAD_LENGTHS = [5, 40, 1, 18]  # 64 tokens: sequence parallelism splits them over tp
+GRAD_RTOL, GRAD_ATOL = 1e-3, 1e-3
+AUX, Z = 0.5, 0.1  # large, so a wrong loss weighting moves the router's gradient visibly
+
+
+def _replica_grads(path, ids, layout_sizes, sp, seed, router_losses):
+    """Run on every rank: replica d takes sequences d, d+dp, ...; the weighted logit sum (plus the
+    router losses over the whole batch) backward; dense gradients summed over dp, experts' over
+    the ranks holding the same experts, as the optimizer sums them. Returns this rank's shards."""
+    import torch.distributed as dist
+    from meshrl.parallel.layers import sync_tp_partial_grads
+    tp, pp, dp, ep = layout_sizes
+    layout = _layout(tp, pp, dp, ep)
+    stage = build_stage(layout, model_dir=path, sequence_parallel=sp)
+    mine = list(range(layout.dp_rank, len(ids), dp))
+    meta = PackedMeta.from_lengths([len(ids[i]) for i in mine])
+    total = sum(len(x) for x in ids)
+    ctx = stage.router_losses.step(total, AUX, Z) if router_losses else contextlib.nullcontext()
+    with ctx:
+        h = stage(torch.cat([ids[i] for i in mine]), meta)
+        logits = mappings.gather_from_tp(stage.logits(h), layout.tp_group)[:, :101]
+        cu = meta.cu_seqlens.tolist()
+        # the same weights as the single-process reference draws for the whole batch, per sequence
+        weights = torch.randn((sum(len(x) for x in ids), 101),
+                              generator=torch.Generator().manual_seed(seed))
+        starts = [sum(len(x) for x in ids[:i]) for i in range(len(ids))]
+        w = torch.cat([weights[starts[i]:starts[i] + len(ids[i])] for i in mine])
+        assert w.shape == logits.shape and cu[-1] == w.shape[0]
+        (logits * w).sum().backward()
+    sync_tp_partial_grads(list(stage.parameters()), layout.tp_group)
+    out = {}
+    for p in stage.parameters():
+        g = p.grad.clone()
+        group = layout.edp_group if getattr(p, "expert_parallel", False) else layout.dp_group
+        if group is not None:
+            dist.all_reduce(g, group=group)
+        out[p.shard_spec.name] = (p.shard_spec, g)
+    metrics = stage.router_losses.metrics(layout) if router_losses else {}
+    return out, metrics
+
+
+def _reference_grads(path, ids, seed, dp, router_losses):
+    """transformers' gradients of the same objective; the router losses per replica microbatch
+    (sequences d, d+dp, ... packed), weighted by its share of the batch's tokens, mean over layers."""
+    import transformers
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+    model = transformers.AutoModelForCausalLM.from_pretrained(path)
+    cfg = model.config
+    E = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    k = cfg.num_experts_per_tok
+    outs = [model(x[None], output_router_logits=True) for x in ids]
+    logits = torch.cat([o.logits[0] for o in outs])
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(seed))
+    loss = (logits * weights).sum()
+    aux_value = z_value = 0.0
+    if router_losses:
+        total = sum(len(x) for x in ids)
+        n_layers = len(outs[0].router_logits)
+        for d in range(dp):
+            mine = list(range(d, len(ids), dp))
+            n = sum(len(ids[i]) for i in mine)
+            for layer in range(n_layers):
+                rl = torch.cat([outs[i].router_logits[layer].reshape(len(ids[i]), E) for i in mine])
+                aux = load_balancing_loss_func((rl,), E, k)
+                z = torch.logsumexp(rl.float(), -1).square().mean()
+                loss = loss + (AUX * aux + Z * z) * n / total / n_layers
+                aux_value += float(aux) * n / total / n_layers
+                z_value += float(z) * n / total / n_layers
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters()}, aux_value, z_value
+
+
+GRAD_LAYOUTS = [((2, 1, 1, 1), False), ((2, 1, 1, 1), True), ((1, 1, 2, 2), False),
+                ((2, 1, 2, 2), True), ((1, 1, 4, 2), False), ((1, 1, 4, 4), False)]
+
+
+@pytest.mark.parametrize("layout,sp", GRAD_LAYOUTS,
+                         ids=lambda v: "tp%d-pp%d-dp%d-ep%d" % v if isinstance(v, tuple) else
+                         ("sp" if v else "nosp"))
+def test_moe_gradients_with_router_losses_match_transformers(dist_pool, moe_models, layout, sp):
+    """Every shard's gradient (dense summed over dp, experts over their copies) equals transformers'
+    gradient of the same objective, router losses included; the reported losses equal the oracle's."""
+    from meshrl.engine.model.config import load_config
+    g = torch.Generator().manual_seed(3)
+    world = layout[0] * layout[1] * layout[2]
+    for kind in KINDS:
+        path = moe_models[kind][0]
+        cfg = load_config(path)
+        ids = [torch.randint(0, 101, (n,), generator=g) for n in GRAD_LENGTHS]
+        ref, aux, z = _reference_grads(path, ids, 11, layout[2], True)
+        results = dist_pool(world).run(_replica_grads, path, ids, layout, sp, 11, True)
+        seen = set()
+        for shards, metrics in results:
+            assert metrics["router/aux_loss"] == pytest.approx(aux, rel=1e-5), kind
+            assert metrics["router/z_loss"] == pytest.approx(z, rel=1e-5), kind
+            for name, (spec, grad) in shards.items():
+                seen.add(name)
+                want = hf_grad(ref, name, cfg)
+                if spec.dim is not None:
+                    stop = min(spec.stop, want.shape[spec.dim])
+                    want = want.narrow(spec.dim, spec.start, stop - spec.start)
+                    grad = grad.narrow(spec.dim, 0, stop - spec.start)
+                torch.testing.assert_close(grad, want, rtol=GRAD_RTOL, atol=GRAD_ATOL,
+                                           msg=lambda m: f"{kind} {layout} sp={sp} {name}: {m}")
+        experts = {n for n in seen if ".experts." in n}
+        assert len(experts) == 3 * cfg.num_experts * len(cfg.moe_layers), kind
