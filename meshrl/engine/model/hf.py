@@ -1,9 +1,11 @@
 """Hugging Face checkpoints in and out, straight into (or out of) any layout.
 
 Loading reads only the slices each rank's ShardSpecs name (safetensors slices are memory-mapped
-reads; ``pytorch_model*.bin`` is memory-mapped by ``torch.load(mmap=True)``). Saving gathers each
-stage's shards to its first tensor-parallel rank, which writes one safetensors file per stage, and
-stage 0 writes the index and config: no rank ever holds the whole model.
+reads; ``pytorch_model*.bin`` is memory-mapped by ``torch.load(mmap=True)``), so under expert
+parallelism a rank reads only its own experts. Saving gathers each stage's shards to its first
+tensor-parallel rank, which writes one safetensors file per stage (per stage and ep rank under
+expert parallelism: each ep rank writes its experts, ep rank 0 the rest), and stage 0 writes the
+index and config: no rank ever holds the whole model.
 """
 from __future__ import annotations
 
@@ -143,7 +145,8 @@ def _gather_full(p: torch.Tensor, layout: ParallelLayout) -> torch.Tensor | None
 
 
 def hf_architecture(cfg: ModelConfig, head: str) -> str:
-    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[cfg.model_type]
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+              "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral"}[cfg.model_type]
     return prefix + ("ForCausalLM" if head == "lm" else "ForSequenceClassification")
 
 
@@ -151,38 +154,42 @@ def hf_architecture(cfg: ModelConfig, head: str) -> str:
 def save_hf(stage, out_dir: str, *, tokenizer_dir: str | None = None, dtype=None) -> None:
     """Write ``stage``'s model (all stages of its layout, collectively) as a HF directory:
     ``*ForCausalLM`` for an LM head, ``*ForSequenceClassification`` (num_labels=1) for a value head.
-    Only data-parallel replica 0 writes."""
+    Only the first copy of the model writes (data-parallel replica 0; under expert parallelism the
+    ep ranks of the first copy of the experts)."""
     from safetensors.torch import save_file
     layout = stage.layout
     os.makedirs(out_dir, exist_ok=True)
-    if layout.dp_rank != 0:
-        _barrier(layout)
-        return
+    writes = layout.edp_rank == 0
     tensors = {}
-    for _, p in stage.named_parameters():
+    for _, p in stage.named_parameters() if writes else ():
         name = p.shard_spec.name
         if stage.tied_head_separate and layout.is_last_stage and not layout.is_first_stage \
                 and p is stage.lm_head.weight:
             continue  # stage 0 writes the tied embedding
+        if layout.ep_rank != 0 and not getattr(p, "expert_parallel", False):
+            continue  # ep rank 0 writes the weights every ep rank holds
         full = _gather_full(p, layout)
         if full is not None:
             tensors[name] = (full.to(dtype) if dtype else full).contiguous().cpu()
-    if layout.tp_rank == 0:
-        fname = f"model-{layout.pp_rank + 1:05d}-of-{layout.pp_size:05d}.safetensors"
+    weight_map = None
+    if writes and layout.tp_rank == 0:
+        files, index = layout.pp_size * layout.ep_size, layout.pp_rank * layout.ep_size + layout.ep_rank
+        fname = f"model-{index + 1:05d}-of-{files:05d}.safetensors"
         save_file(tensors, os.path.join(out_dir, fname), metadata={"format": "pt"})
         weight_map = {k: fname for k in tensors}
-        maps = _gather_stage_maps(weight_map, layout)
-        if layout.pp_rank == 0:
-            _write_index_and_config(stage, out_dir, maps, tokenizer_dir)
+    maps = _gather_weight_maps(weight_map, layout)
+    if writes and layout.tp_rank == 0 and layout.pp_rank == 0 and layout.ep_rank == 0:
+        _write_index_and_config(stage, out_dir, maps, tokenizer_dir)
     _barrier(layout)
 
 
-def _gather_stage_maps(weight_map: dict, layout: ParallelLayout) -> list[dict]:
-    if layout.pp_size == 1:
+def _gather_weight_maps(weight_map: dict | None, layout: ParallelLayout) -> list[dict]:
+    """Every writer's {name: file} (None from ranks that wrote nothing), on every rank."""
+    if layout.group is None:
         return [weight_map]
-    out = [None] * layout.pp_size
-    dist.all_gather_object(out, weight_map, group=layout.pp_group)
-    return out
+    out = [None] * layout.size
+    dist.all_gather_object(out, weight_map, group=layout.group)
+    return [m for m in out if m is not None]
 
 
 def _write_index_and_config(stage, out_dir, maps, tokenizer_dir):
