@@ -9,7 +9,7 @@ import torch
 from meshrl.parallel.realloc import (offload_to_cpu, release_, reload_, rematerialize_,
                                      storage_bytes)
 
-# (ranks, tp, pp, dp) source -> destination; the model; whether to compare outputs (needs real
+# (ranks, tp, pp, dp[, ep]) source -> destination; the model; whether to compare outputs (needs real
 # layouts, so process groups; the other cases build on virtual views only); planner/executor options.
 # 8 KiB buckets force row splits and many rounds; min_chunk_bytes=0 splits cells across replicas.
 SMALL_BUCKETS = {"bucket_mb": 8 / 1024}
@@ -26,6 +26,10 @@ CASES4 = [
     ("qwen2", ([0, 1], 1, 2, 1), ([2, 3], 2, 1, 1), True),
     ("heads6", ([0, 1, 2], 3, 1, 1), ([1, 2], 2, 1, 1), True),  # rank 3 in neither layout
     ("qwen3", ([0, 1, 2, 3], 4, 1, 1), ([0, 1, 2, 3], 1, 2, 2), True),  # q/k norms, K/V replicated
+    # experts: between different ep, and ep against tp and pp
+    ("qwen3_moe", ([0, 1, 2, 3], 1, 1, 4, 4), ([0, 1, 2, 3], 2, 1, 2, 1), True),
+    ("mixtral", ([0, 1, 2, 3], 1, 2, 2, 2), ([0, 1, 2, 3], 2, 1, 2, 2), True),
+    ("qwen3_moe", ([0, 1, 2, 3], 2, 1, 2, 2), ([0, 1, 2, 3], 1, 1, 4, 2), False, SMALL_BUCKETS),
 ]
 CASES8 = [
     ("llama", ([0, 1, 2, 3], 2, 2, 1), ([4, 5, 6, 7], 4, 1, 1), True),
@@ -35,8 +39,10 @@ CASES8 = [
     ("qwen2", (list(range(8)), 1, 1, 8), (list(range(8)), 4, 2, 1), False),
     ("heads6", (list(range(6)), 3, 1, 2), ([4, 5, 6, 7], 2, 2, 1), True, SMALL_BUCKETS),
     ("llama", ([0, 1, 4, 5], 1, 1, 4), ([2, 3, 6, 7], 2, 1, 2), False, dict(TWO_NODES, min_chunk_bytes=0)),
+    ("mixtral", (list(range(8)), 1, 1, 8, 4), ([4, 5, 6, 7], 1, 2, 2, 2), True),
 ]
 KINDS = {"llama": ("llama", "lm", {}), "qwen2": ("qwen2", "lm", {}), "qwen3": ("qwen3", "lm", {}),
+         "qwen3_moe": ("qwen3_moe", "lm", {}), "mixtral": ("mixtral", "lm", {}),
          "critic": ("llama", "value", {}),
          # 6 heads: tp 3 cuts the padded vocabulary (102 rows) against tp 2's halves
          "heads6": ("llama", "lm", dict(hidden_size=96, intermediate_size=192, num_attention_heads=6,
@@ -69,10 +75,12 @@ def _layout(spec, real):
     import torch.distributed as dist
 
     from meshrl.parallel.layout import ParallelLayout
-    ranks, tp, pp, dp = spec
+    ranks, tp, pp, dp, *ep = spec
+    ep = ep[0] if ep else 1
     if real:
-        return ParallelLayout(ranks=ranks, tp=tp, pp=pp, dp=dp)
-    return ParallelLayout(ranks=ranks, tp=tp, pp=pp, dp=dp, virtual=True, as_rank=dist.get_rank())
+        return ParallelLayout(ranks=ranks, tp=tp, pp=pp, dp=dp, ep=ep)
+    return ParallelLayout(ranks=ranks, tp=tp, pp=pp, dp=dp, ep=ep, virtual=True,
+                          as_rank=dist.get_rank())
 
 
 def _specs(cfg, head, layout):
@@ -164,10 +172,11 @@ def _check(results, src_spec, dst_spec, check_outputs, label):
         assert all(len(v) == 1 for v in outs.values()), label
         before, after, direct = (outs[k][0] for k in ("before", "after", "direct"))
         assert torch.equal(after, direct), f"{label}: outputs differ from a directly loaded layout"
-        if src_spec[1] == dst_spec[1]:
-            assert torch.equal(after, before), f"{label}: same tp, outputs must be bit-equal"
-        else:  # fp32; a different tp sums matmul partials in another order: measured max |diff|
-            # 1.34e-5 (heads6, tp3 -> tp2) on logits up to |6.2| from the tiny models' 0.2 init
+        if src_spec[1] == dst_spec[1] and src_spec[4:] == dst_spec[4:]:
+            assert torch.equal(after, before), f"{label}: same tp and ep, outputs must be bit-equal"
+        else:  # fp32; a different tp sums matmul partials in another order, and under another
+            # ep an expert's matmul has another row count (BLAS blocks it differently): measured
+            # max |diff| 1.34e-5 (heads6, tp3 -> tp2) on logits up to |6.2| from the 0.2 init
             torch.testing.assert_close(after, before, rtol=0, atol=3e-5)
     sent = [c["counts"]["sent"] for c in results if c["counts"]["sent"]]
     recv = [(r["counts"]["received"], stats["min_recv_bytes"][r["rank"]]) for r in results
@@ -178,9 +187,13 @@ def _check(results, src_spec, dst_spec, check_outputs, label):
 
 
 def _label(case):
-    kind, (sr, *s), (dr, *d), *_ = case
-    return "%s_r%s_tp%dpp%ddp%d_to_r%s_tp%dpp%ddp%d%s" % (
-        kind, _ranks(sr), *s, _ranks(dr), *d, "".join(f"_{k}" for k in (case[4:] or [{}])[0]))
+    kind, src, dst, *_ = case
+
+    def sizes(spec):
+        ranks, tp, pp, dp, *ep = spec
+        return "r%s_tp%dpp%ddp%d%s" % (_ranks(ranks), tp, pp, dp, "ep%d" % ep[0] if ep else "")
+    return "%s_%s_to_%s%s" % (kind, sizes(src), sizes(dst),
+                              "".join(f"_{k}" for k in (case[4:] or [{}])[0]))
 
 
 def _ranks(ranks):

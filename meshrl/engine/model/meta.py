@@ -10,12 +10,13 @@ from .llama import LlamaStage
 
 
 def meta_specs(cfg: ModelConfig, head: str, layout: ParallelLayout) -> dict[int, dict[str, ShardSpec]]:
-    """{rank: {name: spec}} of every rank of ``layout``. One stage per (tp, pp) coordinate: dp
-    replicas hold the same shards."""
+    """{rank: {name: spec}} of every rank of ``layout``. One stage per (tp, pp, ep) coordinate: dp
+    replicas holding the same experts hold the same shards."""
     by_coord, out = {}, {}
     for r in layout.ranks:
         c = layout.coord_of(r)
-        if (c.tp, c.pp) not in by_coord:
-            by_coord[c.tp, c.pp] = LlamaStage(cfg, layout.as_seen_by(r), head=head, device="meta").specs
-        out[r] = dict(by_coord[c.tp, c.pp])
+        key = (c.tp, c.pp, c.ep)
+        if key not in by_coord:
+            by_coord[key] = LlamaStage(cfg, layout.as_seen_by(r), head=head, device="meta").specs
+        out[r] = dict(by_coord[key])
     return out
