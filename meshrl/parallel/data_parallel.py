@@ -15,10 +15,18 @@ token count (docs/architecture.md, "Invariants and contracts"), so the SUM is th
 Under ZeRO-1 each dp rank owns an equal chunk of every bucket of the flat buffer; it keeps fp32 master
 weights and Adam moments for that chunk only (about 1/dp of plain DP's state), updates it from the
 reduce-scattered grads, and all-gathers the new values in the parameters' dtype.
+
+Expert parameters (``param.expert_parallel = True``) under a layout with ep > 1 form a second part
+with its own buffer: an expert is held by the dp/ep ranks of one edp group, so its gradient is summed
+there, ZeRO-1 shards its state there, and its copies are counted over one copy of every expert
+(``layout.expert_mp_group``). Both parts share one global grad norm, one clipping coefficient and one
+AdamW step. With ep = 1 the expert groups are the dense ones, so flagged parameters simply join the
+dense part and everything (buckets, collectives, checkpoint keys) is as without experts.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -75,13 +83,108 @@ def _default_decay(name: str, param) -> bool:
     return len(param.shard_spec.full_shape) >= 2
 
 
+class _Part:
+    """Parameters whose gradients are summed over one group (``sum_group``): their flat grad buffer,
+    the ranges of it this rank owns (all of it, or under ZeRO-1 its chunk of every bucket), and fp32
+    master weights and Adam moments for those ranges. ``replica_group`` holds one copy of each of
+    these parameters; duplicates within it are weighted 1/count in the norm. Collective over
+    ``replica_group``."""
+
+    def __init__(self, named, *, sum_group, replica_group, zero1: bool, decays: dict, device,
+                 bucket_numel: int, overlap: bool, use_reduce_scatter: bool):
+        counts = replica_multiplicity([p.shard_spec for _, p in named], replica_group)
+        self.replica_group, self.zero1 = replica_group, zero1
+        self.grads = GradBuffer(named, dp_group=sum_group, bucket_numel=bucket_numel,
+                                deferred={id(p) for (_, p), k in zip(named, counts) if k > 1},
+                                shard=zero1, overlap=overlap, use_reduce_scatter=use_reduce_scatter,
+                                device=device)
+        weight = {id(p): 1.0 / k for (_, p), k in zip(named, counts)}
+        self.owned, self.segments = self._plan_shard(weight, decays)
+        n = sum(hi - lo for lo, hi, _ in self.owned)
+        self.master = torch.zeros(n, dtype=torch.float32, device=device)
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        with torch.no_grad():
+            for seg in self.segments:
+                slot = self.grads.slots[seg.slot]
+                lo = seg.flat_lo - slot.offset
+                src = slot.param.detach().reshape(-1)[lo:lo + seg.flat_hi - seg.flat_lo]
+                self.master[seg.shard_lo:seg.shard_lo + seg.flat_hi - seg.flat_lo].copy_(src)
+
+    def _plan_shard(self, weight, decays):
+        """Owned flat ranges per bucket (lo, hi, shard offset) and the param segments inside them."""
+        owned, segments, shard = [], [], 0
+        g = self.grads
+        for b in g.buckets:
+            lo, hi = b.chunk(g.dp_rank, g.dp_size) if self.zero1 else (b.start, b.stop)
+            owned.append((lo, hi, shard))
+            for si in b.slots:
+                s = g.slots[si]
+                a, z = max(lo, s.offset), min(hi, s.offset + s.numel)
+                if a < z:
+                    segments.append(_Segment(si, a, z, shard + a - lo, weight[id(s.param)],
+                                             decays[id(s.param)]))
+            shard += hi - lo
+        return owned, segments
+
+    def views(self, t: torch.Tensor, shard: bool):
+        return [t[so:so + hi - lo] if shard else t[lo:hi] for lo, hi, so in self.owned]
+
+    def decayed(self):
+        return [self.master[s.shard_lo:s.shard_lo + s.flat_hi - s.flat_lo]
+                for s in self.segments if s.decay]
+
+    def sum_of_squares(self) -> torch.Tensor:
+        """Σ weight·grad² over this rank's owned segments (synced grads)."""
+        by_weight = collections.defaultdict(list)
+        for seg in self.segments:
+            by_weight[seg.weight].append(self.grads.data[seg.flat_lo:seg.flat_hi])
+        total = torch.zeros((), dtype=torch.float32, device=self.grads.data.device)
+        for w, views in by_weight.items():
+            total += w * torch.stack(torch._foreach_norm(views)).square().sum()
+        return total
+
+    @torch.no_grad()
+    def write_params(self):
+        """Copy master values into the params (cast); under ZeRO-1 all-gather each bucket first."""
+        g = self.grads
+        gather = self.zero1 and g.dp_size > 1
+        pending = collections.deque()
+        for b, (lo, hi, so) in zip(g.buckets, self.owned):
+            own = self.master[so:so + hi - lo]
+            if gather:
+                full = torch.empty(b.numel, dtype=b.dtype, device=g.data.device)
+                mine = full[lo - b.start:hi - b.start]
+                mine.copy_(own)
+                work = _all_gather(full, mine, group=g.dp_group, async_op=True)
+            else:
+                full, work = own, None
+            pending.append((b, full, work))
+            # Two buckets in flight bound the temporary memory while still overlapping.
+            while len(pending) > (2 if gather else 0):
+                self._scatter_into_params(*pending.popleft())
+        while pending:
+            self._scatter_into_params(*pending.popleft())
+
+    def _scatter_into_params(self, bucket, full, work):
+        if work is not None:
+            work.wait()
+        for si in bucket.slots:
+            s = self.grads.slots[si]
+            a = s.offset - bucket.start
+            s.param.detach().view(-1).copy_(full[a:a + s.numel])
+
+
 class DistributedOptimizer:
     """AdamW (torch.optim.AdamW's arithmetic) over ``named_params`` with a flat grad buffer.
 
     ``named_params``: (name, param) pairs, each param carrying ``param.shard_spec``; params with
-    ``requires_grad=False`` are skipped. ``zero1`` shards master weights and moments over dp.
-    ``bucket_mb`` is the fp32 grad bucket size. ``max_grad_norm`` clips by the global norm over every
-    unique element of the model. ``overlap`` starts bucket reductions during backward (pass
+    ``requires_grad=False`` are skipped. Params with ``param.expert_parallel = True`` are one
+    expert's weights: under ep > 1 their grads are summed over ``layout.edp_group`` (ranks of one
+    edp group must hold the same expert params, in the same order), not dp. ``zero1`` shards master
+    weights and moments over dp (expert ones over edp). ``bucket_mb`` is the fp32 grad bucket size.
+    ``max_grad_norm`` clips by the global norm over every unique element of the model, dense and
+    expert, with one coefficient. ``overlap`` starts bucket reductions during backward (pass
     ``no_sync`` to the schedule). ``decay_filter(name, param) -> bool`` picks params that get weight
     decay (default: ≥2-D). ``use_reduce_scatter=False`` makes ZeRO-1 all-reduce and slice, for
     backends without a reduce-scatter. Construction is collective over the layout.
@@ -104,106 +207,97 @@ class DistributedOptimizer:
                     raise ValueError(f"parameter {name} is not contiguous: the optimizer writes it flat")
                 seen.add(id(p))
                 named.append((name, p))
-        counts = replica_multiplicity([p.shard_spec for _, p in named], layout.mp_group)
-        weight = {id(p): 1.0 / k for (_, p), k in zip(named, counts)}
-        self.grads = GradBuffer(named, dp_group=layout.dp_group, bucket_numel=int(bucket_mb * 2**20) // 4,
-                                deferred={id(p) for (_, p), k in zip(named, counts) if k > 1},
-                                shard=zero1, overlap=overlap, use_reduce_scatter=use_reduce_scatter)
-        self.device = self.grads.data.device
         decay_filter = decay_filter or _default_decay
         decays = {id(p): bool(decay_filter(n, p)) for n, p in named}
-        self._owned, self._segments = self._plan_shard(weight, decays)
-        n = sum(hi - lo for lo, hi, _ in self._owned)
-        self.master = torch.zeros(n, dtype=torch.float32, device=self.device)
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.device = named[0][1].device if named else torch.device("cpu")
+        kw = dict(zero1=zero1, decays=decays, device=self.device, overlap=overlap,
+                  bucket_numel=int(bucket_mb * 2**20) // 4, use_reduce_scatter=use_reduce_scatter)
+        # Decided by the layout alone, so every rank builds the same parts (and issues the same
+        # collectives), including a pipeline stage that holds no experts.
+        split = layout.ep_size > 1
+        apart = [split and bool(getattr(p, "expert_parallel", False)) for _, p in named]
+        expert = [np for np, e in zip(named, apart) if e]
+        dense = [np for np, e in zip(named, apart) if not e]
+        self.dense = _Part(dense, sum_group=layout.dp_group, replica_group=layout.mp_group, **kw)
+        self.expert = (_Part(expert, sum_group=layout.edp_group, replica_group=layout.expert_mp_group,
+                             **kw) if split else None)
+        self._parts = [self.dense] + ([self.expert] if split else [])
         self._offloaded = False
-        with torch.no_grad():
-            for seg in self._segments:
-                slot = self.grads.slots[seg.slot]
-                lo = seg.flat_lo - slot.offset
-                src = slot.param.detach().reshape(-1)[lo:lo + seg.flat_hi - seg.flat_lo]
-                self.master[seg.shard_lo:seg.shard_lo + seg.flat_hi - seg.flat_lo].copy_(src)
 
-    def _plan_shard(self, weight, decays):
-        """Owned flat ranges per bucket (lo, hi, shard offset) and the param segments inside them."""
-        owned, segments, shard = [], [], 0
-        g = self.grads
-        for b in g.buckets:
-            lo, hi = b.chunk(g.dp_rank, g.dp_size) if self.zero1 else (b.start, b.stop)
-            owned.append((lo, hi, shard))
-            for si in b.slots:
-                s = g.slots[si]
-                a, z = max(lo, s.offset), min(hi, s.offset + s.numel)
-                if a < z:
-                    segments.append(_Segment(si, a, z, shard + a - lo, weight[id(s.param)],
-                                             decays[id(s.param)]))
-            shard += hi - lo
-        return owned, segments
+    # The dense part's buffer and state, under the names they had before experts (tools and tests
+    # read them).
+    grads = property(lambda self: self.dense.grads)
+    master = property(lambda self: self.dense.master)
+    exp_avg = property(lambda self: self.dense.exp_avg)
+    exp_avg_sq = property(lambda self: self.dense.exp_avg_sq)
+    _segments = property(lambda self: self.dense.segments)
 
     # ---- gradients ---------------------------------------------------------------------------
     def zero_grad(self):
-        self.grads.zero()
+        for part in self._parts:
+            part.grads.zero()
 
+    @contextlib.contextmanager
     def no_sync(self):
         """Context manager: accumulate grads without starting reductions (overlap mode)."""
-        return self.grads.no_sync()
+        with contextlib.ExitStack() as stack:
+            for part in self._parts:
+                stack.enter_context(part.grads.no_sync())
+            yield
 
     def reduce_grads(self):
-        """Start the dp SUM of every bucket not yet started (asynchronous)."""
-        self.grads.reduce()
+        """Start the dp (edp) SUM of every bucket not yet started (asynchronous)."""
+        for part in self._parts:
+            part.grads.reduce()
 
     def finish_grad_sync(self):
-        """Wait for the dp SUM; this rank's owned ranges of the buffer then hold the full gradient."""
-        self.grads.finish()
-
-    def _views(self, t: torch.Tensor, shard: bool):
-        return [t[so:so + hi - lo] if shard else t[lo:hi] for lo, hi, so in self._owned]
+        """Wait for the SUMs; this rank's owned ranges of the buffers then hold the full gradient."""
+        for part in self._parts:
+            part.grads.finish()
 
     def grad_norm(self) -> float:
         """Global L2 norm over every unique element of the model's (synced) grads. Collective."""
-        by_weight = collections.defaultdict(list)
-        for seg in self._segments:
-            by_weight[seg.weight].append(self.grads.data[seg.flat_lo:seg.flat_hi])
-        total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for w, views in by_weight.items():
-            total += w * torch.stack(torch._foreach_norm(views)).square().sum()
-        # ZeRO-1 chunks are disjoint over dp; plain DP replicas hold the same grads, count one.
-        group = self.layout.group if self.zero1 else self.layout.mp_group
-        if group_size(group) > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        return math.sqrt(total.item())
+        local = [part.sum_of_squares() for part in self._parts]
+        if self.zero1:
+            # ZeRO-1 chunks are disjoint over dp (experts' over edp): the layout sums each element once.
+            reduce = [(self.layout.group, sum(local))]
+        else:  # plain DP replicas hold the same grads: count one replica of each part
+            reduce = [(part.replica_group, t) for part, t in zip(self._parts, local)]
+        for group, t in reduce:
+            if group_size(group) > 1:
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return math.sqrt(sum(t for _, t in reduce).item())
 
     # ---- update ------------------------------------------------------------------------------
     def set_lr(self, lr: float):
         self.lr = float(lr)
 
     def step(self) -> dict:
-        """Sync grads if not yet done, clip, AdamW on the owned range, write params. Collective."""
+        """Sync grads if not yet done, clip, AdamW on the owned ranges, write params. Collective."""
         if self._offloaded:
             raise RuntimeError("optimizer state is offloaded: call reload() before step()")
-        self.grads.finish()
+        self.finish_grad_sync()
         norm = self.grad_norm()
         if not math.isfinite(norm):
             return {"grad_norm": norm, "lr": self.lr, "skipped": True}
-        grads = self._views(self.grads.data, shard=False)
+        grads = [v for part in self._parts for v in part.views(part.grads.data, shard=False)]
         if self.max_grad_norm is not None:
             coef = self.max_grad_norm / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_'s epsilon
             if coef < 1.0:
                 torch._foreach_mul_(grads, coef)
         self.step_count += 1
         self._adamw(grads)
-        self._write_params()
+        for part in self._parts:
+            part.write_params()
         return {"grad_norm": norm, "lr": self.lr, "skipped": False}
 
     @torch.no_grad()
     def _adamw(self, grads):
         b1, b2 = self.betas
-        masters = self._views(self.master, shard=True)
-        ms, vs = self._views(self.exp_avg, shard=True), self._views(self.exp_avg_sq, shard=True)
+        masters, ms, vs = ([v for p in self._parts for v in p.views(getattr(p, name), shard=True)]
+                           for name in ("master", "exp_avg", "exp_avg_sq"))
         if self.weight_decay:
-            decayed = [self.master[s.shard_lo:s.shard_lo + s.flat_hi - s.flat_lo]
-                       for s in self._segments if s.decay]
+            decayed = [v for part in self._parts for v in part.decayed()]
             if decayed:
                 torch._foreach_mul_(decayed, 1.0 - self.lr * self.weight_decay)
         torch._foreach_lerp_(ms, grads, 1.0 - b1)
@@ -216,50 +310,30 @@ class DistributedOptimizer:
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(masters, ms, denom, value=-self.lr / bc1)
 
-    @torch.no_grad()
-    def _write_params(self):
-        """Copy master values into the params (cast); under ZeRO-1 all-gather each bucket first."""
-        g = self.grads
-        gather = self.zero1 and g.dp_size > 1
-        pending = collections.deque()
-        for b, (lo, hi, so) in zip(g.buckets, self._owned):
-            own = self.master[so:so + hi - lo]
-            if gather:
-                full = torch.empty(b.numel, dtype=b.dtype, device=self.device)
-                mine = full[lo - b.start:hi - b.start]
-                mine.copy_(own)
-                work = _all_gather(full, mine, group=g.dp_group, async_op=True)
-            else:
-                full, work = own, None
-            pending.append((b, full, work))
-            # Two buckets in flight bound the temporary memory while still overlapping.
-            while len(pending) > (2 if gather else 0):
-                self._scatter_into_params(*pending.popleft())
-        while pending:
-            self._scatter_into_params(*pending.popleft())
-
-    def _scatter_into_params(self, bucket, full, work):
-        if work is not None:
-            work.wait()
-        for si in bucket.slots:
-            s = self.grads.slots[si]
-            a = s.offset - bucket.start
-            s.param.detach().view(-1).copy_(full[a:a + s.numel])
-
     # ---- state -------------------------------------------------------------------------------
     def optimizer_state_bytes(self) -> int:
         """Bytes of fp32 master weights and Adam moments held by this rank."""
-        return sum(t.numel() * t.element_size() for t in (self.master, self.exp_avg, self.exp_avg_sq))
+        return sum(t.numel() * t.element_size() for part in self._parts
+                   for t in (part.master, part.exp_avg, part.exp_avg_sq))
 
-    def _state_key(self) -> str:
+    def _state_key(self, part=None) -> str:
         # Coordinates make shards unique per rank for torch.distributed.checkpoint; plain-DP replicas
         # share a key so DCP writes their identical state once. Sizes make a resume in another
-        # layout fail on a missing key instead of loading the wrong shard.
+        # layout fail on a missing key instead of loading the wrong shard. Expert state also differs
+        # per ep rank (other experts), and ZeRO-1 shards it over edp rather than dp.
         L, c = self.layout, self.layout.coord
         key = f"tp{c.tp}of{L.tp_size}_pp{c.pp}of{L.pp_size}"
-        if self.zero1 and L.dp_size > 1:
-            key += f"_dp{c.dp}of{L.dp_size}"
-        return ("zero1_" if self.zero1 else "dp_") + key
+        expert = part is not None and part is self.expert
+        if expert:
+            key += f"_ep{c.ep}of{L.ep_size}"
+        axis, rank, size = ("edp", c.edp, L.dp_size // L.ep_size) if expert else ("dp", c.dp, L.dp_size)
+        if self.zero1 and size > 1:
+            key += f"_{axis}{rank}of{size}"
+        return ("expert_" if expert else "") + ("zero1_" if self.zero1 else "dp_") + key
+
+    def _saved_parts(self):
+        # A rank without expert params (a pipeline stage of dense layers) saves no expert entry.
+        return [p for p in self._parts if p is self.dense or p.grads.slots]
 
     def state_dict(self) -> dict:
         """Live tensors keyed by this rank's shard, for ``torch.distributed.checkpoint``::
@@ -270,48 +344,56 @@ class DistributedOptimizer:
 
         DCP loads into these tensors in place. Parameters are not written: they come from the
         model's own checkpoint (taken at the same step, they equal the masters in their dtype).
+        The dense entry carries step and lr; an expert entry (ep > 1) only its tensors.
         """
-        return {self._state_key(): {
-            "master": self.master, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
-            "step": torch.tensor(self.step_count, dtype=torch.int64),
-            "lr": torch.tensor(self.lr, dtype=torch.float64)}}
+        out = {self._state_key(p): {"master": p.master, "exp_avg": p.exp_avg, "exp_avg_sq": p.exp_avg_sq}
+               for p in self._saved_parts()}
+        out[self._state_key()].update(step=torch.tensor(self.step_count, dtype=torch.int64),
+                                      lr=torch.tensor(self.lr, dtype=torch.float64))
+        return out
 
     @torch.no_grad()
     def load_state_dict(self, state: dict):
-        key = self._state_key()
-        if key not in state:
-            raise KeyError(f"optimizer state has no shard {key} (has {sorted(state)}): resume in the "
-                           "layout that saved it")
-        s = state[key]
-        for name in ("master", "exp_avg", "exp_avg_sq"):
-            dst = getattr(self, name)
-            if s[name] is not dst:
-                if s[name].shape != dst.shape:
-                    raise ValueError(f"optimizer {name}: saved shape {tuple(s[name].shape)} != "
-                                     f"{tuple(dst.shape)}: parameters or bucket_mb differ from the save")
-                dst.copy_(s[name])
+        for part in self._saved_parts():
+            key = self._state_key(part)
+            if key not in state:
+                raise KeyError(f"optimizer state has no shard {key} (has {sorted(state)}): resume in "
+                               "the layout that saved it")
+            s = state[key]
+            for name in ("master", "exp_avg", "exp_avg_sq"):
+                dst = getattr(part, name)
+                if s[name] is not dst:
+                    if s[name].shape != dst.shape:
+                        raise ValueError(f"optimizer {name} of {key}: saved shape {tuple(s[name].shape)} "
+                                         f"!= {tuple(dst.shape)}: parameters or bucket_mb differ from "
+                                         "the save")
+                    dst.copy_(s[name])
+        s = state[self._state_key()]
         self.step_count = int(s["step"])
         self.lr = float(s["lr"])
 
     def close(self):
         """Release the parameters (grad hooks, ``main_grad``), e.g. before building another
         optimizer over them after a reallocation."""
-        self.grads.close()
+        for part in self._parts:
+            part.grads.close()
 
     def offload(self, grads: bool = True):
-        """Move master weights and moments to host memory; optionally free the grad buffer too."""
+        """Move master weights and moments to host memory; optionally free the grad buffers too."""
         if self._offloaded:
             return
-        for name in ("master", "exp_avg", "exp_avg_sq"):
-            setattr(self, name, getattr(self, name).to("cpu"))
-        if grads:
-            self.grads.release()
+        for part in self._parts:
+            for name in ("master", "exp_avg", "exp_avg_sq"):
+                setattr(part, name, getattr(part, name).to("cpu"))
+            if grads:
+                part.grads.release()
         self._offloaded = True
 
     def reload(self):
         if not self._offloaded:
             return
-        for name in ("master", "exp_avg", "exp_avg_sq"):
-            setattr(self, name, getattr(self, name).to(self.device))
-        self.grads.restore()
+        for part in self._parts:
+            for name in ("master", "exp_avg", "exp_avg_sq"):
+                setattr(part, name, getattr(part, name).to(self.device))
+            part.grads.restore()
         self._offloaded = False

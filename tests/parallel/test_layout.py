@@ -30,6 +30,30 @@ def test_coordinates_tp_fastest_then_dp_then_pp_for_an_unusual_order():
     assert seen.stage_rank(0) == 7
 
 
+def test_expert_coordinates_carve_ep_from_dp():
+    # 16 ranks in an unusual order: tp=2, dp=4 (ep=2, so edp=2), pp=2.
+    ranks = [(5 * i + 3) % 16 for i in range(16)]
+    lay = ParallelLayout(ranks=ranks, tp=2, dp=4, pp=2, ep=2, virtual=True)
+    for i, r in enumerate(ranks):
+        c = lay.coord_of(r)
+        assert (c.tp, c.dp, c.pp) == (i % 2, (i // 2) % 4, i // 8)
+        assert (c.ep, c.edp) == (c.dp % 2, c.dp // 2), (r, c)
+    def at(t, d, p):
+        return lay.rank_at(tp=t, dp=d, pp=p)
+
+    # ep: consecutive dp indices share out one copy of the experts; edp: same experts, every ep-th.
+    assert lay.ep_ranks_of(tp=1, edp=1, pp=0) == [at(1, 2, 0), at(1, 3, 0)]
+    assert lay.edp_ranks_of(tp=0, ep=1, pp=1) == [at(0, 1, 1), at(0, 3, 1)]
+    assert lay.expert_mp_ranks_of(edp=0) == [at(t, d, p) for p in (0, 1) for d in (0, 1) for t in (0, 1)]
+    seen = lay.as_seen_by(at(1, 3, 1))
+    assert seen.ep_size == 2 and (seen.ep_rank, seen.edp_rank, seen.dp_rank) == (1, 1, 3)
+    # ep=1 (the default): one copy of the experts per replica, edp is dp.
+    plain = ParallelLayout(ranks=ranks, tp=2, dp=4, pp=2, virtual=True)
+    assert all((plain.coord_of(r).ep, plain.coord_of(r).edp) == (0, plain.coord_of(r).dp) for r in ranks)
+    assert plain.edp_ranks_of(tp=0, ep=0, pp=1) == plain.dp_ranks_of(tp=0, pp=1)
+    assert plain.expert_mp_ranks_of(edp=2) == plain.mp_ranks_of(dp=2)
+
+
 def test_parse_ranks_keeps_order():
     assert parse_ranks("3,0-2, 6") == [3, 0, 1, 2, 6]
     assert parse_ranks([2, 1]) == [2, 1]
@@ -45,12 +69,22 @@ def test_parse_ranks_keeps_order():
     (dict(ranks=[0], tp=0), "tp"),
     (dict(ranks=[0], pp=-1), "pp"),
     (dict(ranks=[0], dp=0), "dp"),
+    (dict(ranks=[0], ep=0), "ep"),
+    (dict(ranks=[0, 1, 2], dp=3, ep=2), "ep"),         # ep does not divide dp
+    (dict(ranks=[0, 1], dp=2, ep=4), "ep"),
 ])
 def test_bad_layouts_stop_with_a_one_line_error_naming_the_field(kwargs, field):
     with pytest.raises(LayoutError) as e:
         ParallelLayout(**kwargs, virtual=True, world_size=4, name="actor_train")
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"actor_train.{field}"), msg
+
+
+def test_ep_not_dividing_dp_names_both():
+    with pytest.raises(LayoutError) as e:
+        ParallelLayout(ranks=range(6), tp=1, dp=6, ep=4, virtual=True, name="actor_train")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("actor_train.ep=4") and "dp=6" in msg, msg
 
 
 def test_a_multi_rank_layout_without_torch_distributed_says_so():
@@ -139,6 +173,50 @@ def test_groups_hold_the_right_ranks_in_layout_order(dist_pool):
                     assert v[f"{axis}_pos"] == want.index(rank), (name, rank, axis)
                     if pos is not None:
                         assert v[f"{axis}_pos"] == pos
+
+
+def _expert_groups_report():
+    lays = [ParallelLayout(ranks=[3, 1, 2, 0], dp=4, ep=2, name="A"),
+            ParallelLayout(ranks="0-3", tp=2, dp=2, ep=2, name="B"),
+            ParallelLayout(ranks=[1, 0, 3, 2], pp=2, dp=2, ep=2, name="C"),
+            ParallelLayout(ranks="0-3", tp=2, dp=2, name="D")]  # ep=1
+    out = []
+    me = torch.tensor([float(dist.get_rank())])
+    for lay in lays:
+        v = dict(coord=(lay.ep_rank, lay.edp_rank), edp_is_dp=lay.edp_group is lay.dp_group,
+                 expert_mp_is_mp=lay.expert_mp_group is lay.mp_group)
+        for axis in ("ep", "edp", "expert_mp"):
+            g = getattr(lay, f"{axis}_group")
+            v[axis] = _ranks(g)
+            if g is not None:  # who answers a collective in this group, in which order
+                parts = [torch.empty_like(me) for _ in range(dist.get_world_size(g))]
+                dist.all_gather(parts, me, group=g)
+                v[f"{axis}_gather"] = [int(p.item()) for p in parts]
+                v[f"{axis}_pos"] = group_rank(g)
+        out.append(v)
+    return out
+
+
+def test_expert_groups_hold_the_right_ranks_in_layout_order(dist_pool):
+    views = dist_pool(4).run(_expert_groups_report)
+    # rank -> ((ep_rank, edp_rank), ep group, edp group, expert_mp group); a group of one is None.
+    A = {3: ((0, 0), [3, 1], [3, 2], [3, 1]), 1: ((1, 0), [3, 1], [1, 0], [3, 1]),
+         2: ((0, 1), [2, 0], [3, 2], [2, 0]), 0: ((1, 1), [2, 0], [1, 0], [2, 0])}
+    B = {0: ((0, 0), [0, 2], None, [0, 1, 2, 3]), 1: ((0, 0), [1, 3], None, [0, 1, 2, 3]),
+         2: ((1, 0), [0, 2], None, [0, 1, 2, 3]), 3: ((1, 0), [1, 3], None, [0, 1, 2, 3])}
+    C = {1: ((0, 0), [1, 0], None, [1, 0, 3, 2]), 0: ((1, 0), [1, 0], None, [1, 0, 3, 2]),
+         3: ((0, 0), [3, 2], None, [1, 0, 3, 2]), 2: ((1, 0), [3, 2], None, [1, 0, 3, 2])}
+    # ep=1: no ep group; the expert groups are the dense ones (dp [r, r±2], mp the tp pair).
+    D = {r: ((0, r // 2), None, [r % 2, r % 2 + 2], [r - r % 2, r - r % 2 + 1]) for r in range(4)}
+    for li, (name, expect) in enumerate(zip("ABCD", [A, B, C, D])):
+        for rank in range(4):
+            v, (coord, ep, edp, emp) = views[rank][li], expect[rank]
+            assert v["coord"] == coord, (name, rank, v)
+            assert (v["ep"], v["edp"], v["expert_mp"]) == (ep, edp, emp), (name, rank, v)
+            for axis, want in (("ep", ep), ("edp", edp), ("expert_mp", emp)):
+                if want is not None:
+                    assert v[f"{axis}_gather"] == want and v[f"{axis}_pos"] == want.index(rank)
+            assert v["edp_is_dp"] == v["expert_mp_is_mp"] == (name == "D"), (name, rank)
 
 
 def _errors_in_a_live_world():
