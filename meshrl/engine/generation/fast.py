@@ -30,6 +30,7 @@ from meshrl.parallel.pipeline import fill_from_last_stage
 
 from ..model.attention import PackedMeta
 from .forward import stage_pass
+from .lockstep import agree_max, coupled, idle_pass
 from .outputs import GenerationResult, to_result
 from .sampling import SamplingParams
 from .schedule import Schedule
@@ -169,17 +170,22 @@ class FastGenerator:
                                seq_offset=seq_offset)
         n_slots = seqs.slot_count(slots)
         device = device if device is not None else self.stage.inv_freq.device
+        # under ep the replicas' decode steps exchange rows: the same slot count (and cache, so
+        # the same session reuse) on each
+        n_slots, longest = agree_max([n_slots, max(len(p) for p in seqs.prompts)],
+                                     self.stage.layout, device)
         with preferred_blas(self.opts.blas, device):
-            return self._generate(seqs, params, n_slots, device, on_progress)
+            return self._generate(seqs, params, n_slots, longest, device, on_progress)
 
-    def _generate(self, seqs: Sequences, params, n_slots, device, on_progress) -> GenerationResult:
+    def _generate(self, seqs: Sequences, params, n_slots, longest, device,
+                  on_progress) -> GenerationResult:
         self.weights.refresh()
         fingerprint = self.weights.fingerprint()
         if fingerprint != self._fingerprint:  # parameters moved: graphs point at old storage
             for sess in self._sessions.values():
                 sess.graphs, sess.prepared = None, False
             self._fingerprint = fingerprint
-        sess = self._session(n_slots, max(len(p) for p in seqs.prompts), params, device)
+        sess = self._session(n_slots, longest, params, device)
         sess.reset()
         table = SlotTable(n_slots, seqs, refill=self.opts.refill,
                           share_prefixes=self.opts.share_prefixes)
@@ -187,12 +193,19 @@ class FastGenerator:
         outputs = {}  # sequence -> its row of Session.rows_of (last stage)
         first_hidden = {}  # prompt -> final hidden state at its last position (last stage)
         stats = dict(slots=n_slots, decode_steps=0, prefill_tokens=0, admissions=0)
-        while not table.all_finished:
+        layout = self.stage.layout
+        while True:
             # Each round either admits (prefill, first tokens) or decodes a chunk, then reads the
             # done flags: a sequence that ends at its first token (an EOS, a limit of 1) frees its
-            # slot before any chunk is spent on it.
-            adm = table.admit()
-            if adm:
+            # slot before any chunk is spent on it. Under ep the group's replicas agree on the
+            # round: all admit if one does (the others pass idle), all decode while one runs.
+            adm = None if table.all_finished else table.admit()
+            admit, busy = agree_max([int(bool(adm)), int(not table.all_finished)], layout, device)
+            if not busy:
+                break
+            if admit and not adm:
+                idle_pass(self.stage, device)
+            elif admit:
                 stats["prefill_tokens"] += self._admit(sess, seqs, params, adm, first_hidden)
                 stats["admissions"] += 1
             else:
@@ -290,6 +303,8 @@ class FastGenerator:
                 ends = h[(meta.cu_seqlens[1:] - 1).long()]
                 for i, (_, p) in enumerate(adm.prefill):
                     first_hidden[p] = ends[i]
+        elif coupled(layout):  # every prompt already held by a slot: no pass of our own
+            idle_pass(stage, dev)
         if adm.copies:
             src, dst, prompts = zip(*adm.copies)
             sess.cache.copy_prefix(torch.tensor(src, device=dev), torch.tensor(dst, device=dev),

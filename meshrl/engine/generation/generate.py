@@ -8,6 +8,7 @@ import contextlib
 import os
 
 from .fast import FastGenerator, FastOptions
+from .lockstep import agree_max, coupled
 from .outputs import GenerationResult
 from .reference import generate_reference
 from .sampling import SamplingParams
@@ -54,11 +55,27 @@ def generator(stage, engine: str | None = None, options: FastOptions | None = No
         # holding a second one beside it
         fast = FastGenerator(stage, options or FastOptions(max_sessions=1))
         try:
-            yield fast.generate
+            yield _in_step(stage, fast.generate)
         finally:
             fast.release()
     else:
-        yield lambda prompts, params, **kw: generate_static_reference(stage, prompts, params, **kw)
+        yield _in_step(stage, lambda prompts, params, **kw:
+                       generate_static_reference(stage, prompts, params, **kw))
+
+
+def _in_step(stage, gen):
+    """``gen``, and under ep, for a replica given no prompts, a one-token placeholder generated
+    beside its peers (output dropped): the replicas of an ep group must all run."""
+    if not coupled(stage.layout):
+        return gen
+
+    def run(prompts, params, **kw):
+        if prompts:
+            return gen(prompts, params, **kw)
+        kw.update(samples=1, limits=[1], seq_offset=0)
+        gen([[0]], params, **kw)
+        return GenerationResult([], [], [])
+    return run
 
 
 def generate_static_reference(stage, prompts, params: SamplingParams, *, seq_offset: int = 0,
@@ -69,9 +86,17 @@ def generate_static_reference(stage, prompts, params: SamplingParams, *, seq_off
     seqs = Sequences.build(prompts, params.max_new_tokens, samples=samples, limits=limits,
                            seq_offset=seq_offset)
     size = seqs.slot_count(slots)
+    batches = -(-len(seqs) // size)
+    # under ep every replica of a group runs as many batches as the one with the most; the extra
+    # ones generate a one-token placeholder (output dropped)
+    device = device if device is not None else stage.inv_freq.device
+    batches = agree_max([batches], stage.layout, device)[0]
     parts = []
-    for lo in range(0, len(seqs), size):
-        hi = min(len(seqs), lo + size)
+    for b in range(batches):
+        lo, hi = b * size, min(len(seqs), (b + 1) * size)
+        if lo >= len(seqs):
+            generate_reference(stage, [[0]], params, device=device, limits=[1])
+            continue
         parts.append(generate_reference(stage, seqs.flat_prompts(lo, hi), params,
                                         seq_offset=seq_offset + lo, device=device,
                                         limits=seqs.limits[lo:hi]))

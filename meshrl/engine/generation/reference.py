@@ -15,6 +15,7 @@ from meshrl.parallel.pipeline import fill_from_last_stage
 
 from ..model.attention import PackedMeta, varlen_causal_attention
 from .forward import full_logits, param_dtype, stage_pass
+from .lockstep import agree_all, agree_max
 from .outputs import GenerationResult, to_result
 from .sampling import SamplingParams, sample_tokens
 from .sequences import Sequences
@@ -77,7 +78,8 @@ def generate_reference(stage, prompts: list[list[int]], params: SamplingParams, 
     device = device if device is not None else stage.inv_freq.device
     B, H = len(prompts), stage.cfg.hidden_size
     lengths = [len(p) for p in prompts]
-    width = max(seqs.limits)
+    # under ep the replicas of a group step together until the last of their sequences ends
+    width = agree_max([max(seqs.limits)], layout, device)[0]
     cache = KVCache(stage, B, max(lengths) + width, dtype=param_dtype(stage), device=device)
     seq_ids = torch.arange(seq_offset, seq_offset + B, device=device)
     last_step = torch.tensor(seqs.limits, device=device) - 1
@@ -113,7 +115,7 @@ def generate_reference(stage, prompts: list[list[int]], params: SamplingParams, 
         hit = live & torch.isin(tok, stop)
         finish[hit] = torch.where(torch.isin(tok[hit], eos), 1, 2)
         done |= hit | (live & (last_step <= step))
-        if bool(done.all()):
+        if agree_all(bool(done.all()), layout, device):
             break
         meta = PackedMeta(torch.arange(B + 1, dtype=torch.int32, device=device), 1, cache.lengths.clone())
         h = stage_pass(stage, tok, meta, cache, (B, H))

@@ -62,14 +62,15 @@ class LayerWeights:
     o: torch.Tensor
     o_bias: torch.Tensor | None
     ln2: torch.Tensor
-    gate: torch.Tensor  # gate and up rows stacked when fused, else the gate alone
+    gate: torch.Tensor | None  # gate and up rows stacked when fused, else the gate alone
     gate_bias: torch.Tensor | None
     up: torch.Tensor | None  # None when fused into ``gate``
     up_bias: torch.Tensor | None
-    down: torch.Tensor
+    down: torch.Tensor | None
     down_bias: torch.Tensor | None
     q_norm: torch.Tensor | None = None  # per-head RMSNorm weights (Qwen3), else None
     k_norm: torch.Tensor | None = None
+    moe: object = None  # a sparse layer's SparseMoE (its weights read in place); gate.. None
 
 
 def _d(p):
@@ -109,9 +110,18 @@ class DecodeWeights:
     def refresh(self):
         self.layers = []
         for idx, layer in self.stage.model.layers.items():
-            a, m = layer.self_attn, layer.mlp
+            a, m = layer.self_attn, layer.feed_forward
             qkv = self._fused((idx, "qkv"), [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
             qkv_b = self._fused((idx, "qkv_b"), [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            if layer.mlp_name != "mlp" or not hasattr(m, "gate_proj"):  # routed experts
+                self.layers.append(LayerWeights(
+                    ln1=_d(layer.input_layernorm.weight), qkv=qkv, qkv_bias=qkv_b,
+                    o=_d(a.o_proj.weight), o_bias=_d(a.o_proj.bias),
+                    ln2=_d(layer.post_attention_layernorm.weight), gate=None, gate_bias=None,
+                    up=None, up_bias=None, down=None, down_bias=None,
+                    q_norm=None if a.q_norm is None else _d(a.q_norm.weight),
+                    k_norm=None if a.k_norm is None else _d(a.k_norm.weight), moe=m))
+                continue
             if self.fuse_mlp:
                 gate = self._fused((idx, "gu"), [m.gate_proj.weight, m.up_proj.weight])
                 gate_b = self._fused((idx, "gu_b"), [m.gate_proj.bias, m.up_proj.bias])
@@ -174,6 +184,13 @@ def post_attention(x, attn, attn_bias, ln_w, eps: float, gate_w, gate_b, up_w, u
     return x, F.linear(F.silu(g) * u, down_w)
 
 
+def post_attention_norm(x, attn, attn_bias, ln_w, eps: float):
+    """Attention residual and norm -> (x, the MLP's input): a sparse layer's routed experts take
+    it from there (``SparseMoE``, its own collectives)."""
+    x = _residual(x, attn, attn_bias)
+    return x, rms_norm(x, ln_w, eps)
+
+
 def finish_stage(x, delta, delta_bias, norm_w, eps: float):
     x = _residual(x, delta, delta_bias)
     return x if norm_w is None else rms_norm(x, norm_w, eps)
@@ -189,6 +206,7 @@ class StepFns:
     final: object = finish_stage
     rope: object = rope_cos_sin  # the step's rotary tables, once for all layers
     record: object = record_step
+    post_norm: object = post_attention_norm
 
     @staticmethod
     def compiled(mode: str | None = None, *, prefill: bool = False):
@@ -198,7 +216,8 @@ class StepFns:
         copies with code objects of their own, because torch.compile caches, and counts
         recompilations against its limit, per code object."""
         kw = dict(dynamic=None if prefill else False, fullgraph=True, mode=mode)
-        fns = (pre_attention, post_attention, finish_stage, rope_cos_sin, record_step)
+        fns = (pre_attention, post_attention, finish_stage, rope_cos_sin, record_step,
+               post_attention_norm)
         return StepFns(*(torch.compile(_own_code(f, "prefill_") if prefill else f, **kw)
                          for f in fns))
 
@@ -211,10 +230,12 @@ def _own_code(fn, prefix: str):
     return copy
 
 
-def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *, rotate: bool):
+def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *, rotate: bool,
+               static: bool):
     """This stage's layers (and final norm on the last stage) for the rows of x [N, H] at
     positions pos [N]. ``attention(j, attn_module, q, k, v, rope)`` attends for the stage's j-th
-    layer; with ``rotate=False`` q and k come unrotated and ``rope`` is the step's (cos, sin)."""
+    layer; with ``rotate=False`` q and k come unrotated and ``rope`` is the step's (cos, sin).
+    ``static``: sparse layers keep every shape fixed (a captured decode step; SparseMoE.forward)."""
     cfg, group = stage.cfg, stage.layout.tp_group
     cos, sin = fns.rope(stage.inv_freq, pos, x.dtype)
     rope = None if rotate else (cos, sin)
@@ -225,6 +246,10 @@ def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *
                              cos, sin, a.n_heads, a.n_kv, a.head_dim, rotate, lw.q_norm, lw.k_norm)
         o = attention(j, a, q, k, v, rope)
         out = mappings.all_reduce(F.linear(o.reshape(o.shape[0], -1), lw.o), group)
+        if lw.moe is not None:
+            x, h = fns.post_norm(x, out, lw.o_bias, lw.ln2, cfg.rms_norm_eps)
+            delta, delta_bias = lw.moe(h, static=static), None  # reduced over tp inside
+            continue
         x, delta = fns.post(x, out, lw.o_bias, lw.ln2, cfg.rms_norm_eps, lw.gate, lw.gate_bias, lw.up,
                             lw.up_bias, lw.down)
         delta, delta_bias = mappings.all_reduce(delta, group), lw.down_bias
@@ -246,7 +271,8 @@ def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *
     def attend_cached(j, a, q, k, v, rope):
         kc, vc = caches[j]
         return attend(q, k, v, kc, vc, pos, window=a.window, backend=backend, rope=rope, **launch)
-    return run_layers(stage, weights, fns, x, pos, attend_cached, rotate=backend == "torch")
+    return run_layers(stage, weights, fns, x, pos, attend_cached, rotate=backend == "torch",
+                      static=True)
 
 
 def prefill_layers(stage, weights: DecodeWeights, fns: StepFns, x, meta, cache: StaticKVCache):
@@ -254,4 +280,5 @@ def prefill_layers(stage, weights: DecodeWeights, fns: StepFns, x, meta, cache: 
     on GPU), their keys and values written to the static cache."""
     def attend_packed(j, a, q, k, v, rope):
         return cache.attend(a.layer_idx, q, k, v, meta, window=a.window)
-    return run_layers(stage, weights, fns, x, meta.position_ids, attend_packed, rotate=True)
+    return run_layers(stage, weights, fns, x, meta.position_ids, attend_packed, rotate=True,
+                      static=False)

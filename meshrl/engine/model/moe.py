@@ -252,15 +252,15 @@ class SparseMoE(nn.Module):
 
     # ---- the sparse path: sort by expert, exchange, run, exchange back, weight and sum ----------
     def _sparse(self, x, idx, w):
-        N, k = idx.shape
+        (N, k), H = idx.shape, x.shape[-1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
         # each token's row k times, then a permutation: both have deterministic backwards (a sum
         # over k, a scatter to distinct rows), unlike a gather with repeated indices
-        rows = x.unsqueeze(1).expand(N, k, x.shape[-1]).reshape(N * k, -1)[order]
+        rows = x.unsqueeze(1).expand(N, k, H).reshape(N * k, H)[order]
         counts = torch.bincount(flat, minlength=self.num_experts)
         out = self._run_experts(rows, counts)
-        out = out[torch.argsort(order)].view(N, k, -1)
+        out = out[torch.argsort(order)].view(N, k, H)
         return (out.float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
 
     def _run_experts(self, rows, counts):
