@@ -35,6 +35,12 @@ class PackedBatch:
                            {k: v.to(device) for k, v in self.tokens.items()},
                            {k: v.to(device) for k, v in self.seqs.items()})
 
+    def emptied(self) -> "PackedBatch":
+        """No sequences, the same fields: a microbatch that keeps expert-parallel replicas in step."""
+        meta = PackedMeta(self.meta.cu_seqlens[:1], 0, self.meta.position_ids[:0])
+        return PackedBatch(self.input_ids[:0], meta, {k: v[:0] for k, v in self.tokens.items()},
+                           {k: v[:0] for k, v in self.seqs.items()})
+
     def last_index(self) -> torch.Tensor:
         """Position of each sequence's last token [B]."""
         return (self.meta.cu_seqlens[1:] - 1).long()

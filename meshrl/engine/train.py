@@ -89,7 +89,7 @@ class Trainer:
         """Forward/backward every microbatch, then one optimizer update. Returns global metrics
         (identical on every rank of the layout)."""
         device = _device_of(self.stage)
-        mbs = [mb.to(device) for mb in microbatches]
+        mbs = in_expert_step([mb.to(device) for mb in microbatches], self.layout, device)
         self.opt.set_lr(self.cfg.lr_at(self.steps))
         self.opt.zero_grad()
         with self._router_losses(mbs):
@@ -145,11 +145,24 @@ def infer(stage, microbatches: list[PackedBatch], fn) -> list:
     """``fn(stage, hidden, mb)`` on every microbatch (last stage), results broadcast to all stages of
     the pipeline, moved to the CPU."""
     device = _device_of(stage)
-    mbs = [mb.to(device) for mb in microbatches]
+    mbs = in_expert_step([mb.to(device) for mb in microbatches], stage.layout, device)
     out = forward_only(_stage_step(fn), mbs, stage, stage.layout, device=device)
     if out is not None:
-        out = [to_host(o) for o in out]
+        out = [to_host(o) for o in out[:len(microbatches)]]
     return broadcast_from_last_stage(out, stage.layout, device=device)
+
+
+def in_expert_step(mbs: list[PackedBatch], layout, device) -> list[PackedBatch]:
+    """Under expert parallelism the replicas of an ep group meet at every sparse layer of every
+    microbatch: each runs as many microbatches as the one with the most, the extra ones empty (no
+    tokens: no loss, no gradient, no router statistics)."""
+    if layout.ep_size == 1:
+        return mbs
+    n = mappings.group_max([len(mbs)], layout.ep_group, device)[0]
+    if n > len(mbs) and not mbs:
+        raise ValueError(f"{layout.name}: an expert-parallel replica got no microbatches while "
+                         f"its ep group runs {n}: give every data-parallel replica some data")
+    return mbs + [mbs[0].emptied() for _ in range(n - len(mbs))]
 
 
 def global_token_count(microbatches: list[PackedBatch], layout, key: str = "loss_mask") -> float:

@@ -27,6 +27,15 @@ def all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return x
 
 
+def group_max(values: list[int], group, device=None) -> list[int]:
+    """The elementwise maximum of small integers over a group (a host-side agreement)."""
+    if group_size(group) == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t.tolist()
+
+
 def reduce_scatter_dim(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     """Sum over the group, keep this rank's equal piece along ``dim``."""
     n = group_size(group)

@@ -12,7 +12,8 @@ function here is the identity and costs nothing.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from meshrl.parallel.mappings import group_max
 
 from ..model.moe import SparseMoE
 
@@ -23,11 +24,7 @@ def coupled(layout) -> bool:
 
 def agree_max(values: list[int], layout, device) -> list[int]:
     """The elementwise maximum over the replicas of this rank's ep group."""
-    if not coupled(layout):
-        return list(values)
-    t = torch.tensor(values, dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=layout.ep_group)
-    return t.tolist()
+    return group_max(values, layout.ep_group, device)
 
 
 def agree_all(flag: bool, layout, device) -> bool:

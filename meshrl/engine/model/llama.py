@@ -80,7 +80,7 @@ class Attention(nn.Module):
             o = cache.attend(self.layer_idx, q, k, v, meta, window=self.window)
         else:
             o = varlen_causal_attention(q, k, v, meta, window=self.window)
-        return self.o_proj(o.reshape(o.shape[0], -1))
+        return self.o_proj(o.reshape(o.shape[0], self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):

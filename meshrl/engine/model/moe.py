@@ -108,8 +108,8 @@ class RouterLosses:
 
     def attach(self, x, layer: int, logits, probs, idx, *, tp_size: int, record: bool):
         """``x`` with this layer's losses attached (when a step is open and grad is enabled)."""
-        if self._open is None or not torch.is_grad_enabled():
-            return x
+        if self._open is None or not torch.is_grad_enabled() or logits.shape[0] == 0:
+            return x  # (an empty microbatch keeps ep replicas in step; it has no tokens to route)
         total, aux_coef, z_coef = self._open
         share = logits.shape[0] / total / len(self.layers)
         aux = load_balancing_loss(probs, idx, self.num_experts)
@@ -117,8 +117,8 @@ class RouterLosses:
         if record:
             row = self._stats[self._row[layer]]
             row[:self.num_experts] += torch.bincount(idx.reshape(-1), minlength=self.num_experts).to(row)
-            row[-2] += share * float(aux)
-            row[-1] += share * float(z)
+            row[-2] += share * float(aux.detach())
+            row[-1] += share * float(z.detach())
         # every tp rank routes the same tokens and adds the same loss: each adds 1/tp of it, and
         # the tp sums of the router's (partial) gradient and of the input's gradient make it whole
         loss = (aux_coef * aux + z_coef * z) * (share / tp_size)
