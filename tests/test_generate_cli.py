@@ -1,4 +1,5 @@
-"""`meshrl generate` end to end: one process and torchrun at tp=2, pp=2, with bad input errors."""
+"""`meshrl generate` end to end: one process and torchrun at tp=2, pp=2 (and for mixture-of-experts
+models at ep=2, tp2·ep2 and ep4 with a replica given no prompt), with bad input errors."""
 import json
 import os
 import subprocess
@@ -32,7 +33,12 @@ def _run(args, nproc=1):
     return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+RUNS = {"dense": [(1, []), (1, ["--engine", "fast"]), (4, ["--tp", "2", "--pp", "2"])],
+        "moe": [(1, ["--engine", "fast"]), (2, ["--ep", "2"]), (4, ["--tp", "2", "--ep", "2"]),
+                (4, ["--ep", "4", "--engine", "fast"])]}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen3_moe", "mixtral"])
 def test_greedy_cli_matches_transformers_single_and_tp2_pp2(setup, kind):
     import transformers
     d, model, prompts, rows = setup
@@ -51,7 +57,7 @@ def test_greedy_cli_matches_transformers_single_and_tp2_pp2(setup, kind):
         # no near-tie for fp32 differences to flip (smallest gap measured: 2.3e-2; see tests/engine/generation/test_reference.py)
         assert (top2[:, 0] - top2[:, 1]).min() > 1e-3, top2
         ref_logps.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(ref[-1])[:, None])[:, 0])
-    for nproc, extra in [(1, []), (1, ["--engine", "fast"]), (4, ["--tp", "2", "--pp", "2"])]:
+    for nproc, extra in RUNS["moe" if kind in ("qwen3_moe", "mixtral") else "dense"]:
         out = d / f"out{nproc}{''.join(extra)}.jsonl"
         r = _run(["generate", "--model", model, "--prompts", str(prompts), "--out", str(out),
                   "--greedy", "--max-new-tokens", "8", *extra], nproc)

@@ -5,7 +5,8 @@ fields pass through and order is preserved. Output adds ``output_ids``, ``comple
 and ``finish_reason``; with ``--samples-per-prompt K`` each input line gives K output lines in a row,
 numbered by ``sample``. dp = world / (tp·pp); replica d takes a contiguous block of the prompts and
 decodes ``--batch-size`` sequences at a time (the fast engine refills a slot as soon as its sequence
-finishes; its samples share the prompt's prefill).
+finishes; its samples share the prompt's prefill). ``--ep`` splits a mixture-of-experts model's
+experts over groups of ep replicas, which then step together.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def add_arguments(p):
     p.add_argument("--out", required=True, help="output JSONL")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert parallelism (MoE models): experts split over ep of the dp replicas")
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -74,7 +77,7 @@ def _prompt_ids(records, path, tokenizer, chat_template, vocab_size):
 
 
 def _check_args(args):
-    for flag in ("tp", "pp", "batch_size", "max_new_tokens", "samples_per_prompt"):
+    for flag in ("tp", "pp", "ep", "batch_size", "max_new_tokens", "samples_per_prompt"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)}: must be at least 1")
 
@@ -99,7 +102,7 @@ def run(args) -> int:
         raise LayoutError(f"world size {n} is not divisible by tp*pp={args.tp * args.pp}: "
                           "launch tp*pp*dp processes")
     layout = ParallelLayout(ranks=list(range(n)), tp=args.tp, pp=args.pp, dp=n // (args.tp * args.pp),
-                            name="generate")
+                            ep=args.ep, name="generate")
     cfg = load_config(args.model)
     try:
         tokenizer = load_tokenizer(args.model)
@@ -119,7 +122,7 @@ def run(args) -> int:
     lo = layout.dp_rank * len(prompts) // layout.dp_size
     hi = (layout.dp_rank + 1) * len(prompts) // layout.dp_size
     mine = {}
-    if hi > lo:
+    if hi > lo or layout.ep_size > 1:  # an ep group's replicas all run, with prompts or not
         r = generate(stage, prompts[lo:hi], params, seq_offset=lo * k, device=device,
                      engine=None if args.engine == "auto" else args.engine, samples=k,
                      slots=args.batch_size)

@@ -181,7 +181,7 @@ class LlamaStage(nn.Module):
         super().__init__()
         if head not in HEADS:
             raise ConfigError(f"head='{head}': use one of {HEADS}")
-        check_layout_fits(cfg, layout)
+        check_layout_fits(cfg, layout, layout.name)
         self.cfg, self.layout, self.head = cfg, layout, head
         self.sequence_parallel = sequence_parallel and layout.tp_size > 1
         self.activation_checkpointing = activation_checkpointing

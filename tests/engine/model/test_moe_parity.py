@@ -251,3 +251,24 @@ def test_moe_load_save_load_is_bit_exact(dist_pool, tmp_path, kind, layout):
         r: list(range(r * n_experts // ep, (r + 1) * n_experts // ep)) for r in range(ep)}
     m = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "a"))
     assert type(m).__name__ == transformers.AutoConfig.from_pretrained(src).architectures[0]
+
+
+@pytest.mark.parametrize("kind,sizes,needle", [
+    ("mixtral", dict(dp=3, ep=3), "actor_train: ep=3 does not divide num_experts=4"),
+    ("llama", dict(dp=2, ep=2), "actor_train: ep=2 but the model has no experts"),
+    ("mixtral", dict(dp=6, ep=4), "actor_train.ep=4 does not divide dp=6"),
+    ("qwen3_moe", dict(tp=3, dp=1), "actor_train: the experts' intermediate size 32 is not divisible by tp=3"),
+])
+def test_bad_expert_layouts_are_one_line_errors(tmp_path, kind, sizes, needle):
+    from meshrl.engine.model import LlamaStage
+    from meshrl.engine.model.config import ConfigError
+    from meshrl.parallel.layout import LayoutError
+    cfg = load_config(make_tiny_hf(kind, str(tmp_path / kind), seed=0,
+                                   **({"num_attention_heads": 3, "num_key_value_heads": 3,
+                                       "mlp_only_layers": []} if sizes.get("tp") == 3 else {})))
+    n = sizes.get("tp", 1) * sizes["dp"]
+    with pytest.raises((ConfigError, LayoutError)) as e:
+        layout = ParallelLayout(ranks=list(range(n)), virtual=True, as_rank=0, name="actor_train",
+                                **sizes)
+        LlamaStage(cfg, layout, device="meta")
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
