@@ -9,6 +9,7 @@ import torch
 
 from meshrl.engine.generation import stage_pass
 from meshrl.engine.model import PackedMeta, build_stage, load_config
+from meshrl.engine.model.moe import SparseMoE
 from meshrl.parallel import mappings
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
@@ -272,3 +273,26 @@ def test_bad_expert_layouts_are_one_line_errors(tmp_path, kind, sizes, needle):
                                 **sizes)
         LlamaStage(cfg, layout, device="meta")
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_grouped_gemm_path_equals_the_loop(moe_models):
+    """The grouped-GEMM path (torch._grouped_mm, CUDA's default for bf16) gives the loop's outputs
+    and gradients; fp32 on CPU, where torch runs it too."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")  # torch >= 2.8 has it; 2.13 is what CI installs
+    path, ids, _ = moe_models["qwen3_moe"]
+    x = torch.cat(ids)
+    meta = PackedMeta.from_lengths([len(s) for s in ids])
+    out = {}
+    for grouped in (False, True):
+        stage = build_stage(ParallelLayout(ranks=[0]), model_dir=path)
+        for layer in stage.model.layers.values():
+            if isinstance(layer.feed_forward, SparseMoE):
+                layer.feed_forward.grouped = grouped
+        h = stage(x, meta)
+        loss = (stage.logits(h) * torch.linspace(-1, 1, 101)).sum()
+        loss.backward()
+        out[grouped] = (h.detach(), {n: p.grad for n, p in stage.named_parameters()})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=0, atol=1e-5)
+    for name, g in out[False][1].items():
+        torch.testing.assert_close(out[True][1][name], g, rtol=1e-4, atol=1e-5, msg=name)
