@@ -36,12 +36,12 @@ def tiny_models(tmp_path_factory):
     return out
 
 
-def _replica_logits(path, ids, tp, pp, dp):
+def _replica_logits(path, ids, tp, pp, dp, ep=1):
     """Run on every rank; the last stage's tp rank 0 of each dp replica returns
     {sequence index: logits}. Replica d takes sequences d, d+dp, ..."""
     import torch.distributed as dist
     world = dist.get_world_size() if dist.is_initialized() else 1
-    layout = ParallelLayout(ranks=list(range(world)), tp=tp, pp=pp, dp=dp)
+    layout = ParallelLayout(ranks=list(range(world)), tp=tp, pp=pp, dp=dp, ep=ep)
     stage = build_stage(layout, model_dir=path)
     mine = list(range(layout.dp_rank, len(ids), dp))
     seqs = [ids[i] for i in mine]
@@ -59,14 +59,19 @@ def _replica_logits(path, ids, tp, pp, dp):
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "tp%d-pp%d-dp%d" % l)
 def test_logits_match_transformers(dist_pool, tiny_models, layout):
-    tp, pp, dp = layout
-    world = tp * pp * dp
-    for kind in KINDS:
-        path, ids, ref = tiny_models[kind]
+    check_logits(dist_pool, tiny_models, KINDS, layout)
+
+
+def check_logits(dist_pool, models, kinds, layout):
+    """Every sequence's logits, from whichever replica ran it, equal transformers' (``models``:
+    kind -> (path, ids, reference logits)); ``layout`` (tp, pp, dp[, ep])."""
+    world = layout[0] * layout[1] * layout[2]
+    for kind in kinds:
+        path, ids, ref = models[kind]
         if world == 1:
-            results = [_replica_logits(path, ids, tp, pp, dp)]
+            results = [_replica_logits(path, ids, *layout)]
         else:
-            results = dist_pool(world).run(_replica_logits, path, ids, tp, pp, dp)
+            results = dist_pool(world).run(_replica_logits, path, ids, *layout)
         got = {}
         for r in results:
             if r:

@@ -7,19 +7,20 @@ import contextlib
 import pytest
 import torch
 
-from meshrl.engine.generation import stage_pass
 from meshrl.engine.model import PackedMeta, build_stage, load_config
 from meshrl.engine.model.moe import SparseMoE
 from meshrl.parallel import mappings
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
+from tests.engine.model.test_hf_interop import _state
+from tests.engine.model.test_model_parity import check_logits
 
 KINDS = ["qwen3_moe", "mixtral"]
 LENGTHS = [5, 40, 1, 17]
 # (tp, pp, dp, ep)
+# (tp, pp, dp, ep); logits within test_model_parity.py's ATOL (fp32 summation orders only)
 LAYOUTS = [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2), (2, 1, 2, 2), (1, 2, 2, 2),
            (1, 1, 4, 4), (1, 1, 4, 2)]
-ATOL = 2e-5  # as the dense models' parity (test_model_parity.py): fp32 summation orders only
 
 
 @pytest.fixture(scope="module")
@@ -43,41 +44,9 @@ def _layout(tp, pp, dp, ep):
     return ParallelLayout(ranks=list(range(world)), tp=tp, pp=pp, dp=dp, ep=ep)
 
 
-def _replica_logits(path, ids, tp, pp, dp, ep):
-    """Replica d takes sequences d, d+dp, ...; its last stage's tp rank 0 returns their logits."""
-    layout = _layout(tp, pp, dp, ep)
-    stage = build_stage(layout, model_dir=path)
-    mine = list(range(layout.dp_rank, len(ids), dp))
-    seqs = [ids[i] for i in mine]
-    meta = PackedMeta.from_lengths([len(s) for s in seqs])
-    with torch.no_grad():
-        h = stage_pass(stage, torch.cat(seqs), meta)
-        if h is None:
-            return None
-        logits = mappings.all_gather_dim(stage.logits(h), -1, layout.tp_group)[:, :101]
-    if layout.tp_rank != 0:
-        return None
-    cu = meta.cu_seqlens.tolist()
-    return {i: logits[cu[j]:cu[j + 1]] for j, i in enumerate(mine)}
-
-
 @pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "tp%d-pp%d-dp%d-ep%d" % l)
 def test_moe_logits_match_transformers(dist_pool, moe_models, layout):
-    world = layout[0] * layout[1] * layout[2]
-    for kind in KINDS:
-        path, ids, ref = moe_models[kind]
-        if world == 1:
-            results = [_replica_logits(path, ids, *layout)]
-        else:
-            results = dist_pool(world).run(_replica_logits, path, ids, *layout)
-        got = {}
-        for r in results:
-            if r:
-                got.update(r)
-        assert sorted(got) == list(range(len(ids))), f"{kind}: sequences missing"
-        for i, logits in got.items():
-            err = (logits - ref[i]).abs().max().item()
-            assert err <= ATOL, f"{kind} {layout} sequence {i}: max abs diff {err}"
+    check_logits(dist_pool, moe_models, KINDS, layout)
 
 
 def hf_grad(ref: dict, name: str, cfg) -> torch.Tensor:
@@ -214,17 +183,6 @@ def _load_save(src, dst, layout_sizes):
     return layout.ep_rank, stage.load_report["bytes_read"] == held, names
 
 
-def _tensors(path):
-    import os
-
-    from safetensors.torch import load_file
-    out = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
-
-
 @pytest.mark.parametrize("kind,layout", [("qwen3_moe", (2, 1, 2, 2)), ("mixtral", (1, 2, 2, 2)),
                                          ("mixtral", (1, 1, 4, 4))],
                          ids=["qwen3_moe-tp2-ep2", "mixtral-pp2-ep2", "mixtral-ep4"])
@@ -237,7 +195,7 @@ def test_moe_load_save_load_is_bit_exact(dist_pool, tmp_path, kind, layout):
     world = layout[0] * layout[1] * layout[2]
     results = dist_pool(world).run(_load_save, src, str(tmp_path / "a"), layout)
     _load_save(str(tmp_path / "a"), str(tmp_path / "b"), (1, 1, 1, 1))
-    orig, a, b = _tensors(src), _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
+    orig, a, b = _state(src), _state(tmp_path / "a"), _state(tmp_path / "b")
     assert sorted(a) == sorted(orig) == sorted(b)
     for k in orig:
         assert torch.equal(orig[k], a[k]) and torch.equal(a[k], b[k]), k
