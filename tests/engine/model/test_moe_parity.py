@@ -17,7 +17,6 @@ from tests.engine.model.test_model_parity import check_logits
 
 KINDS = ["qwen3_moe", "mixtral"]
 LENGTHS = [5, 40, 1, 17]
-# (tp, pp, dp, ep)
 # (tp, pp, dp, ep); logits within test_model_parity.py's ATOL (fp32 summation orders only)
 LAYOUTS = [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2), (2, 1, 2, 2), (1, 2, 2, 2),
            (1, 1, 4, 4), (1, 1, 4, 2)]
