@@ -132,7 +132,6 @@ class RouterLosses:
             return {}
         # every tp rank saw the same tokens: count tp rank 0's
         stats = stats * (1.0 if layout.tp_rank == 0 else 0.0)
-        stats = stats.clone()
         if layout.group is not None:
             dist.all_reduce(stats, group=layout.group)
         out = {"router/aux_loss": float(stats[:, -2].sum()), "router/z_loss": float(stats[:, -1].sum())}
@@ -286,7 +285,7 @@ class SparseMoE(nn.Module):
             starts.append(row_starts)
         perm = [torch.arange(starts[src][e], starts[src][e] + got_l[src][e])
                 for e in range(per_rank) for src in range(self.ep_size)]
-        perm = torch.cat(perm).to(rows.device) if perm else torch.zeros(0, dtype=torch.long)
+        perm = torch.cat(perm).to(rows.device)
         local_counts = [sum(got_l[src][e] for src in range(self.ep_size)) for e in range(per_rank)]
         out = self._compute(recv[perm], local_counts)[torch.argsort(perm)]
         return mappings.all_to_all(out, in_rows, out_rows, self.ep_group)
