@@ -8,6 +8,11 @@ Memory per GPU (bytes; ``dt`` = parameter dtype bytes, P = this rank's parameter
   params      P·dt
   grads       P·4                      fp32 main-grad buffer (grad_buffer.py), even for bf16 params
   optimizer   P·12 / (dp if ZeRO-1)    fp32 master + Adam m and v (data_parallel.py)
+  MoE (expert parallelism ep, carved from dp): a rank holds num_experts/ep experts of each MoE
+              layer, each split by tp like an MLP; attention, norms, embeddings and the router stay
+              replicated over dp. P counts all of it (total parameters, not active ones); under
+              ZeRO-1 the dense part's optimizer state is split over dp, the experts' over the dp/ep
+              ranks holding the same experts.
   activations (training, per token per layer, measured with saved-tensor hooks, see the tests)
               norms 2·(4h + 2·dt·h + 4) (fp32 input copy, normalised, output, fp32 rstd),
               attention dt·(3q + 2kv) + 4·heads (flash keeps q, k, v, out and an fp32
@@ -15,12 +20,17 @@ Memory per GPU (bytes; ``dt`` = parameter dtype bytes, P = this rank's parameter
               the norms by tp but the column-parallel inputs are gathered (+2·dt·h). With
               activation checkpointing only each layer's input (dt·h) is kept, plus one layer's
               full set during recompute. 1F1B keeps min(microbatches, pp − stage) in flight.
-              Inference keeps one layer's transients: dt·(2h + 3f) per token.
+              A MoE layer's MLP term: k·(dt·(4f_e + h) + 4h + 40) + 4E + (4 − dt)·h (k routed
+              copies of each token: expert activations, dispatched input, fp32 output, routes;
+              fp32 router logits and input), measured like the dense terms. Qwen3's q/k norms
+              add (4 + dt)·head_dim + 4 per query and KV head of the tp rank.
+              Inference keeps one layer's transients: dt·(2h + 3f) per token (MoE: 3k·f_e + 2k·h).
   KV cache    batch per replica × (prompt + new) × layers per stage × 2 × kv heads per tp rank
               × head_dim × dt
 
 Time (a FLOP is counted as in the committed throughput benchmark: 2·P per token forward, 6·P
-training, 8·P with checkpointing; attention FLOPs are inside the measured rate):
+training, 8·P with checkpointing; attention FLOPs are inside the measured rate; for MoE, P is the
+active parameters: the dense part and k experts per MoE layer, the router included):
   train/forward microbatch = fixed + layers·per-layer + FLOPs/rate + TP collectives
   pipeline: (microbatches + pp − 1) × the slowest stage's microbatch (the 1F1B/GPipe bubble)
   decode step = max(weights + KV bytes / copy bandwidth, FLOPs/rate) + layers·per-layer-step,
@@ -29,7 +39,13 @@ training, 8·P with checkpointing; attention FLOPs are inside the measured rate)
   TP: 2 ring all-reduces of tokens·h per layer forward, 4 training (6 with recompute), each
       latency + 2(tp−1)/tp·bytes/bandwidth; PP: one latency + tokens·h bytes per boundary;
   DP: reduce-scatter of fp32 grads + all-gather of params under ZeRO-1 (an all-reduce without),
-      not overlapped with backward; optimizer: seconds per parameter from the benchmark.
+      not overlapped with backward; optimizer: seconds per parameter from the benchmark. Expert
+      gradients are reduced over their dp/ep ranks (the edp group), the dense ones over dp.
+  EP: each MoE layer sends every token's hidden state to its k experts and back, two all-to-alls
+      in the ep group (per tp rank) of k·tokens·h·dt bytes each per pass (forward; again in
+      backward; again in the recompute); a rank sends 1/ep of it to each peer, over NVLink to the
+      peers on its node and over its NIC to the others, both at once (`AllToAll`). A decoding
+      step moves its batch's k·b·h·dt twice per MoE layer the same way.
 """
 from __future__ import annotations
 
@@ -64,10 +80,16 @@ class CallShape:
     tp: int = 1
     pp: int = 1
     dp: int = 1
+    ep: int = 1
 
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.dp
+
+    @property
+    def edp(self) -> int:
+        """Ranks holding the same experts (their gradients are summed over them)."""
+        return self.dp // self.ep
 
 
 # ---- parameters per GPU ------------------------------------------------------------------------
@@ -78,14 +100,30 @@ def kv_heads_local(s: CallShape) -> int:
     return kv // s.tp if kv % s.tp == 0 else 1
 
 
-def layer_params(s: CallShape) -> int:
+def _attention_params(s: CallShape) -> int:
+    """One rank's attention and the layer's two norms (and Qwen3's per-head q/k norms)."""
     cfg, tp = s.mcfg, s.tp
     h, hd = cfg.hidden_size, cfg.head_dim
     q = cfg.num_attention_heads * hd // tp
     kv = kv_heads_local(s) * hd
-    f = cfg.intermediate_size // tp
-    n = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h
-    return n + (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias + (2 * f + h) * cfg.mlp_bias
+    n = h * q + 2 * h * kv + q * h + 2 * h + 2 * hd * cfg.qk_norm
+    return n + (q + 2 * kv) * cfg.qkv_bias + h * cfg.o_bias
+
+
+def expert_params(s: CallShape) -> int:
+    """One expert's gate, up and down projections on one tp rank."""
+    return 3 * s.mcfg.hidden_size * (s.mcfg.expert_intermediate_size // s.tp)
+
+
+def layer_params(s: CallShape, layer: int | None = None) -> int:
+    """Parameters one rank holds of decoder layer ``layer`` (None: a dense layer): a MoE layer
+    holds the router (replicated) and num_experts/ep experts."""
+    cfg, h = s.mcfg, s.mcfg.hidden_size
+    if layer is not None and cfg.is_moe_layer(layer):
+        return (_attention_params(s) + cfg.num_experts * h
+                + cfg.num_experts // s.ep * expert_params(s))
+    f = cfg.intermediate_size // s.tp
+    return _attention_params(s) + 3 * h * f + (2 * f + h) * cfg.mlp_bias
 
 
 def stage_layer_count(s: CallShape, stage: int) -> int:
@@ -93,12 +131,30 @@ def stage_layer_count(s: CallShape, stage: int) -> int:
     return (stage + 1) * L // s.pp - stage * L // s.pp
 
 
+def stage_layer_ids(s: CallShape, stage: int) -> range:
+    L = s.mcfg.num_hidden_layers
+    return range(stage * L // s.pp, (stage + 1) * L // s.pp)
+
+
+def stage_moe_layers(s: CallShape, stage: int) -> int:
+    """MoE layers on pipeline stage ``stage``."""
+    return sum(map(s.mcfg.is_moe_layer, stage_layer_ids(s, stage))) if s.mcfg.is_moe else 0
+
+
+def stage_expert_params(s: CallShape, stage: int) -> int:
+    """The expert weights one rank of ``stage`` holds (the rest of `stage_params` is dense)."""
+    return stage_moe_layers(s, stage) * s.mcfg.num_experts // s.ep * expert_params(s)
+
+
 def stage_params(s: CallShape, stage: int) -> int:
     """Parameters one rank of pipeline stage ``stage`` holds (padded vocabulary included)."""
     cfg = s.mcfg
     h = cfg.hidden_size
     vocab_local = -(-cfg.vocab_size // s.tp) * h
-    n = stage_layer_count(s, stage) * layer_params(s)
+    if cfg.is_moe:
+        n = sum(layer_params(s, i) for i in stage_layer_ids(s, stage))
+    else:
+        n = stage_layer_count(s, stage) * layer_params(s)
     if stage == 0:
         n += vocab_local
     if stage == s.pp - 1:
@@ -108,6 +164,25 @@ def stage_params(s: CallShape, stage: int) -> int:
         elif not (cfg.tie_word_embeddings and s.pp == 1):
             n += vocab_local
     return n
+
+
+def stage_active_params(s: CallShape, stage: int) -> float:
+    """Parameters one token's work touches per rank of ``stage``, the FLOPs' measure: the dense
+    part and, per MoE layer, k experts (balanced routing gives each rank of the ep group k
+    expert-token products per token it holds, whichever experts they are)."""
+    k = s.mcfg.num_experts_per_tok
+    return (stage_params(s, stage) - stage_expert_params(s, stage)
+            + stage_moe_layers(s, stage) * k * expert_params(s))
+
+
+def optimizer_params(s: CallShape, stage: int, zero1: bool) -> float:
+    """Parameters whose fp32 master and Adam moments one rank keeps: under ZeRO-1 the dense ones
+    split over dp, the experts over the dp/ep ranks that hold the same experts."""
+    P = stage_params(s, stage)
+    if not zero1:
+        return P
+    E = stage_expert_params(s, stage)
+    return (P - E) / s.dp + E / s.edp
 
 
 # ---- workload ----------------------------------------------------------------------------------
@@ -186,31 +261,52 @@ class Memory:
         return self.params + self.grads + self.optim + self.activations + self.kv
 
 
-def act_bytes_per_token_layer(s: CallShape, sp: bool) -> float:
+def act_bytes_per_token_layer(s: CallShape, sp: bool, moe: bool = False) -> float:
     cfg, tp, dt = s.mcfg, s.tp, s.dt
     h = cfg.hidden_size
     q = cfg.num_attention_heads * cfg.head_dim // tp
     kv = kv_heads_local(s) * cfg.head_dim
-    f = cfg.intermediate_size // tp
     norms = 2 * (4 * h + 2 * dt * h + 4)
     if sp and tp > 1:
         norms = norms / tp + 2 * dt * h
-    return norms + dt * (3 * q + 2 * kv) + 4 * cfg.num_attention_heads // tp + dt * 4 * f
+    if moe:
+        # per routed copy (k per token): the expert's activations and its dispatched input (dt),
+        # its fp32 output kept for the weighted sum, the int64 routes and fp32 weights; per token
+        # the fp32 router logits and, below fp32, the router's fp32 copy of the input in place
+        # of the MLP's (dt) copy of it
+        k = cfg.num_experts_per_tok
+        mlp = (k * (dt * (4 * (cfg.expert_intermediate_size // tp) + h) + 4 * h + 40)
+               + 4 * cfg.num_experts + (4 - dt) * h)
+    else:
+        mlp = dt * 4 * (cfg.intermediate_size // tp)
+    # Qwen3's per-head q and k norms: an fp32 copy of each head, its normalised output, its rstd
+    heads_normed = (cfg.num_attention_heads // tp + kv_heads_local(s)) * cfg.qk_norm
+    qk = heads_normed * ((4 + dt) * cfg.head_dim + 4)
+    return norms + qk + dt * (3 * q + 2 * kv) + 4 * cfg.num_attention_heads // tp + mlp
 
 
 def train_activations(s: CallShape, stage, *, sp, ckpt, mb_tokens, microbatches) -> float:
     layers = stage_layer_count(s, stage)
-    full = act_bytes_per_token_layer(s, sp)
+    moe = stage_moe_layers(s, stage)
+    per_layer = [act_bytes_per_token_layer(s, sp, m) for m in (False, True)]
+    full = (layers - moe) * per_layer[0] + moe * per_layer[1]  # the stage's layers, per token
     if ckpt:
         per_mb = mb_tokens * layers * s.dt * s.mcfg.hidden_size / (s.tp if sp and s.tp > 1 else 1)
-        one_layer = mb_tokens * full
+        one_layer = mb_tokens * max(per_layer[1] if moe else 0.0,
+                                    per_layer[0] if layers > moe else 0.0)
     else:
-        per_mb, one_layer = mb_tokens * layers * full, 0.0
+        per_mb, one_layer = mb_tokens * full, 0.0
     return min(microbatches, s.pp - stage) * per_mb + one_layer
 
 
 def forward_activations(s: CallShape, tokens) -> float:
-    return tokens * s.dt * (2 * s.mcfg.hidden_size + 3 * s.mcfg.intermediate_size // s.tp)
+    cfg, h = s.mcfg, s.mcfg.hidden_size
+    dense = 2 * h + 3 * cfg.intermediate_size // s.tp
+    if cfg.is_moe:
+        k = cfg.num_experts_per_tok
+        moe = 2 * h + 3 * k * (cfg.expert_intermediate_size // s.tp) + 2 * k * h
+        dense = moe if len(cfg.moe_layers) == cfg.num_hidden_layers else max(dense, moe)
+    return tokens * s.dt * dense
 
 
 def kv_cache_bytes(s: CallShape, stage, *, batch, context) -> float:
@@ -243,10 +339,41 @@ class Link:
 
 
 @dataclass(frozen=True)
+class AllToAll:
+    """The ep group's all-to-all: a rank sends 1/size of its buffer to each peer, ``intra_peers``
+    of them on its node (NVLink) and ``inter_peers`` on others (its NIC), both links at once;
+    the worst rank of the layout's groups."""
+    size: int = 1
+    intra_peers: int = 0
+    inter_peers: int = 0
+    intra_bw: float = 1.0
+    inter_bw: float = 1.0
+    latency: float = 0.0
+
+    def seconds(self, nbytes: float) -> float:
+        """One all-to-all of ``nbytes`` per rank (the whole buffer, its own share included)."""
+        if self.size == 1:
+            return 0.0
+        share = nbytes / self.size
+        return self.latency + max(self.intra_peers * share / self.intra_bw,
+                                  self.inter_peers * share / self.inter_bw)
+
+    def leaving(self, nbytes: float) -> float:
+        """Bytes of ``nbytes`` that leave the rank: (size − 1)/size of them."""
+        return nbytes * (self.size - 1) / self.size
+
+
+@dataclass(frozen=True)
 class Links:
     tp: Link
     pp: Link
     dp: Link
+    ep: AllToAll = AllToAll()
+    edp: Link | None = None  # the experts' gradient group (dp/ep ranks); None: dp's
+
+    @property
+    def expert_dp(self) -> Link:
+        return self.edp if self.edp is not None else self.dp
 
 
 def link_bandwidths(cluster, r: Rates) -> tuple[float, float]:
@@ -265,10 +392,20 @@ def group_links(layout: ParallelLayout, cluster, r: Rates) -> Links:
     def link(groups):
         cross = any(len({x // gpn for x in g}) > 1 for g in groups)
         return Link(len(groups[0]), inter if cross else intra, r.latency_s)
+    ep, edp = AllToAll(), None
+    E = L.ep_size
+    if E > 1:
+        groups = [L.ep_ranks_of(t, j, p) for p in range(L.pp_size) for j in range(L.dp_size // E)
+                  for t in range(L.tp_size)]
+        worst = max(((sum(y // gpn == x // gpn for y in g) - 1, sum(y // gpn != x // gpn for y in g))
+                     for g in groups for x in g), key=lambda n: max(n[0] / intra, n[1] / inter))
+        ep = AllToAll(E, *worst, intra, inter, r.latency_s)
+        edp = link([L.edp_ranks_of(t, e, p) for p in range(L.pp_size) for e in range(E)
+                    for t in range(L.tp_size)])
     return Links(
         tp=link([L.tp_ranks_of(d, p) for t, d, p in coords if t == 0]),
         pp=link([L.pp_ranks_of(t, d) for t, d, p in coords if p == 0]),
-        dp=link([L.dp_ranks_of(t, p) for t, d, p in coords if d == 0]))
+        dp=link([L.dp_ranks_of(t, p) for t, d, p in coords if d == 0]), ep=ep, edp=edp)
 
 
 @dataclass
@@ -278,6 +415,10 @@ class CallTime:
     flops: float           # model FLOPs by the benchmark's convention
     gpus: int
     parts: dict = field(default_factory=dict)  # seconds by cause: compute, comm, bubble, overhead
+    # the experts' all-to-alls (MoE, ep > 1) on the busiest rank, in all: seconds (also among
+    # ``parts``, prefill's inside its own) and bytes that leave the rank
+    a2a_seconds: float = 0.0
+    a2a_bytes: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -290,6 +431,25 @@ class CallTime:
 
 def _stages(s: CallShape):
     return [(i, stage_params(s, i), stage_layer_count(s, i)) for i in range(s.pp)]
+
+
+def a2a_passes(train: bool, ckpt: bool = False) -> int:
+    """Times a microbatch crosses each MoE layer: forward, backward, and the recompute."""
+    return (3 if ckpt else 2) if train else 1
+
+
+def moe_a2a(s: CallShape, tokens: float, links: Links, *, passes: int = 1,
+            stage: int | None = None) -> tuple[float, float]:
+    """(seconds, bytes leaving the rank) of the experts' all-to-alls for ``tokens`` tokens on one
+    rank of ``stage`` (None: the stage with the most MoE layers): per MoE layer and pass, the
+    dispatch and the combine of k·tokens hidden states each. Zero for a dense model or ep 1."""
+    if links.ep.size == 1 or not s.mcfg.is_moe:
+        return 0.0, 0.0
+    layers = (stage_moe_layers(s, stage) if stage is not None
+              else max(stage_moe_layers(s, i) for i in range(s.pp)))
+    nbytes = s.mcfg.num_experts_per_tok * tokens * s.mcfg.hidden_size * s.dt
+    n = 2 * passes * layers
+    return n * links.ep.seconds(nbytes), n * links.ep.leaving(nbytes)
 
 
 def attention_span(seq_len: float, mb_tokens: float, dense_block: int) -> float:
@@ -324,27 +484,56 @@ def _forward_pass(s: CallShape, tokens_rep, mb_tokens, r: Rates, links: Links,
     # elementwise work is not split by tp: every rank normalises all its tokens (sequence
     # parallelism would split it; priced as replicated)
     elem_per_layer = (r.train_elem_s if train else r.fwd_elem_s) * h * mbt
-    worst, parts = 0.0, {}
-    for _, P, layers in _stages(s):
+    worst, parts, a2a_bytes = 0.0, {}, 0.0
+    for stage, _, layers in _stages(s):
+        P = stage_active_params(s, stage)  # MoE: the k experts a token runs through
         comp = k * (P + layers * attn) * mbt / rate
         elem = layers * elem_per_layer
         comm = colls * layers * links.tp.all_reduce(mbt * h * dt)
+        a2a, nbytes = moe_a2a(s, mbt, links, passes=a2a_passes(train, ckpt), stage=stage)
         over = fixed + layers * per_layer
-        if comp + elem + comm + over > worst:
-            worst = comp + elem + comm + over
+        if comp + elem + comm + a2a + over > worst:
+            worst = comp + elem + comm + a2a + over
             parts = {"compute": comp, "elementwise": elem, "tp_comm": comm, "overhead": over}
+            if a2a:
+                parts["ep_a2a"] = a2a
+            a2a_bytes = nbytes
     p2p = (2 if train else 1) * links.pp.p2p(mbt * h * dt) if pp > 1 else 0.0
     slots = m + pp - 1
     out = {k2: v * m for k2, v in parts.items()}
     out["pp_comm"] = p2p * slots
     out["bubble"] = worst * (pp - 1)
+    out["_a2a_bytes"] = a2a_bytes * m
     return worst * slots + p2p * slots, out
+
+
+def _split_a2a(parts: dict) -> tuple[dict, float]:
+    """``_forward_pass``'s parts without its all-to-all bytes, and those bytes."""
+    parts = dict(parts)
+    return parts, parts.pop("_a2a_bytes", 0.0)
+
+
+def active_params(s: CallShape) -> int:
+    """The whole model's parameters one token runs through (MoE: k experts per MoE layer)."""
+    return s.mcfg.num_params(value_head=s.head == "value", active=True)
 
 
 def forward_time(s: CallShape, *, tokens, mb_tokens, seq_len, r: Rates, links: Links) -> CallTime:
     secs, parts = _forward_pass(s, tokens / s.dp, mb_tokens, r, links, train=False, seq_len=seq_len)
-    return CallTime(secs, tokens, 2 * s.mcfg.num_params(value_head=s.head == "value") * tokens,
-                    s.gpus, parts)
+    parts, a2a = _split_a2a(parts)
+    return CallTime(secs, tokens, 2 * active_params(s) * tokens, s.gpus, parts,
+                    parts.get("ep_a2a", 0.0), a2a)
+
+
+def _grad_sync(s: CallShape, stage: int, zero1: bool, links: Links) -> float:
+    """One optimizer step's gradient (and ZeRO-1 parameter) traffic on a rank of ``stage``: the
+    dense part over dp, the experts over the dp/ep ranks that hold the same experts."""
+    E = stage_expert_params(s, stage)
+    out = 0.0
+    for P, link in ((stage_params(s, stage) - E, links.dp), (E, links.expert_dp)):
+        if P:
+            out += (link.half(4 * P) + link.half(s.dt * P)) if zero1 else link.all_reduce(4 * P)
+    return out
 
 
 def train_time(s: CallShape, *, tokens, mb_tokens, seq_len, updates, zero1, ckpt,
@@ -353,17 +542,23 @@ def train_time(s: CallShape, *, tokens, mb_tokens, seq_len, updates, zero1, ckpt
     per_update = tokens / updates
     secs, parts = _forward_pass(s, per_update / s.dp, mb_tokens, r, links, train=True, ckpt=ckpt,
                                 seq_len=seq_len)
-    P = max(p for _, p, _ in _stages(s))
-    if zero1:
-        sync = links.dp.half(4 * P) + links.dp.half(s.dt * P)
-    else:
-        sync = links.dp.all_reduce(4 * P)
-    opt = r.opt_fixed_s + r.opt_s_per_param * P / (s.dp if zero1 else 1)
+    parts, a2a = _split_a2a(parts)
+    sync, opt = max(((_grad_sync(s, i, zero1, links),
+                      r.opt_fixed_s + r.opt_s_per_param * optimizer_params(s, i, zero1))
+                     for i in range(s.pp)), key=sum)
     parts = {k: v * updates for k, v in parts.items()}
     parts.update(dp_comm=sync * updates, optimizer=opt * updates)
-    P_all = s.mcfg.num_params(value_head=s.head == "value")
     # model FLOPs (6·P·T), as the benchmark counts them: recomputation is cost, not work
-    return CallTime((secs + sync + opt) * updates, tokens, 6 * P_all * tokens, s.gpus, parts)
+    return CallTime((secs + sync + opt) * updates, tokens, 6 * active_params(s) * tokens, s.gpus,
+                    parts, parts.get("ep_a2a", 0.0), a2a * updates)
+
+
+def experts_read(s: CallShape, tokens: float) -> float:
+    """Experts of one MoE layer a rank reads in a decoding step when the ep group's ``tokens``
+    tokens each pick k of E experts, uniformly: its E/ep experts, each hit with probability
+    1 − (1 − k/E)^tokens."""
+    E, k = s.mcfg.num_experts, s.mcfg.num_experts_per_tok
+    return E / s.ep * (1 - (1 - k / E) ** tokens)
 
 
 def generate_time(s: CallShape, *, prompts, prompt_len, new_tokens, decode_steps,
@@ -376,26 +571,36 @@ def generate_time(s: CallShape, *, prompts, prompt_len, new_tokens, decode_steps
     b = per_rep / n_batches
     ctx = prompt_len + decode_steps / 2  # mean context over the decoding steps
     h = s.mcfg.hidden_size
-    step = compute = over = comm = 0.0
+    step = compute = over = comm = a2a = 0.0
     for stage, P, layers in _stages(s):
-        nbytes = P * dt + kv_cache_bytes(s, stage, batch=b, context=ctx)
-        c = max(nbytes / (r.copy_tbps * 1e12), 2 * P * b / (r.fwd_tflops * 1e12))
+        # weights read: the dense part, and the experts the ep group's batch routes to
+        E = stage_expert_params(s, stage)
+        read = P - E + (stage_moe_layers(s, stage) * experts_read(s, b * s.ep) * expert_params(s)
+                        if E else 0)
+        nbytes = read * dt + kv_cache_bytes(s, stage, batch=b, context=ctx)
+        c = max(nbytes / (r.copy_tbps * 1e12),
+                2 * stage_active_params(s, stage) * b / (r.fwd_tflops * 1e12))
         o = layers * r.decode_layer_s
         t = 2 * layers * links.tp.all_reduce(b * h * dt)
-        compute, over, comm = compute + c, over + o, comm + t
+        x = moe_a2a(s, b, links, stage=stage)[0]  # stepping the batch through every stage
+        compute, over, comm, a2a = compute + c, over + o, comm + t, a2a + x
     p2p = (pp - 1) * links.pp.p2p(b * h * dt)
     host = r.decode_step_s + b * r.decode_seq_s  # every tp rank samples its replica's batch
-    step = compute + over + comm + p2p + host
-    prefill, _ = _forward_pass(s, b * prompt_len, b * prompt_len, r, links, train=False,
-                               seq_len=prompt_len)
+    step = compute + over + comm + a2a + p2p + host
+    prefill, pre_parts = _forward_pass(s, b * prompt_len, b * prompt_len, r, links, train=False,
+                                       seq_len=prompt_len)
     secs = n_batches * (prefill + decode_steps * step)
     parts = {"decode_memory": n_batches * decode_steps * compute,
              "overhead": n_batches * decode_steps * (over + host),
              "tp_comm": n_batches * decode_steps * comm, "pp_comm": n_batches * decode_steps * p2p,
              "prefill": n_batches * prefill}
-    P_all = s.mcfg.num_params()
-    flops = 2 * P_all * prompts * (prompt_len + new_tokens)
-    return CallTime(secs, prompts * new_tokens, flops, s.gpus, parts)
+    if a2a:
+        parts["ep_a2a"] = n_batches * decode_steps * a2a
+    flops = 2 * active_params(s) * prompts * (prompt_len + new_tokens)
+    # the all-to-alls: decoding's and prefill's; bytes on a rank of the busiest stage
+    a2a_s = n_batches * (decode_steps * a2a + pre_parts.get("ep_a2a", 0.0))
+    a2a_bytes = n_batches * (decode_steps * moe_a2a(s, b, links)[1] + _split_a2a(pre_parts)[1])
+    return CallTime(secs, prompts * new_tokens, flops, s.gpus, parts, a2a_s, a2a_bytes)
 
 
 # ---- reallocation -----------------------------------------------------------------------------
@@ -407,46 +612,60 @@ def _stage_of(layer: int, num_layers: int, pp: int) -> int:
     return next(s for s in range(pp) if layer < (s + 1) * num_layers // pp)
 
 
-def _tp_pp(layout: ParallelLayout, rank: int) -> tuple[int, int]:
+def _coord(layout: ParallelLayout, rank: int) -> tuple[int, int, int]:
+    """(tp, pp, ep) of a rank: the ranks of one coordinate hold the same shards."""
     c = layout.coord_of(rank)
-    return c.tp, c.pp
+    return c.tp, c.pp, c.ep
 
 
 def _meta_specs(mcfg, head, layout: ParallelLayout, keep: set[int], cache: dict | None = None) -> dict:
     """{rank: specs} of the representative layers in ``keep`` (and the embeddings, final norm and
-    head), once per (tp, pp) coordinate (dp replicas hold the same shards; ``cache`` keeps them
-    across calls). Decoder layers are alike but for their index, so a coordinate's specs come
-    from a meta-built stage of one layer per stage, its layer renamed to each kept index of the
-    stage (the tests compare this with planning every layer of full stages)."""
+    head), once per (tp, pp, ep) coordinate (dp replicas holding the same experts hold the same
+    shards; ``cache`` keeps them across calls). Decoder layers are alike but for their index (and
+    whether they route to experts), so a coordinate's specs come from a meta-built stage of one
+    layer per stage, its layer renamed to each kept index of the stage (the tests compare this
+    with planning every layer of full stages); a model that mixes dense and MoE layers builds
+    one such stage of each kind."""
     cache = {} if cache is None else cache
-    key = (id(mcfg), head, layout.tp_size, layout.pp_size)
-    if key not in cache:  # {(tp, pp) coordinate: specs}
-        small = dataclasses.replace(mcfg, num_hidden_layers=layout.pp_size)
-        cache[key] = {_tp_pp(layout, r): specs for r, specs in meta_specs(small, head, layout).items()}
+    L, pp = mcfg.num_hidden_layers, layout.pp_size
+    mixed = mcfg.is_moe and 0 < len(mcfg.moe_layers) < L
+    key = (id(mcfg), head, layout.tp_size, pp, layout.ep_size)
+    if key not in cache:  # {kind (MoE layer or not): {(tp, pp, ep) coordinate: specs}}
+        kinds = [mcfg.is_moe] + ([False] if mixed else [])
+        cache[key] = {}
+        for moe in kinds:
+            small = dataclasses.replace(mcfg, num_hidden_layers=pp)
+            if mcfg.is_moe:  # every layer of the small stage of this kind
+                small = dataclasses.replace(small, decoder_sparse_step=1,
+                                            mlp_only_layers=() if moe else tuple(range(pp)))
+            cache[key][moe] = {_coord(layout, r): specs
+                               for r, specs in meta_specs(small, head, layout).items()}
     built = {}
-    for (tp, pp), specs in cache[key].items():
+    for coord, specs in cache[key][mcfg.is_moe].items():
         mine = {}
-        for n, spec in specs.items():
-            m = _LAYER.match(n)
-            if m is None:
-                mine[n] = spec
-                continue
-            rest = n[m.end():]
-            for i in stage_layers(mcfg.num_hidden_layers, layout.pp_size, pp):
-                if i in keep:
-                    name = f"model.layers.{i}.{rest}"
-                    mine[name] = dataclasses.replace(spec, name=name)
-        built[tp, pp] = mine
-    return {r: built[_tp_pp(layout, r)] for r in layout.ranks}
+        for moe, kind_specs in cache[key].items():
+            for n, spec in kind_specs[coord].items():
+                m = _LAYER.match(n)
+                if m is None:
+                    mine[n] = spec
+                    continue
+                rest = n[m.end():]
+                for i in stage_layers(L, pp, coord[1]):
+                    if i in keep and mcfg.is_moe_layer(i) == moe:
+                        name = f"model.layers.{i}.{rest}"
+                        mine[name] = dataclasses.replace(spec, name=name)
+        built[coord] = mine
+    return {r: built[_coord(layout, r)] for r in layout.ranks}
 
 
 def _representatives(mcfg: ModelConfig, src: ParallelLayout, dst: ParallelLayout) -> dict[int, int]:
     """{representative layer: layers it stands for}: layers whose (source stage, destination
-    stage) agree move alike."""
+    stage, dense or MoE) agree move alike."""
     L = mcfg.num_hidden_layers
     classes: dict[tuple, list[int]] = {}
     for i in range(L):
-        classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size)), []).append(i)
+        classes.setdefault((_stage_of(i, L, src.pp_size), _stage_of(i, L, dst.pp_size),
+                            mcfg.is_moe_layer(i)), []).append(i)
     return {v[0]: len(v) for v in classes.values()}
 
 

@@ -31,7 +31,8 @@ from meshrl.engine.model.llama import check_layout_fits
 from meshrl.parallel.layout import LayoutError, ParallelLayout, parse_ranks
 
 from . import costmodel as cm
-from meshrl.engine.runtime.config import CallSpec, RunConfig, RunConfigError, load_run_config
+from meshrl.engine.runtime.config import (CallSpec, RunConfig, RunConfigError, check_call_ep,
+                                          load_run_config)
 from meshrl.engine.runtime.models import DTYPES, complete_calls, load_model_config, model_heads
 from .plan_format import format_report
 from .rates import RATES_ENV, Rates, load_rates
@@ -66,11 +67,17 @@ class CallPlan:
 
     @property
     def tag(self) -> str:
-        return f"tp{self.spec.tp}·pp{self.spec.pp}·dp{self.spec.dp}"
+        return layout_tag(self.spec)
 
     @cached_property
     def shape(self) -> cm.CallShape:
-        return cm.CallShape(self.mcfg, self.head, self.dt, self.spec.tp, self.spec.pp, self.spec.dp)
+        return cm.CallShape(self.mcfg, self.head, self.dt, self.spec.tp, self.spec.pp, self.spec.dp,
+                            self.spec.ep)
+
+
+def layout_tag(c: CallSpec) -> str:
+    """tp·pp·dp, and ep when the call shares out experts."""
+    return f"tp{c.tp}·pp{c.pp}·dp{c.dp}" + (f"·ep{c.ep}" if c.ep > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -184,7 +191,11 @@ def call_layout(cfg: RunConfig, name: str, c: CallSpec, world: int, mcfg: ModelC
                         f"({cfg.cluster.nodes} nodes × {cfg.cluster.gpus_per_node}): use ranks "
                         f"below {world} or enlarge the cluster")
     try:
-        layout = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp, virtual=True,
+        check_call_ep(name, c, dp=c.dp, mcfg=mcfg)
+    except RunConfigError as e:
+        raise PlanError(str(e)) from None
+    try:
+        layout = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp, ep=c.ep, virtual=True,
                                 world_size=world, name=f"calls.{name}")
     except LayoutError as e:
         raise PlanError(str(e)) from None
@@ -248,7 +259,8 @@ def _call_plans(cfg: RunConfig, world: int) -> tuple[list[CallPlan], list[CallPl
     if overlap:
         raise PlanError(overlap)
     home_call = home_calls(calls)
-    key = lambda n: (calls[n].model, calls[n].ranks, calls[n].tp, calls[n].pp, calls[n].dp)  # noqa: E731
+    key = lambda n: (calls[n].model, calls[n].ranks, calls[n].tp, calls[n].pp, calls[n].dp,  # noqa: E731
+                     calls[n].ep)
 
     def make(row, src, phase=0):
         c = calls[src]
@@ -276,7 +288,7 @@ def own_memory(p: CallPlan, cfg: RunConfig, wl: cm.Workload, stage: int) -> cm.M
     if p.kind == "train":
         per_rep = wl.tokens * wl.epochs / wl.updates / spec.dp
         mem.grads = 4 * P
-        mem.optim = 12 * P / (spec.dp if m.optim.zero1 else 1)
+        mem.optim = 12 * cm.optimizer_params(s, stage, m.optim.zero1)
         mem.activations = cm.train_activations(
             s, stage, sp=m.sequence_parallel, ckpt=m.activation_checkpointing,
             mb_tokens=min(spec.microbatch_tokens, per_rep), microbatches=_microbatches(p, wl))
@@ -305,7 +317,7 @@ def _static_bytes(placements: list[CallPlan], cfg: RunConfig, kind: str, rank: i
             m = cfg.models[p.model]
             total += 4 * P
             if not (m.offload_when_idle and kind != "train"):
-                total += 12 * P / (p.spec.dp if m.optim.zero1 else 1)
+                total += 12 * cm.optimizer_params(p.shape, coord.pp, m.optim.zero1)
     return total
 
 
@@ -332,16 +344,17 @@ def _fit_message(p: CallPlan, cfg: RunConfig, mem_gb: float) -> str:
     parts = [("params", m.params), ("grads", m.grads), ("optimizer", m.optim),
              ("activations", m.activations), ("KV cache", m.kv), ("other resident", p.resident)]
     detail = " + ".join(f"{k} {v / cm.GB:.1f}" for k, v in parts if v)
+    spread = "raise tp, pp or ep" if p.mcfg.is_moe else "raise tp or pp"  # ep: experts shared out
     if p.resident > m.total:
         fix = "other models hold most of it: raise their tp or pp, or set offload_when_idle"
     elif p.kind == "gen" and m.kv > m.params:
-        fix = "lower generation.batch_size, or raise tp or pp"
+        fix = f"lower generation.batch_size, or {spread}"
     elif p.kind == "train" and not spec.activation_checkpointing:
-        fix = "raise tp or pp, or enable activation checkpointing"
+        fix = f"{spread}, or enable activation checkpointing"
     elif p.kind == "train":
-        fix = "raise tp or pp, or lower microbatch_tokens"
+        fix = f"{spread}, or lower microbatch_tokens"
     else:
-        fix = "raise tp or pp"
+        fix = spread
     return (f"calls.{p.name}: {p.peak / cm.GB:.1f} GB per GPU > {mem_gb:g} GB ({detail}): {fix}")
 
 

@@ -26,15 +26,32 @@ def _fmt(x: float, digits=3) -> str:
 
 def _memory_table(report: PlanReport) -> list[str]:
     budget = report.cfg.cluster.gpu_mem_gb * cm.GB
+    w = max(17, *(len(p.tag) + 3 for p in report.calls))
     out = [("memory per GPU, GB = 1e9 bytes (worst rank of each call; other = the other models and "
             "this model's state kept meanwhile; v = a view filled by reallocation)"),
-           (f"{'call':<13}{'model':<8}{'layout':<17}{'params':>7}{'grads':>7}{'optim':>7}"
+           (f"{'call':<13}{'model':<8}{'layout':<{w}}{'params':>7}{'grads':>7}{'optim':>7}"
             f"{'activ':>7}{'KV':>7}{'other':>7}{'peak':>7}")]
     for p in report.calls:
         m, lay = p.memory, p.tag + ("" if p.home else " v")
         cols = (m.params, m.grads, m.optim, m.activations, m.kv, p.resident, p.peak)
-        out.append(f"{p.name:<13}{p.model:<8}{lay:<17}" + "".join(f"{_gb(x):>7}" for x in cols)
+        out.append(f"{p.name:<13}{p.model:<8}{lay:<{w}}" + "".join(f"{_gb(x):>7}" for x in cols)
                    + ("  > budget" if p.peak > budget else ""))
+    return out
+
+
+def _a2a_lines(report: PlanReport) -> list[str]:
+    """The experts' all-to-alls of the calls that share out experts (MoE models at ep > 1)."""
+    rows = [p for p in report.calls if p.time is not None and p.time.a2a_seconds > 0]
+    if not rows:
+        return []
+    out = ["", ("expert all-to-all (MoE, ep > 1: every MoE layer sends each token to its k experts "
+                "and back within the ep group; seconds and GB leaving the busiest GPU per step)")]
+    for p in rows:
+        t, links = p.time, cm.group_links(p.layout, report.cfg.cluster, report.rates).ep
+        where = (f"{links.inter_peers} of {links.size - 1} peers on other nodes" if links.inter_peers
+                 else "within a node")
+        out.append(f"{p.name:<17}{p.tag:<20}{t.a2a_seconds:>9.3f} s{t.a2a_bytes / cm.GB:>9.1f} GB"
+                   f"  ({t.a2a_seconds / t.seconds:.0%} of the call; {where})")
     return out
 
 
@@ -164,6 +181,7 @@ def format_report(report: PlanReport) -> str:
         out += _realloc_table(report)
     if any(p.time for p in report.calls):
         out += _time_table(report)
+        out += _a2a_lines(report)
     out += ["", "rates:"] + [f"  {k} = {_fmt(getattr(r, k))}  ({v})" for k, v in r.sources.items()]
     out += report.notes  # a layout that does not fit is the error `meshrl plan` ends with
     return "\n".join(out)

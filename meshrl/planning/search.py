@@ -60,11 +60,12 @@ DEFAULT_BUDGET = 2_000_000  # partial plans visited before the search stops with
 
 @dataclass(frozen=True, order=True)
 class Choice:
-    """One call's layout: its ranks, tp, pp (dp is the rest) and microbatch tokens."""
+    """One call's layout: its ranks, tp, pp (dp is the rest), microbatch tokens and ep (MoE)."""
     ranks: tuple[int, ...]
     tp: int
     pp: int
     mb: int
+    ep: int = 1
 
     @property
     def dp(self) -> int:
@@ -72,7 +73,7 @@ class Choice:
 
     @property
     def layout_key(self) -> tuple:
-        return self.ranks, self.tp, self.pp
+        return self.ranks, self.tp, self.pp, self.ep
 
     @property
     def ranks_text(self) -> str:
@@ -80,10 +81,16 @@ class Choice:
 
     def spec(self, model: str) -> CallSpec:
         return CallSpec(model=model, ranks=self.ranks_text, tp=self.tp, pp=self.pp, dp=self.dp,
-                        microbatch_tokens=self.mb)
+                        ep=self.ep, microbatch_tokens=self.mb)
 
     def describe(self) -> str:
-        return f"ranks {self.ranks_text} tp{self.tp}·pp{self.pp}·dp{self.dp} mb{self.mb}"
+        ep = f"·ep{self.ep}" if self.ep > 1 else ""
+        return f"ranks {self.ranks_text} tp{self.tp}·pp{self.pp}·dp{self.dp}{ep} mb{self.mb}"
+
+    def as_dict(self, model: str) -> dict:
+        """The call as a config writes it (ep only when it shares out experts)."""
+        out = {"model": model, "ranks": self.ranks_text, "tp": self.tp, "pp": self.pp, "dp": self.dp}
+        return {**out, **({"ep": self.ep} if self.ep > 1 else {}), "microbatch_tokens": self.mb}
 
 
 @dataclass
@@ -212,15 +219,21 @@ class Search:
         c = self.calls[name]
         takes_mb = any(src == name and row_call(self.cfg, row).kind != GENERATE for row, src, _ in self.rows)
         if name not in self.free:
-            return [Choice(tuple(int(r) for r in c.ranks.split(",")), c.tp, c.pp, c.microbatch_tokens)]
+            return [Choice(tuple(int(r) for r in c.ranks.split(",")), c.tp, c.pp, c.microbatch_tokens,
+                           c.ep)]
         mbs = sorted({*self.microbatch_tokens, c.microbatch_tokens}) if takes_mb else [c.microbatch_tokens]
         layers = self.mcfg[c.model].num_hidden_layers
+        experts = self.mcfg[c.model].num_experts
         out = []
         for ranks in meshes(self.world, self.gpn):
             for tp in _powers_of_two(min(self.gpn, len(ranks))):
                 for pp in _powers_of_two(min(layers, len(ranks) // tp)):
                     if len(ranks) % (tp * pp) == 0:
-                        out += [Choice(ranks, tp, pp, mb) for mb in mbs]
+                        dp = len(ranks) // (tp * pp)
+                        # MoE: ep a power of two dividing dp and the experts (dense: 1)
+                        eps = [e for e in _powers_of_two(dp) if experts % e == 0 and dp % e == 0]
+                        out += [Choice(ranks, tp, pp, mb, ep) for ep in (eps if experts else [1])
+                                for mb in mbs]
         return out
 
     def _layout(self, name: str, ch: Choice):
@@ -285,13 +298,16 @@ class Search:
         if key not in self._static:
             m, mc = self.cfg.models[model], self.mcfg[model]
             base, fixed, off = (np.zeros(self.world) for _ in range(3))
-            shape = cm.CallShape(mc, self.heads[model], cm.DTYPE_BYTES[m.dtype], ch.tp, ch.pp, ch.dp)
+            shape = cm.CallShape(mc, self.heads[model], cm.DTYPE_BYTES[m.dtype], ch.tp, ch.pp, ch.dp,
+                                 ch.ep)
             for r in layout.ranks:
-                P = cm.stage_params(shape, layout.coord_of(r).pp)
+                stage = layout.coord_of(r).pp
+                P = cm.stage_params(shape, stage)
                 base[r] = P * shape.dt
                 if home and model in self.trained:
                     base[r] += 4 * P
-                    (off if m.offload_when_idle else fixed)[r] = 12 * P / (ch.dp if m.optim.zero1 else 1)
+                    (off if m.offload_when_idle else fixed)[r] = 12 * cm.optimizer_params(
+                        shape, stage, m.optim.zero1)
             self._static[key] = (base, fixed, off)
         return self._static[key]
 
@@ -674,9 +690,10 @@ def calls_yaml(choices: dict[str, Choice], calls: dict[str, CallSpec]) -> str:
     width = max(map(len, choices)) + 1
     lines = ["calls:"]
     for name in sorted(choices, key=lambda n: (n not in TRAIN_CALLS, n)):
-        ch = choices[name]
-        lines.append(f"  {name + ':':<{width}} {{model: {calls[name].model}, ranks: \"{ch.ranks_text}\", "
-                     f"tp: {ch.tp}, pp: {ch.pp}, dp: {ch.dp}, microbatch_tokens: {ch.mb}}}")
+        fields = choices[name].as_dict(calls[name].model)
+        fields["ranks"] = f'"{fields["ranks"]}"'
+        lines.append(f"  {name + ':':<{width}} {{" + ", ".join(f"{k}: {v}" for k, v in fields.items())
+                     + "}")
     return "\n".join(lines)
 
 
@@ -720,10 +737,8 @@ def search_json(res: SearchResult, calls: dict[str, CallSpec]) -> dict:
     from .plan_format import async_numbers
 
     def plan_dict(p: Plan) -> dict:
-        return {"seconds": p.seconds, "calls": {n: {"model": calls[n].model, "ranks": ch.ranks_text,
-                                                     "tp": ch.tp, "pp": ch.pp, "dp": ch.dp,
-                                                     "microbatch_tokens": ch.mb}
-                                                 for n, ch in p.choices.items()}}
+        return {"seconds": p.seconds,
+                "calls": {n: ch.as_dict(calls[n].model) for n, ch in p.choices.items()}}
     given = res.config_report
     return {"algorithm": res.cfg.algorithm, "nodes": res.cfg.cluster.nodes,
             "gpus_per_node": res.cfg.cluster.gpus_per_node, "exact": res.complete,
@@ -812,8 +827,7 @@ def write_config(path: str, config_path: str | None, overrides, choices, calls, 
     raw = OmegaConf.load(config_path) if config_path else OmegaConf.create({})
     if overrides:
         raw = OmegaConf.merge(raw, OmegaConf.from_dotlist(list(overrides)))
-    raw.calls = {n: {"model": calls[n].model, "ranks": ch.ranks_text, "tp": ch.tp, "pp": ch.pp,
-                     "dp": ch.dp, "microbatch_tokens": ch.mb} for n, ch in choices.items()}
+    raw.calls = {n: ch.as_dict(calls[n].model) for n, ch in choices.items()}
     if nodes is not None:
         raw.cluster.nodes = nodes
     OmegaConf.save(raw, path)
@@ -869,7 +883,8 @@ def _sweep(args, cfg: RunConfig, sizes: list[int], kw: dict) -> int:
             if r["seconds"] is None:
                 print(f"{r['nodes']:>5}{r['gpus']:>6}{'-':>9}{'-':>11}{'-':>9}  {r['why']}")
                 continue
-            lay = ", ".join(f"{n} tp{c['tp']}·pp{c['pp']}·dp{c['dp']}" for n, c in r["calls"].items())
+            lay = ", ".join(f"{n} tp{c['tp']}·pp{c['pp']}·dp{c['dp']}"
+                            + (f"·ep{c['ep']}" if c.get("ep", 1) > 1 else "") for n, c in r["calls"].items())
             print(f"{r['nodes']:>5}{r['gpus']:>6}{r['seconds']:>9.3f}{r['samples_per_s']:>11.1f}"
                   f"{r['peak_gb']:>9.1f}  {lay}" + ("" if r["exact"] else "  (budget reached)"))
         print(f"smallest cluster that fits: {fits} nodes" if fits is not None else

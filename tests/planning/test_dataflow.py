@@ -101,3 +101,28 @@ def test_grpo_without_kl_neither_runs_nor_prices_the_reference(dist_pool, setup)
     plan, steady = _check(d, "grpo", cfg)
     assert "ref_inf" not in [p.name for p in plan.calls]
     assert not any(e["call"] == "ref_inf" for g in steady if "gather" in g for e in g["gather"])
+
+
+MOE = dict(TINY, architectures=["Qwen3MoeForCausalLM"], num_experts=4, num_experts_per_tok=2,
+           moe_intermediate_size=32)
+
+
+def test_moe_grpo_with_ep_executes_the_planned_dataflow(dist_pool, setup, tmp_path_factory):
+    """A Qwen3-MoE actor trains at dp2·ep2 (each rank two of the four experts) and generates at
+    tp2 (every expert on both ranks, split by tp): the view's refill moves the bytes the planner
+    prices, and the steps run the planned phases."""
+    d, _ = setup
+    model = init_scratch_model(str(tmp_path_factory.mktemp("moe") / "init"), seed=8, overrides=MOE)
+    calls = {"actor_gen": {"model": "actor", "tp": 2}, "actor_train": {"model": "actor", "ep": 2},
+             "ref_inf": {"model": "ref", "ep": 2}}
+    cfg = _config(d, model, "grpo_moe", "grpo", calls, group_size=2)
+    dist_pool(2).run(_run, cfg)
+    plan, _ = _check(d, "grpo_moe", cfg)
+    assert {p.name: p.tag for p in plan.calls} == {"actor_gen": "tp2·pp1·dp1", "ref_inf": "tp1·pp1·dp2·ep2",
+                                                   "actor_inf": "tp1·pp1·dp2·ep2",
+                                                   "actor_train": "tp1·pp1·dp2·ep2"}
+    (refill,) = plan.reallocs
+    assert refill["dst"] == "actor_gen" and refill["per_step"] == 1 and refill["remote_bytes"] > 0
+    assert all(p.time.a2a_seconds > 0 for p in plan.calls if p.spec.ep > 1)
+    placement = json.load(open(d / "grpo_moe" / "placement.json"))
+    assert placement["calls"]["actor_train"]["ep"] == 2 and placement["calls"]["actor_gen"]["ep"] == 1

@@ -45,8 +45,9 @@ def cached_realloc(monkeypatch):
     orig, memo = cm.realloc_cost, {}
 
     def cached(mcfg, head, dtype, src, dst, **kw):
-        key = (repr(mcfg), head, dtype, tuple(src.ranks), src.tp_size, src.pp_size, tuple(dst.ranks),
-               dst.tp_size, dst.pp_size, tuple(sorted((k, v) for k, v in kw.items() if k != "spec_cache")))
+        key = (repr(mcfg), head, dtype, tuple(src.ranks), src.tp_size, src.pp_size, src.ep_size,
+               tuple(dst.ranks), dst.tp_size, dst.pp_size, dst.ep_size,
+               tuple(sorted((k, v) for k, v in kw.items() if k != "spec_cache")))
         if key not in memo:
             memo[key] = orig(mcfg, head, dtype, src, dst, **kw)
         return memo[key]
@@ -79,6 +80,12 @@ _APART = [f"calls.{n}.model={m}" for n, m in (("critic_train", "critic"), ("crit
     f"calls.{n}.ranks=0-1" for n in ("critic_train", "critic_inf", "ref_inf", "rew_inf")]
 
 
+# a Qwen3-MoE actor and reference: 8 experts of which each token runs 2
+_MOE = [f"models.{m}.scratch.{k}={v}" for m in ("actor", "ref") for k, v in (
+    ("architectures", "[Qwen3MoeForCausalLM]"), ("num_experts", 8), ("num_experts_per_tok", 2),
+    ("moe_intermediate_size", 1408))]
+
+
 @pytest.mark.parametrize("algorithm,gpus,mem,free,overrides", [
     ("ppo", 4, 5.0, ["actor_train", "rew_inf"], []),
     ("ppo", 4, 5.0, ["critic_train", "critic_inf"], ["ppo.ema_ref=true"]),  # a view of a trained model
@@ -91,6 +98,8 @@ _APART = [f"calls.{n}.model={m}" for n, m in (("critic_train", "critic"), ("crit
      ["async.max_staleness=2", "async.sync_every=2", "ppo.epochs=2", "ppo.ema_ref=true", *_APART]),
     ("grpo", 4, 4.0, ["actor_gen", "actor_train", "ref_inf"],
      ["async.max_staleness=1", "grpo.epochs=3", "calls.rew_inf.model=reward", "calls.rew_inf.ranks=0-1"]),
+    # MoE actor and reference: ep (dividing dp and the experts) searched with the rest
+    ("grpo", 4, 5.0, ["actor_train", "actor_gen"], _MOE),
 ])
 def test_search_equals_exhaustive_enumeration(algorithm, gpus, mem, free, overrides, rates, cached_realloc):
     cfg = _cfg(algorithm, gpus=gpus, mem=mem, overrides=overrides)

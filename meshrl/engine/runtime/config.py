@@ -48,6 +48,9 @@ class CallSpec:
     tp: int = 1
     pp: int = 1
     dp: Optional[int] = None  # default: len(ranks) / (tp·pp)
+    # expert parallelism (MoE models): ep of the dp ranks share out each MoE layer's experts;
+    # it divides dp and the model's num_experts
+    ep: int = 1
     microbatch_tokens: int = 4096  # upper bound on tokens per microbatch
 
 
@@ -320,6 +323,8 @@ def validate(cfg: RunConfig) -> None:
     for name, c in cfg.calls.items():
         if c.model not in cfg.models:
             raise RunConfigError(f"calls.{name}.model={c.model}: no such model in models")
+        if c.ep > 1:
+            _validate_ep(cfg, name, c)
     if "all" in cfg.auto_calls and len(cfg.auto_calls) > 1:
         raise RunConfigError(f"auto_calls={cfg.auto_calls}: 'all' searches every call already; "
                              "give either calls: auto or calls.NAME: auto for some calls")
@@ -359,6 +364,46 @@ def validate(cfg: RunConfig) -> None:
                              f"{', '.join(GENERATION_ENGINES)}")
     if cfg.data.train is None:
         raise RunConfigError("data.train is not set: give the training JSONL (data.train=PATH)")
+
+
+def check_call_ep(name: str, c: CallSpec, *, dp: int | None = None, mcfg=None) -> None:
+    """A call's expert parallelism against its dp (when known) and its model's experts (when its
+    config is at hand): one line naming the call and the sizes otherwise."""
+    if dp is not None and dp % c.ep:
+        raise RunConfigError(f"calls.{name}: ep={c.ep} does not divide dp={dp}: expert ranks are "
+                             f"carved from the call's data-parallel ranks; choose an ep that divides {dp}")
+    if mcfg is None or c.ep == 1:
+        return
+    if not mcfg.num_experts:
+        raise RunConfigError(f"calls.{name}: ep={c.ep} but model {c.model} is dense (num_experts=0): "
+                             "expert parallelism needs a mixture-of-experts model; set ep=1")
+    if mcfg.num_experts % c.ep:
+        raise RunConfigError(f"calls.{name}: ep={c.ep} does not divide model {c.model}'s "
+                             f"num_experts={mcfg.num_experts}: choose an ep that divides it")
+
+
+def _validate_ep(cfg: RunConfig, name: str, c: CallSpec) -> None:
+    """``calls.NAME.ep`` > 1 against the dp the config gives (explicitly, or by its ranks) and
+    the call's model, where its shape is known without loading weights (``scratch:`` or a
+    directory's config.json); the runtime and `meshrl plan` check the rest once dp is known."""
+    import os
+
+    from meshrl.parallel.layout import parse_ranks
+    dp = c.dp
+    if dp is None and c.ranks is not None:
+        n = len(parse_ranks(c.ranks))
+        dp = n // (c.tp * c.pp) if n % (c.tp * c.pp) == 0 else None
+    spec = cfg.models[c.model]
+    seen = set()
+    while spec.init_from is not None and spec.init_from in cfg.models and spec.init_from not in seen:
+        seen.add(spec.init_from)
+        spec = cfg.models[spec.init_from]
+    mcfg = None
+    if spec.scratch is not None or (spec.path is not None
+                                    and os.path.exists(os.path.join(spec.path, "config.json"))):
+        from .models import load_model_config
+        mcfg = load_model_config(spec, cfg.models)
+    check_call_ep(name, c, dp=dp, mcfg=mcfg)
 
 
 def _validate_policy_gradient(cfg: RunConfig) -> None:

@@ -20,7 +20,7 @@ AT_LEAST_1 = ("sft.batch_size", "sft.epochs", "sft.steps", "rm.batch_size", "rm.
               "ppo.kl_horizon", "grpo.group_size", "grpo.max_sampling_rounds",
               "generation.max_new_tokens", "generation.batch_size", "data.max_prompt_len",
               "data.max_len", "cluster.nodes", "cluster.gpus_per_node", "calls.*.tp", "calls.*.pp",
-              "calls.*.dp", "calls.*.microbatch_tokens", "async_.sync_every")
+              "calls.*.dp", "calls.*.ep", "calls.*.microbatch_tokens", "async_.sync_every")
 AT_LEAST_2 = ("dpo.samples_per_prompt",)  # a pair (grpo.group_size: checked with its estimator)
 NOT_NEGATIVE = ("dpo.rounds", "async_.max_staleness", "dpo.sft_coef",
                 *_rl("kl_coef", "entropy_coef", "overlong_buffer", "overlong_penalty"), "ppo.value_clip",

@@ -425,21 +425,26 @@ class Executor:
 
     def home_layouts(self) -> dict:
         """Each model's home layout, as checkpoints record it (shards load only into it)."""
+        # ep only when > 1, so checkpoints saved before expert parallelism still match
         return {n: {"ranks": list(m.layout.ranks), "tp": m.layout.tp_size, "pp": m.layout.pp_size,
-                    "dp": m.layout.dp_size} for n, m in self.models.items()}
+                    "dp": m.layout.dp_size,
+                    **({"ep": m.layout.ep_size} if m.layout.ep_size > 1 else {})}
+                for n, m in self.models.items()}
 
     def placement_report(self, searched: dict | None) -> dict:
         """Where each call runs and what reallocating each view moves (run_dir/placement.json);
         printed too."""
         report = {"calls": {n: {"model": c.model, "ranks": self.layouts[n].ranks, "tp": c.tp,
-                                "pp": c.pp, "dp": c.dp, "microbatch_tokens": c.microbatch_tokens}
+                                "pp": c.pp, "dp": c.dp, "ep": c.ep,
+                                "microbatch_tokens": c.microbatch_tokens}
                             for n, c in self.calls.items()},
                   "reallocation": {}}
         if searched is not None:  # calls: auto
             report["search"] = searched
             print(f"calls: auto: searched {searched['searched']} on {self.world} ranks, estimate "
                   f"{searched['estimate_seconds']:.4g} s per step ({searched['rates']} rates): "
-                  + ", ".join(f"{n} {c.tp}·{c.pp}·{c.dp} on {c.ranks}" for n, c in self.calls.items()))
+                  + ", ".join(f"{n} {c.tp}·{c.pp}·{c.dp}{f'·ep{c.ep}' if c.ep > 1 else ''} on "
+                              f"{c.ranks}" for n, c in self.calls.items()))
         for call, view in self.views.items():
             st = view.plan.stats()
             keep = ("remote_bytes", "local_bytes", "cross_node_bytes", "senders", "sender_max_bytes",

@@ -1,9 +1,9 @@
 """Models of a run and the layouts of their function calls.
 
-Every call names a model and a layout (ranks, tp, pp, dp). Layouts are built collectively, once per
-distinct (ranks, tp, pp, dp), in the order of the call names, on every rank. A model lives in the
-layout of its training call (or of its first call); calls of the same model in that layout use it
-directly.
+Every call names a model and a layout (ranks, tp, pp, dp, ep). Layouts are built collectively, once
+per distinct (ranks, tp, pp, dp, ep), in the order of the call names, on every rank. A model lives
+in the layout of its training call (or of its first call); calls of the same model in that layout
+use it directly.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from meshrl.parallel.layout import LayoutError, ParallelLayout, parse_ranks
 
 from meshrl.engine.dataflow import DATAFLOWS, VALUE_CALLS
 
-from .config import CallSpec, ModelSpec, RunConfig, RunConfigError
+from .config import CallSpec, ModelSpec, RunConfig, RunConfigError, check_call_ep
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # every algorithm's calls and their default models, from its dataflow; the reward-scoring call's
@@ -50,6 +50,7 @@ def complete_calls(cfg: RunConfig, world: int) -> dict[str, CallSpec]:
         if dp * c.tp * c.pp != len(ranks):
             raise RunConfigError(f"calls.{name}: {len(ranks)} ranks do not split into tp={c.tp} × "
                                  f"pp={c.pp} × dp: choose sizes whose product is {len(ranks)}")
+        check_call_ep(name, c, dp=dp)
         c.ranks, c.dp = ",".join(map(str, ranks)), dp
     return calls
 
@@ -68,10 +69,10 @@ def build_layouts(calls: dict[str, CallSpec], world: int) -> dict[str, ParallelL
     built, out = {}, {}
     for name in sorted(calls):
         c = calls[name]
-        key = (c.ranks, c.tp, c.pp, c.dp)
+        key = (c.ranks, c.tp, c.pp, c.dp, c.ep)
         if key not in built:
             try:
-                built[key] = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp,
+                built[key] = ParallelLayout(ranks=c.ranks, tp=c.tp, pp=c.pp, dp=c.dp, ep=c.ep,
                                             world_size=world, name=f"calls.{name}")
             except LayoutError as e:
                 raise RunConfigError(str(e)) from None
