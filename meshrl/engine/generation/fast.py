@@ -65,6 +65,11 @@ class FastOptions:
     attention_block: int = ATTN_BLOCK_N
     attention_warps: int = ATTN_NUM_WARPS
     fuse_mlp: bool = True  # one gate+up matmul; costs a copy of those weights while held
+    # a MoE model's decode step: "sparse" (each row to its k experts; host-side split sizes, so
+    # never captured) or "static" (every local expert on every slot, weighted by the routing: fixed
+    # shapes a graph can hold, num_experts/ep/k times the expert FLOPs). None: static exactly when
+    # the step is captured (MoE models are not captured unless cuda_graphs=True)
+    expert_decode: str | None = None
     prefill_pieces: bool = True  # prefill through the decode pieces; False: the stage's own forward
     max_sessions: int = 2
     # cuBLAS front end for the matmuls while generating on CUDA (set for each call and restored;
@@ -84,6 +89,8 @@ class FastOptions:
         check_launch(self.attention_block, self.attention_warps)
         if self.blas not in BLAS_LIBRARIES:
             raise ValueError(f"blas={self.blas!r}: use one of {BLAS_LIBRARIES}")
+        if self.expert_decode not in (None, "sparse", "static"):
+            raise ValueError(f"expert_decode={self.expert_decode!r}: use sparse, static or None")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {COMPILE_MODES} (the "
                              "step is captured by this engine, so modes with cudagraphs are refused)")
@@ -134,10 +141,17 @@ class FastGenerator:
         on_cuda = next(stage.parameters()).is_cuda
         # Under tp a captured step holds NCCL all-reduces; that works in Megatron's graphs but has
         # not been run on this project's GPUs yet, so it is opt-in (cuda_graphs=True) for now.
-        auto = on_cuda and stage.layout.tp_size == 1
+        # A MoE model's captured step would run every local expert on every slot (see
+        # expert_decode): opt-in too.
+        auto = on_cuda and stage.layout.tp_size == 1 and not stage.cfg.is_moe
         self.graphs = auto if self.opts.cuda_graphs is None else self.opts.cuda_graphs
         if self.graphs and not on_cuda:
             raise ValueError("cuda_graphs=True needs the stage on a CUDA device")
+        self.static_experts = (self.graphs if self.opts.expert_decode is None
+                               else self.opts.expert_decode == "static")
+        if self.graphs and not self.static_experts and stage.cfg.is_moe:
+            raise ValueError("cuda_graphs=True with expert_decode='sparse': a captured step needs "
+                             "fixed shapes; use expert_decode='static' or no graphs")
         self.compiled = on_cuda if self.opts.compile is None else self.opts.compile
         self.fns = StepFns.compiled(self.opts.compile_mode) if self.compiled else StepFns()
         self.prefill_fns = (StepFns.compiled(self.opts.compile_mode, prefill=True) if self.compiled
@@ -349,7 +363,7 @@ class FastGenerator:
             else sess.hidden_in[m]
         h = decode_layers(stage, self.weights, self.fns, x, pos, sess.cache_rows[m],
                           attention=None if self.opts.attention == "auto" else self.opts.attention,
-                          launch=self.attention_launch)
+                          launch=self.attention_launch, static=self.static_experts)
         # A finished or free slot keeps stepping (static shapes); its position stops at the cache's
         # end, where nothing it writes is read before the slot is refilled.
         pos.add_(1).clamp_(max=sess.capacity - 1)

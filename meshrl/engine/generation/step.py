@@ -259,10 +259,11 @@ def run_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, attention, *
 
 
 def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *, attention=None,
-                  launch=None):
+                  launch=None, static: bool = True):
     """One new token per row: x [b, H]; pos [b] the tokens' positions; caches per layer (K, V)
     views of the same rows. The Triton attention rotates q and k itself; ``launch`` holds its
-    Triton settings as ``attention.attend`` takes them (splits, block_n, num_warps)."""
+    Triton settings as ``attention.attend`` takes them (splits, block_n, num_warps). ``static``:
+    sparse layers with fixed shapes (a captured step), else each row to its own experts."""
     backend = "triton" if uses_triton(x, attention) else "torch"  # chosen once for all layers
     launch = dict(launch or {})
     if backend == "triton" and launch.get("splits") is None:
@@ -272,7 +273,7 @@ def decode_layers(stage, weights: DecodeWeights, fns: StepFns, x, pos, caches, *
         kc, vc = caches[j]
         return attend(q, k, v, kc, vc, pos, window=a.window, backend=backend, rope=rope, **launch)
     return run_layers(stage, weights, fns, x, pos, attend_cached, rotate=backend == "torch",
-                      static=True)
+                      static=static)
 
 
 def prefill_layers(stage, weights: DecodeWeights, fns: StepFns, x, meta, cache: StaticKVCache):

@@ -1,12 +1,13 @@
-"""Generation of mixture-of-experts models (Qwen3-MoE, Mixtral) in both engines: the fast engine
-(its decode step with every shape fixed: each local expert on every row, weighted by the routing)
-equals the reference engine; under expert parallelism the data-parallel replicas of an ep group,
-each with its own prompts (other counts, other lengths), step together and give the tokens a single
-process gives."""
+"""Generation of mixture-of-experts models (Qwen3-MoE, Mixtral) in both engines: the fast engine,
+with either decode path for its sparse layers (sparse: each row to its experts; static: every shape
+fixed, each local expert on every row, weighted by the routing, what a captured step runs), equals
+the reference engine; under expert parallelism the data-parallel replicas of an ep group, each with
+its own prompts (other counts, other lengths), step together and give the tokens a single process
+gives."""
 import pytest
 import torch
 
-from meshrl.engine.generation import FastOptions, generate, generate_fast
+from meshrl.engine.generation import FastOptions, generate, generate_fast, generator
 from meshrl.engine.generation.sampling import SamplingParams
 from meshrl.engine.model import build_stage
 from meshrl.parallel.layout import ParallelLayout
@@ -38,15 +39,17 @@ def _same(ref, got, where=""):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=3e-5, rtol=0), where
 
 
-def test_fast_engine_matches_reference_single_process(models):
+@pytest.mark.parametrize("decode", ["sparse", "static"])
+def test_fast_engine_matches_reference_single_process(models, decode):
     for kind, path in models.items():
         stage = build_stage(ParallelLayout(ranks=[0]), model_dir=path)
         for i, (params, every) in enumerate(CASES):
             ref = generate(stage, PROMPTS, params, seq_offset=11, engine="reference")
             got = generate_fast(stage, PROMPTS, params, seq_offset=11,
-                                options=FastOptions(check_every=every))
+                                options=FastOptions(check_every=every, expert_decode=decode))
             _same(ref, got, f"{kind} case {i}")
-            slotted = generate(stage, PROMPTS, params, seq_offset=11, engine="fast", slots=2)
+            with generator(stage, "fast", FastOptions(expert_decode=decode)) as gen:
+                slotted = gen(PROMPTS, params, seq_offset=11, slots=2)
             _same(ref, slotted, f"{kind} case {i}, 2 slots refilled")
 
 
@@ -56,7 +59,7 @@ def _chunks(n, parts):
     return [(bounds[d], bounds[d + 1] - bounds[d]) for d in range(parts)]
 
 
-def _replica_generate(path, sizes, prompts, engine, slots):
+def _replica_generate(path, sizes, prompts, engine, slots, decode=None):
     """Replica d generates its own contiguous share of the prompts (keys = their global indices)."""
     import torch.distributed as dist
     tp, pp, dp, ep = sizes
@@ -64,11 +67,12 @@ def _replica_generate(path, sizes, prompts, engine, slots):
     stage = build_stage(layout, model_dir=path)
     first, count = _chunks(len(prompts), dp)[layout.dp_rank]
     out = []
-    for params, every in CASES:
-        opts = {} if engine == "reference" else {"slots": slots}
-        res = generate(stage, prompts[first:first + count], params, seq_offset=first, engine=engine,
-                       **opts)
-        out.append((first, res))
+    options = FastOptions(max_sessions=1, expert_decode=decode) if engine == "fast" else None
+    with generator(stage, engine, options) as gen:
+        for params, every in CASES:
+            res = gen(prompts[first:first + count], params, seq_offset=first,
+                      slots=slots if engine == "fast" else None)
+            out.append((first, res))
     return layout.tp_rank == 0 and layout.is_last_stage, out
 
 
@@ -80,16 +84,18 @@ EP_CASES = [((1, 1, 2, 2), PROMPTS[:5]), ((2, 1, 2, 2), PROMPTS[:5]), ((1, 2, 2,
 
 @pytest.mark.parametrize("sizes,prompts", EP_CASES,
                          ids=["ep2", "tp2-ep2", "pp2-ep2", "ep4-one-replica-empty"])
-@pytest.mark.parametrize("engine", ["reference", "fast"])
+@pytest.mark.parametrize("engine", ["reference", "fast-sparse", "fast-static"])
 def test_expert_parallel_generation_matches_single_process(dist_pool, models, sizes, prompts,
                                                            engine):
     world = sizes[0] * sizes[1] * sizes[2]
+    name, _, decode = engine.partition("-")
     for kind in KINDS:
         path = models[kind]
         single = build_stage(ParallelLayout(ranks=[0]), model_dir=path)
         want = [generate(single, prompts, params, seq_offset=0, engine="reference")
                 for params, _ in CASES]
-        results = dist_pool(world).run(_replica_generate, path, sizes, prompts, engine, 2)
+        results = dist_pool(world).run(_replica_generate, path, sizes, prompts, name, 2,
+                                       decode or None)
         seen = [set() for _ in CASES]
         for reports, out in results:
             if not reports:
