@@ -130,8 +130,8 @@ def _reference_grads(path, ids, seed, dp, router_losses):
                 aux = load_balancing_loss_func((rl,), E, k)
                 z = torch.logsumexp(rl.float(), -1).square().mean()
                 loss = loss + (AUX * aux + Z * z) * n / total / n_layers
-                aux_value += float(aux) * n / total / n_layers
-                z_value += float(z) * n / total / n_layers
+                aux_value += float(aux.detach()) * n / total / n_layers
+                z_value += float(z.detach()) * n / total / n_layers
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters()}, aux_value, z_value
 
