@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 
-from meshrl.engine.model.attention import PackedMeta, rope_cos_sin
 from meshrl.engine.model.config import config_from_hf_dict
 from meshrl.engine.model.llama import LlamaStage
 from meshrl.engine.runtime.config import RunConfigError, load_run_config
@@ -18,6 +17,7 @@ from meshrl.planning import costmodel as cm
 from meshrl.planning.plan import PlanError, check_fit, format_report, plan_config
 from meshrl.planning.rates import load_rates
 from meshrl.planning.search import Search
+from tests.planning.test_plan import saved_layer_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = dict(vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
@@ -87,21 +87,8 @@ def test_moe_activation_formula_matches_saved_tensors(dtype):
     """The bytes autograd keeps for one sparse decoder layer (as the dense layer's test measures):
     the formula per token, plus, below fp32, the router weight's fp32 copy (one per layer)."""
     cfg = _moe(hidden_size=64, intermediate_size=160, moe_intermediate_size=48)
-    stage = LlamaStage(cfg, ParallelLayout(ranks=[0]), dtype=dtype)
     n = 37
-    meta = PackedMeta.from_lengths([n])
-    cos, sin = rope_cos_sin(stage.inv_freq, meta.position_ids, dtype)
-    x = torch.randn(n, 64, dtype=dtype, requires_grad=True)
-    seen = {}
-
-    def keep(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        stage.model.layers["0"](x, cos, sin, meta)
-    skip = {p.untyped_storage().data_ptr() for p in stage.parameters()}
-    skip |= {t.untyped_storage().data_ptr() for t in (x, cos, sin)}
-    saved = sum(b for ptr, b in seen.items() if ptr not in skip)
+    saved = saved_layer_bytes(LlamaStage(cfg, ParallelLayout(ranks=[0]), dtype=dtype), n, dtype)
     dt = torch.empty((), dtype=dtype).element_size()
     expected = n * cm.act_bytes_per_token_layer(cm.CallShape(cfg, dt=dt), sp=False, moe=True)
     router_copy = 64 * 8 * 4 if dt < 4 else 0

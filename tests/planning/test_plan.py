@@ -64,13 +64,9 @@ def test_stage_params_match_meta_built_stages(kw, tp, pp, head):
         assert cm.stage_params(cm.CallShape(cfg, head, tp=tp, pp=pp), lay.coord_of(r).pp) == got, (r, kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_activation_formula_matches_saved_tensors(dtype):
-    """The bytes autograd keeps for one decoder layer (CPU flash SDPA, one sequence: the same set
-    flash attention keeps on GPU), except rope's cos/sin, which every layer shares."""
-    cfg = _llama(hidden_size=64, intermediate_size=160)
-    stage = LlamaStage(cfg, ParallelLayout(ranks=[0]), dtype=dtype)
-    n = 37
+def saved_layer_bytes(stage, n: int, dtype) -> int:
+    """Bytes autograd keeps for layer 0 of ``stage`` on one sequence of n tokens (hidden 64), apart
+    from the parameters, the layer's input and rope's cos/sin (which every layer shares)."""
     meta = PackedMeta.from_lengths([n])
     cos, sin = rope_cos_sin(stage.inv_freq, meta.position_ids, dtype)
     x = torch.randn(n, 64, dtype=dtype, requires_grad=True)
@@ -83,7 +79,16 @@ def test_activation_formula_matches_saved_tensors(dtype):
         stage.model.layers["0"](x, cos, sin, meta)
     skip = {p.untyped_storage().data_ptr() for p in stage.parameters()}
     skip |= {t.untyped_storage().data_ptr() for t in (x, cos, sin)}
-    saved = sum(b for ptr, b in seen.items() if ptr not in skip)
+    return sum(b for ptr, b in seen.items() if ptr not in skip)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_formula_matches_saved_tensors(dtype):
+    """The bytes autograd keeps for one decoder layer (CPU flash SDPA, one sequence: the same set
+    flash attention keeps on GPU), except rope's cos/sin, which every layer shares."""
+    cfg = _llama(hidden_size=64, intermediate_size=160)
+    n = 37
+    saved = saved_layer_bytes(LlamaStage(cfg, ParallelLayout(ranks=[0]), dtype=dtype), n, dtype)
     dt = torch.empty((), dtype=dtype).element_size()
     # fp32: the layer's input is the previous layer's output; here it is x, so add its copy back
     expected = n * cm.act_bytes_per_token_layer(cm.CallShape(cfg, dt=dt), sp=False)

@@ -23,11 +23,16 @@ ATOL = 2e-5
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
+    return reference_models(tmp_path_factory, KINDS)
+
+
+def reference_models(tmp_path_factory, kinds, lengths=LENGTHS):
+    """kind -> (tiny model path, token ids of ``lengths``, transformers' logits for each)."""
     import transformers
     out = {}
     g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(0, 101, (n,), generator=g) for n in LENGTHS]
-    for kind in KINDS:
+    ids = [torch.randint(0, 101, (n,), generator=g) for n in lengths]
+    for kind in kinds:
         path = make_tiny_hf(kind, str(tmp_path_factory.mktemp(kind)), seed=1)
         model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
         with torch.no_grad():

@@ -13,7 +13,7 @@ from meshrl.parallel import mappings
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
 from tests.engine.model.test_hf_interop import _state
-from tests.engine.model.test_model_parity import check_logits
+from tests.engine.model.test_model_parity import check_logits, reference_models
 
 KINDS = ["qwen3_moe", "mixtral"]
 LENGTHS = [5, 40, 1, 17]
@@ -24,17 +24,7 @@ LAYOUTS = [(1, 1, 1, 1), (2, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2), (2, 1, 2, 2),
 
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory):
-    import transformers
-    out = {}
-    g = torch.Generator().manual_seed(0)
-    ids = [torch.randint(0, 101, (n,), generator=g) for n in LENGTHS]
-    for kind in KINDS:
-        path = make_tiny_hf(kind, str(tmp_path_factory.mktemp(kind)), seed=1)
-        model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-        with torch.no_grad():
-            ref = [model(x[None]).logits[0] for x in ids]
-        out[kind] = (path, ids, ref)
-    return out
+    return reference_models(tmp_path_factory, KINDS, LENGTHS)
 
 
 def _layout(tp, pp, dp, ep):
