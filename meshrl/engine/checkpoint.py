@@ -172,13 +172,14 @@ def _check_layouts(ckpt: str, host: dict, layouts: dict | None):
         if name in saved and saved[name] != now:
             raise CheckpointError(f"{ckpt} holds model {name} in layout {_describe(saved[name])}; "
                                   f"this run places it in {_describe(now)}: resume with the saved "
-                                  "layout (its calls' ranks, tp, pp), or give a new run_dir")
+                                  "layout (its calls' ranks, tp, pp, ep), or give a new run_dir")
 
 
 def _describe(layout: dict) -> str:
     r = layout["ranks"]
     span = f"{r[0]}-{r[-1]}" if r == list(range(r[0], r[-1] + 1)) else str(r)
-    return f"tp={layout['tp']} pp={layout['pp']} dp={layout['dp']} on ranks {span}"
+    ep = f" ep={layout['ep']}" if layout.get("ep", 1) > 1 else ""
+    return f"tp={layout['tp']} pp={layout['pp']} dp={layout['dp']}{ep} on ranks {span}"
 
 
 @torch.no_grad()

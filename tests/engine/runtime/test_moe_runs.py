@@ -82,3 +82,12 @@ def test_moe_run_at_ep2_resumes_exactly(dist_pool, workdir):
         assert any("router/aux_loss" in k for k in keys), keys
         for k in keys:
             assert row[k] == runs["whole"][step][k], (step, k)
+
+
+def test_a_checkpoint_in_another_ep_is_refused_naming_it():
+    from meshrl.engine.checkpoint import CheckpointError, _check_layouts
+    saved = {"ranks": [0, 1], "tp": 1, "pp": 1, "dp": 2, "ep": 2}
+    now = {"ranks": [0, 1], "tp": 1, "pp": 1, "dp": 2}
+    with pytest.raises(CheckpointError, match="layout tp=1 pp=1 dp=2 ep=2 on ranks 0-1; this run "
+                                              "places it in tp=1 pp=1 dp=2 on ranks 0-1"):
+        _check_layouts("ck", {"layouts": {"actor": saved}}, {"actor": now})
