@@ -35,11 +35,13 @@ class PackedBatch:
                            {k: v.to(device) for k, v in self.tokens.items()},
                            {k: v.to(device) for k, v in self.seqs.items()})
 
-    def emptied(self) -> "PackedBatch":
-        """No sequences, the same fields: a microbatch that keeps expert-parallel replicas in step."""
-        meta = PackedMeta(self.meta.cu_seqlens[:1], 0, self.meta.position_ids[:0])
-        return PackedBatch(self.input_ids[:0], meta, {k: v[:0] for k, v in self.tokens.items()},
-                           {k: v[:0] for k, v in self.seqs.items()})
+    @staticmethod
+    def empty() -> "PackedBatch":
+        """No sequences, no fields: a microbatch that keeps expert-parallel replicas in step (a
+        real one always holds a sequence)."""
+        return PackedBatch(torch.zeros(0, dtype=torch.long),
+                           PackedMeta(torch.zeros(1, dtype=torch.int32), 0,
+                                      torch.zeros(0, dtype=torch.long)))
 
     def last_index(self) -> torch.Tensor:
         """Position of each sequence's last token [B]."""

@@ -92,8 +92,11 @@ class Trainer:
         mbs = in_expert_step([mb.to(device) for mb in microbatches], self.layout, device)
         self.opt.set_lr(self.cfg.lr_at(self.steps))
         self.opt.zero_grad()
+
+        def step_loss(stage, hidden, mb):  # an empty microbatch adds nothing (and has no fields)
+            return loss_fn(stage, hidden, mb) if mb.num_seqs else (hidden.sum() * 0.0, {})
         with self._router_losses(mbs):
-            metrics, _ = train_1f1b(_stage_step(loss_fn), mbs, self.stage, self.layout,
+            metrics, _ = train_1f1b(_stage_step(step_loss), mbs, self.stage, self.layout,
                                     no_sync=self.opt.no_sync, device=device)
         self.stage.sync_model_grads()
         self.opt.finish_grad_sync()
@@ -132,10 +135,17 @@ def reduce_metrics(per_mb: list[dict] | None, layout, device) -> dict:
         for k, v in m.items():
             local[k] = local.get(k, 0.0) + float(v)
     local = broadcast_from_last_stage(local if layout.is_last_stage else None, layout, device=device)
-    if layout.dp_group is None or not local:
-        return dict(local or {})
+    local = local or {}
+    if layout.dp_group is None:
+        return dict(local)
     keys = sorted(local)
-    t = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=device)
+    if layout.ep_size > 1:  # a replica that ran only empty microbatches has no metrics of its own
+        every = [None] * dist.get_world_size(layout.dp_group)
+        dist.all_gather_object(every, keys, group=layout.dp_group)
+        keys = sorted(set().union(*every))
+    elif not keys:
+        return {}
+    t = torch.tensor([local.get(k, 0.0) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t, group=layout.dp_group)
     return dict(zip(keys, t.tolist()))
 
@@ -146,7 +156,8 @@ def infer(stage, microbatches: list[PackedBatch], fn) -> list:
     the pipeline, moved to the CPU."""
     device = _device_of(stage)
     mbs = in_expert_step([mb.to(device) for mb in microbatches], stage.layout, device)
-    out = forward_only(_stage_step(fn), mbs, stage, stage.layout, device=device)
+    out = forward_only(_stage_step(lambda st, h, mb: fn(st, h, mb) if mb.num_seqs else None),
+                       mbs, stage, stage.layout, device=device)
     if out is not None:
         out = [to_host(o) for o in out[:len(microbatches)]]
     return broadcast_from_last_stage(out, stage.layout, device=device)
@@ -154,15 +165,12 @@ def infer(stage, microbatches: list[PackedBatch], fn) -> list:
 
 def in_expert_step(mbs: list[PackedBatch], layout, device) -> list[PackedBatch]:
     """Under expert parallelism the replicas of an ep group meet at every sparse layer of every
-    microbatch: each runs as many microbatches as the one with the most, the extra ones empty (no
-    tokens: no loss, no gradient, no router statistics)."""
+    microbatch: each runs as many microbatches as the one with the most (a replica given none
+    too), the extra ones empty (no tokens: no loss, no gradient, no router statistics)."""
     if layout.ep_size == 1:
         return mbs
     n = mappings.group_max([len(mbs)], layout.ep_group, device)[0]
-    if n > len(mbs) and not mbs:
-        raise ValueError(f"{layout.name}: an expert-parallel replica got no microbatches while "
-                         f"its ep group runs {n}: give every data-parallel replica some data")
-    return mbs + [mbs[0].emptied() for _ in range(n - len(mbs))]
+    return mbs + [PackedBatch.empty().to(device) for _ in range(n - len(mbs))]
 
 
 def global_token_count(microbatches: list[PackedBatch], layout, key: str = "loss_mask") -> float:

@@ -84,3 +84,44 @@ def test_moe_train_step_matches_single_process(dist_pool, paths, sizes, sp, zero
                 got = local[spec.local_valid_index()]
                 assert torch.allclose(got, want, atol=2e-6, rtol=0), (
                     kind, sizes, name, (got - want).abs().max().item())
+
+
+def _lonely_step(path):
+    """ep=2 on two replicas where replica 1 has no data: its train step and inference run empty
+    microbatches beside replica 0's."""
+    import torch.distributed as dist
+
+    from meshrl.engine.algorithms.calls import logprobs_call
+    from meshrl.engine.train import infer
+    layout = ParallelLayout(ranks=list(range(dist.get_world_size())), dp=2, ep=2)
+    stage = build_stage(layout, model_dir=path)
+    trainer = Trainer(stage, OptimConfig(lr=1e-2, eps=1e-3, router_aux_loss_coef=0.3))
+    mbs = _microbatches(1, 0, 1) if layout.dp_rank == 0 else []
+    scored = infer(stage, mbs, logprobs_call())
+    metrics = trainer.step(mbs, sft_call(global_token_count(mbs, layout)))
+    params = {p.shard_spec.name: p.detach().clone() for p in stage.parameters()}
+    return layout.dp_rank, [s.tolist() for s in scored], metrics, params
+
+
+def test_a_replica_without_data_steps_with_its_ep_group(dist_pool, paths):
+    from meshrl.engine.algorithms.calls import logprobs_call
+    from meshrl.engine.train import infer
+    path = paths["mixtral"]
+    stage = build_stage(ParallelLayout(ranks=[0]), model_dir=path)
+    mbs = _microbatches(1, 0, 1)
+    want_scores = [s.tolist() for s in infer(stage, mbs, logprobs_call())]
+    trainer = Trainer(stage, OptimConfig(lr=1e-2, eps=1e-3, router_aux_loss_coef=0.3))
+    want = trainer.step(mbs, sft_call(global_token_count(mbs, stage.layout)))
+    for rank, scored, metrics, params in dist_pool(2).run(_lonely_step, path):
+        if rank == 1:
+            assert scored == []
+        else:
+            assert len(scored) == len(want_scores)
+            for got, exp in zip(scored, want_scores):
+                assert got == pytest.approx(exp, abs=1e-5)
+        for key in ("loss", "router/aux_loss", "grad_norm"):
+            assert metrics[key] == pytest.approx(want[key], rel=1e-4), key
+        for p in stage.parameters():
+            name = p.shard_spec.name
+            if name in params:
+                assert torch.allclose(params[name], p.detach(), atol=2e-6), name

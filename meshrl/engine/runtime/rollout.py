@@ -102,8 +102,8 @@ def sample_job(ctx, call: str, prompts: list, params: SamplingParams, *, k: int 
     batch = ctx.cfg.generation.batch_size
 
     def fn(stage, local, first):
-        if not local:  # a replica with no prompts this time
-            return []
+        if not local and stage.layout.ep_size == 1:  # a replica with no prompts this time (under
+            return []  # ep it still steps with its group: generate takes no prompts)
         engine = ctx.cfg.generation.engine
         # one call for the replica's prompts: the fast engine refills a slot as its sequence
         # finishes, and a prompt's k samples share its prefill; the reference engine decodes

@@ -91,3 +91,15 @@ def test_a_checkpoint_in_another_ep_is_refused_naming_it():
     with pytest.raises(CheckpointError, match="layout tp=1 pp=1 dp=2 ep=2 on ranks 0-1; this run "
                                               "places it in tp=1 pp=1 dp=2 on ranks 0-1"):
         _check_layouts("ck", {"layouts": {"actor": saved}}, {"actor": now})
+
+
+def test_moe_run_at_ep2_with_fewer_prompts_than_replicas(dist_pool, workdir):
+    """One prompt per step on two ep=2 replicas: the replica given none still generates (a
+    placeholder) and scores (empty microbatches) beside the other; the run completes and logs."""
+    d, model = workdir
+    base = _with_ep(_base(d, model, "grpo", (1, 1), grpo={"iterations": 2, "batch_size": 1,
+                                                          "group_size": 4, "minibatches": 1}), 2)
+    base["run_dir"] = str(d / "grpo-ep2-one-prompt")
+    dist_pool(2).run(_run, base)
+    rows = [r for r in read_metrics(base["run_dir"]) if r["phase"] == "train"]
+    assert len(rows) == 2 and all("actor/router/aux_loss" in r for r in rows), rows
