@@ -37,6 +37,7 @@ bench: .installed
 	$(PYTHON) benchmarks/generate.py --small --check
 	$(PYTHON) benchmarks/decode_attention.py --small
 	$(PYTHON) benchmarks/decode_gemms.py --small
+	$(PYTHON) benchmarks/moe.py --small
 	$(PYTHON) benchmarks/realloc.py --small
 
 clean:

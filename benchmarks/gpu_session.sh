@@ -5,7 +5,7 @@
 #   STEPS="gpu_check generate_bench" bash benchmarks/gpu_session.sh # a subset
 set -u
 OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"gpu_check kernel_tests kernels_bench train_bench realloc_bench generate_bench attention_bench gemm_bench runtime_check"}
+STEPS=${STEPS:-"gpu_check kernel_tests kernels_bench train_bench realloc_bench generate_bench attention_bench gemm_bench moe_bench runtime_check"}
 # runtime_check needs omegaconf, absent from the GPU image: carry its wheels in .whl/ (see the note in
 # benchmarks/README.md) and they are installed to a scratch site directory here
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -35,6 +35,7 @@ step realloc_bench 120 python benchmarks/realloc.py
 step generate_bench 240 python benchmarks/generate.py ${GEN_FLAGS:-}
 step attention_bench 150 python benchmarks/decode_attention.py
 step gemm_bench 90 python benchmarks/decode_gemms.py
+step moe_bench 120 python benchmarks/moe.py
 # not in the default STEPS (the session would pass 10 minutes): where a decode step's time goes, and
 # engine settings side by side; max-autotune on its own, as it compiles for minutes
 step generate_profile 300 python benchmarks/generate.py --skip-hf --no-sampled --profile --variants ${GEN_VARIANTS:-cublas,stage_prefill}

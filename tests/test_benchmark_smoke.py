@@ -91,3 +91,15 @@ def test_generate_rollout_benchmark_smoke(tmp_path):
     unshared = rows[("prefill only, every sample prefills", k)]
     assert shared["lengths_ok"] and unshared["lengths_ok"]
     assert shared["prefill_tokens"] < unshared["prefill_tokens"]
+
+
+def test_moe_benchmark_smoke(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MESHRL_BENCH_RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "moe.py"), "--small"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (result,) = tmp_path.glob("moe-small-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["loop", "grouped GEMMs", "sparse", "static"]
+    assert all(r["seconds"] > 0 for r in rows) and rows[1]["ratio"] > 0 and rows[3]["ratio"] > 0
+    assert rows[1]["max_err"] < 1e-4 and rows[3]["max_err"] == 0  # the same outputs, the same tokens
