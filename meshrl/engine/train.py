@@ -118,7 +118,8 @@ class Trainer:
         aux = self.cfg.router_aux_loss_coef
         aux = self.stage.cfg.router_aux_loss_coef if aux is None else aux
         tokens = global_sum(sum(mb.input_ids.numel() for mb in mbs), self.layout.dp_group)
-        return losses.step(max(tokens, 1.0), aux, self.cfg.router_z_loss_coef)
+        return losses.step(max(tokens, 1.0), aux, self.cfg.router_z_loss_coef,
+                           device=_device_of(self.stage))
 
     def state_dict(self) -> dict:
         return {"optimizer": self.opt.state_dict(), "steps": self.steps}

@@ -30,7 +30,7 @@ from meshrl.parallel.pipeline import fill_from_last_stage
 
 from ..model.attention import PackedMeta
 from .forward import stage_pass
-from .lockstep import agree_max, coupled, idle_pass
+from .lockstep import agree_max, coupled, idle_pass, stand_in
 from .outputs import GenerationResult, to_result
 from .sampling import SamplingParams
 from .schedule import Schedule
@@ -180,6 +180,8 @@ class FastGenerator:
                  on_progress=None) -> GenerationResult:
         """``generation.generate``'s contract: ``samples`` continuations of each prompt, decoded
         ``slots`` at a time (default: all at once), each capped at its ``limits`` entry."""
+        if not prompts and coupled(self.stage.layout):  # under ep every replica steps
+            return stand_in(self.generate, params, device=device, on_progress=on_progress)
         seqs = Sequences.build(prompts, params.max_new_tokens, samples=samples, limits=limits,
                                seq_offset=seq_offset)
         n_slots = seqs.slot_count(slots)
@@ -195,7 +197,10 @@ class FastGenerator:
                   on_progress) -> GenerationResult:
         self.weights.refresh()
         fingerprint = self.weights.fingerprint()
-        if fingerprint != self._fingerprint:  # parameters moved: graphs point at old storage
+        # parameters moved: graphs point at old storage (under ep all replicas re-prepare if one
+        # must: preparing runs steps, whose sparse layers meet the group's)
+        moved = agree_max([int(fingerprint != self._fingerprint)], self.stage.layout, device)[0]
+        if moved:
             for sess in self._sessions.values():
                 sess.graphs, sess.prepared = None, False
             self._fingerprint = fingerprint
@@ -335,9 +340,12 @@ class FastGenerator:
 
     def _may_fall_back(self, exc) -> bool:
         """Whether a failure in compiled pieces may be answered by rerunning them eagerly: not a
-        failure that says nothing about compilation, and not under tp, where the rerun would issue
-        again the all-reduces the other tp ranks have already moved past (they may not have failed)."""
-        return not isinstance(exc, NOT_A_COMPILE_FAILURE) and self.stage.layout.tp_size == 1
+        failure that says nothing about compilation, and not under tp or ep, where the rerun would
+        issue again the all-reduces (all-to-alls) the other tp ranks (ep replicas) have already
+        moved past (they may not have failed)."""
+        layout = self.stage.layout
+        return (not isinstance(exc, NOT_A_COMPILE_FAILURE) and layout.tp_size == 1
+                and layout.ep_size == 1)
 
     def _prefill_forward(self, ids, meta, cache):
         x = self.stage.input_hidden(ids)

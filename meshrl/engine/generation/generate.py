@@ -8,7 +8,7 @@ import contextlib
 import os
 
 from .fast import FastGenerator, FastOptions
-from .lockstep import agree_max, coupled
+from .lockstep import agree_max, coupled, stand_in
 from .outputs import GenerationResult
 from .reference import generate_reference
 from .sampling import SamplingParams
@@ -55,27 +55,11 @@ def generator(stage, engine: str | None = None, options: FastOptions | None = No
         # holding a second one beside it
         fast = FastGenerator(stage, options or FastOptions(max_sessions=1))
         try:
-            yield _in_step(stage, fast.generate)
+            yield fast.generate
         finally:
             fast.release()
     else:
-        yield _in_step(stage, lambda prompts, params, **kw:
-                       generate_static_reference(stage, prompts, params, **kw))
-
-
-def _in_step(stage, gen):
-    """``gen``, and under ep, for a replica given no prompts, a one-token placeholder generated
-    beside its peers (output dropped): the replicas of an ep group must all run."""
-    if not coupled(stage.layout):
-        return gen
-
-    def run(prompts, params, **kw):
-        if prompts:
-            return gen(prompts, params, **kw)
-        kw.update(samples=1, limits=[1], seq_offset=0)
-        gen([[0]], params, **kw)
-        return GenerationResult([], [], [])
-    return run
+        yield lambda prompts, params, **kw: generate_static_reference(stage, prompts, params, **kw)
 
 
 def generate_static_reference(stage, prompts, params: SamplingParams, *, seq_offset: int = 0,
@@ -83,6 +67,9 @@ def generate_static_reference(stage, prompts, params: SamplingParams, *, seq_off
                               on_progress=None) -> GenerationResult:
     """The reference engine over static batches of ``slots`` consecutive sequences (each batch runs
     until its last sequence finishes; every sample prefills its own prompt)."""
+    if not prompts and coupled(stage.layout):  # under ep every replica steps
+        return stand_in(lambda p, pr, **kw: generate_static_reference(stage, p, pr, **kw), params,
+                        device=device, on_progress=on_progress)
     seqs = Sequences.build(prompts, params.max_new_tokens, samples=samples, limits=limits,
                            seq_offset=seq_offset)
     size = seqs.slot_count(slots)

@@ -16,6 +16,7 @@ import torch
 from meshrl.parallel.mappings import group_max
 
 from ..model.moe import SparseMoE
+from .outputs import GenerationResult
 
 
 def coupled(layout) -> bool:
@@ -40,3 +41,11 @@ def idle_pass(stage, device):
     for layer in stage.model.layers.values():
         if isinstance(layer.feed_forward, SparseMoE):
             layer.feed_forward(x)
+
+
+def stand_in(gen, params, **kw) -> GenerationResult:
+    """For a replica given no prompts under ep: ``gen`` (an engine's entry point) on a one-token
+    prompt for one new token, beside its group, and no result of its own."""
+    gen([[0]], params, **{**kw, "samples": 1, "slots": None, "limits": [1], "seq_offset": 0})
+    return GenerationResult([], [], [])
+

@@ -187,7 +187,7 @@ class LlamaStage(nn.Module):
         self.activation_checkpointing = activation_checkpointing
         sp = self.sequence_parallel
         # the load-balancing (and z-) losses of this stage's sparse layers, and their statistics
-        self.router_losses = RouterLosses(cfg, device=device) if cfg.is_moe else None
+        self.router_losses = RouterLosses(cfg) if cfg.is_moe else None
         self.model = Decoder(cfg, layout, sp=sp, dtype=dtype, device=device,
                              router_losses=self.router_losses)
         self.lm_head = self.score = None

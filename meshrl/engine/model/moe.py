@@ -80,26 +80,28 @@ class _AttachLoss(torch.autograd.Function):
 class RouterLosses:
     """One model stage's router losses and statistics during a training step.
 
-    ``step(token_total, aux_coef, z_coef)`` opens a step: each sparse layer's forward then adds
-    ``coef · (n / token_total) · loss / n_sparse_layers`` for its n tokens, so the added loss is the
-    token-weighted mean over the global batch (every microbatch and dp rank) and the mean over the
-    model's sparse layers, independent of how the batch is split. Outside a step (inference,
-    generation, recomputation in backward) nothing is added or recorded.
+    ``step(token_total, aux_coef, z_coef, device)`` opens a step: each sparse layer's forward then
+    adds ``coef · (n / token_total) · loss / n_sparse_layers`` for its n tokens, so the added loss
+    is the token-weighted mean over the step's microbatches (every one of every dp rank) of each
+    microbatch's mean over the sparse layers. The weighting does not depend on the split, the loss
+    does: f and P are a microbatch's (as Megatron computes them), and transformers pools every
+    layer's router logits into one loss where this takes the layers' mean (which pipeline stages
+    compute apart); for one layer and one microbatch the two are the same. Outside a step
+    (inference, generation, recomputation in backward) nothing is added or recorded.
     """
 
-    def __init__(self, cfg, device=None):
+    def __init__(self, cfg):
         self.num_experts = cfg.num_experts
         self.layers = cfg.moe_layers
         self._row = {layer: i for i, layer in enumerate(self.layers)}
         self._open = None
-        self._stats = None
-        self._device = device
+        self._stats = None  # per sparse layer: tokens per expert, the aux and z terms (a step's)
 
     @contextlib.contextmanager
-    def step(self, token_total: float, aux_coef: float, z_coef: float = 0.0):
+    def step(self, token_total: float, aux_coef: float, z_coef: float = 0.0, device=None):
         n_rows = len(self.layers)
         self._stats = torch.zeros(n_rows, self.num_experts + 2, dtype=torch.float64,
-                                  device=self._device)
+                                  device=device)
         self._open = (float(token_total), float(aux_coef), float(z_coef))
         try:
             yield self

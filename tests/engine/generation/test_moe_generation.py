@@ -118,3 +118,30 @@ def test_compiled_pieces_with_sparse_layers_match_reference(models):
     for params, _ in CASES[:2]:
         _same(generate(stage, PROMPTS, params, engine="reference"), gen.generate(PROMPTS, params))
     assert gen.compiled and gen.compile_failed is None
+
+
+def _direct_entry_points(path):
+    """ep=2, replica 1 given no prompts, calling the engines' own entry points (not generator())."""
+    import torch.distributed as dist
+
+    from meshrl.engine.generation import FastGenerator
+    from meshrl.engine.generation.generate import generate_static_reference
+    layout = ParallelLayout(ranks=list(range(dist.get_world_size())), dp=2, ep=2)
+    stage = build_stage(layout, model_dir=path)
+    params = CASES[1][0]
+    mine = PROMPTS[:3] if layout.dp_rank == 0 else []
+    fast = generate_fast(stage, mine, params, options=FastOptions(check_every=3))
+    ref = generate_static_reference(stage, mine, params, slots=2)
+    # a compile failure may not be answered by an eager rerun on one replica: its peers have
+    # already made the rerun's all-to-alls
+    falls_back = FastGenerator(stage)._may_fall_back(RuntimeError("inductor failed"))
+    return layout.dp_rank, fast.output_ids, ref.output_ids, falls_back
+
+
+def test_engines_entry_points_step_with_the_group_without_prompts(dist_pool, models):
+    path = models["mixtral"]
+    single = build_stage(ParallelLayout(ranks=[0]), model_dir=path)
+    want = generate(single, PROMPTS[:3], CASES[1][0], engine="reference").output_ids
+    for rank, fast, ref, falls_back in dist_pool(2).run(_direct_entry_points, path):
+        assert (fast, ref) == (([], []) if rank else (want, want)), rank
+        assert not falls_back
