@@ -20,6 +20,7 @@ from meshrl.kernels.decode_attention import attend, auto_splits, uses_triton
 from meshrl.parallel import mappings
 
 from ..model.attention import apply_rope, rope_cos_sin, varlen_causal_attention
+from ..model.moe import SparseMoE
 from .shard_sampling import record_step
 
 
@@ -62,15 +63,16 @@ class LayerWeights:
     o: torch.Tensor
     o_bias: torch.Tensor | None
     ln2: torch.Tensor
-    gate: torch.Tensor | None  # gate and up rows stacked when fused, else the gate alone
-    gate_bias: torch.Tensor | None
-    up: torch.Tensor | None  # None when fused into ``gate``
-    up_bias: torch.Tensor | None
-    down: torch.Tensor | None
-    down_bias: torch.Tensor | None
-    q_norm: torch.Tensor | None = None  # per-head RMSNorm weights (Qwen3), else None
-    k_norm: torch.Tensor | None = None
-    moe: object = None  # a sparse layer's SparseMoE (its weights read in place); gate.. None
+    q_norm: torch.Tensor | None  # per-head RMSNorm weights (Qwen3), else None
+    k_norm: torch.Tensor | None
+    # a dense MLP's weights (None for a sparse layer)
+    gate: torch.Tensor | None = None  # gate and up rows stacked when fused, else the gate alone
+    gate_bias: torch.Tensor | None = None
+    up: torch.Tensor | None = None  # None when fused into ``gate``
+    up_bias: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+    moe: object = None  # a sparse layer's SparseMoE (its weights read in place)
 
 
 def _d(p):
@@ -113,14 +115,14 @@ class DecodeWeights:
             a, m = layer.self_attn, layer.feed_forward
             qkv = self._fused((idx, "qkv"), [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
             qkv_b = self._fused((idx, "qkv_b"), [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            if layer.mlp_name != "mlp" or not hasattr(m, "gate_proj"):  # routed experts
-                self.layers.append(LayerWeights(
-                    ln1=_d(layer.input_layernorm.weight), qkv=qkv, qkv_bias=qkv_b,
-                    o=_d(a.o_proj.weight), o_bias=_d(a.o_proj.bias),
-                    ln2=_d(layer.post_attention_layernorm.weight), gate=None, gate_bias=None,
-                    up=None, up_bias=None, down=None, down_bias=None,
-                    q_norm=None if a.q_norm is None else _d(a.q_norm.weight),
-                    k_norm=None if a.k_norm is None else _d(a.k_norm.weight), moe=m))
+            attention = dict(
+                ln1=_d(layer.input_layernorm.weight), qkv=qkv, qkv_bias=qkv_b,
+                o=_d(a.o_proj.weight), o_bias=_d(a.o_proj.bias),
+                ln2=_d(layer.post_attention_layernorm.weight),
+                q_norm=None if a.q_norm is None else _d(a.q_norm.weight),
+                k_norm=None if a.k_norm is None else _d(a.k_norm.weight))
+            if isinstance(m, SparseMoE):
+                self.layers.append(LayerWeights(**attention, moe=m))
                 continue
             if self.fuse_mlp:
                 gate = self._fused((idx, "gu"), [m.gate_proj.weight, m.up_proj.weight])
@@ -130,12 +132,8 @@ class DecodeWeights:
                 gate, gate_b = _d(m.gate_proj.weight), _d(m.gate_proj.bias)
                 up, up_b = _d(m.up_proj.weight), _d(m.up_proj.bias)
             self.layers.append(LayerWeights(
-                ln1=_d(layer.input_layernorm.weight), qkv=qkv, qkv_bias=qkv_b,
-                o=_d(a.o_proj.weight), o_bias=_d(a.o_proj.bias),
-                ln2=_d(layer.post_attention_layernorm.weight), gate=gate, gate_bias=gate_b, up=up,
-                up_bias=up_b, down=_d(m.down_proj.weight), down_bias=_d(m.down_proj.bias),
-                q_norm=None if a.q_norm is None else _d(a.q_norm.weight),
-                k_norm=None if a.k_norm is None else _d(a.k_norm.weight)))
+                **attention, gate=gate, gate_bias=gate_b, up=up, up_bias=up_b,
+                down=_d(m.down_proj.weight), down_bias=_d(m.down_proj.bias)))
 
     def release(self):
         self._bufs.clear()

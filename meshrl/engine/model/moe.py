@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -37,7 +36,8 @@ EXPERT_NAMES = {"qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
 
 
 def block_name(cfg) -> str:
-    return EXPERT_NAMES[cfg.model_type][0] if cfg.is_moe else "mlp"
+    """A sparse layer's module name in the checkpoint."""
+    return EXPERT_NAMES[cfg.model_type][0]
 
 
 def route(logits: torch.Tensor, k: int, normalise: bool):
@@ -51,11 +51,12 @@ def route(logits: torch.Tensor, k: int, normalise: bool):
     return probs, idx, w.gather(-1, order)
 
 
-def load_balancing_loss(probs: torch.Tensor, idx: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Switch-style E·Σ_e f_e·P_e, f_e the routed (token, slot) pairs per token and P_e the mean
-    router probability: transformers' load_balancing_loss_func for one layer."""
-    f = torch.bincount(idx.reshape(-1), minlength=num_experts).to(probs.dtype) / idx.shape[0]
-    return num_experts * (f * probs.mean(0)).sum()
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Switch-style E·Σ_e f_e·P_e, f_e the routed (token, slot) pairs per token (``counts`` [E]
+    of them over the ``probs.shape[0]`` tokens) and P_e the mean router probability:
+    transformers' load_balancing_loss_func for one layer."""
+    f = counts.to(probs.dtype) / probs.shape[0]
+    return counts.numel() * (f * probs.mean(0)).sum()
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -108,17 +109,18 @@ class RouterLosses:
         finally:
             self._open = None
 
-    def attach(self, x, layer: int, logits, probs, idx, *, tp_size: int, record: bool):
-        """``x`` with this layer's losses attached (when a step is open and grad is enabled)."""
+    def attach(self, x, layer: int, logits, probs, counts, *, tp_size: int, record: bool):
+        """``x`` with this layer's losses attached (when a step is open and grad is enabled);
+        ``counts`` [E]: the (token, slot) pairs routed to each expert."""
         if self._open is None or not torch.is_grad_enabled() or logits.shape[0] == 0:
             return x  # (an empty microbatch keeps ep replicas in step; it has no tokens to route)
         total, aux_coef, z_coef = self._open
         share = logits.shape[0] / total / len(self.layers)
-        aux = load_balancing_loss(probs, idx, self.num_experts)
+        aux = load_balancing_loss(probs, counts)
         z = z_loss(logits) if z_coef else logits.new_zeros(())
         if record:
             row = self._stats[self._row[layer]]
-            row[:self.num_experts] += torch.bincount(idx.reshape(-1), minlength=self.num_experts).to(row)
+            row[:self.num_experts] += counts.to(row)
             row[-2] += share * float(aux.detach())
             row[-1] += share * float(z.detach())
         # every tp rank routes the same tokens and adds the same loss: each adds 1/tp of it, and
@@ -133,9 +135,7 @@ class RouterLosses:
         if stats is None:
             return {}
         # every tp rank saw the same tokens: count tp rank 0's
-        stats = stats * (1.0 if layout.tp_rank == 0 else 0.0)
-        if layout.group is not None:
-            dist.all_reduce(stats, group=layout.group)
+        stats = mappings.all_reduce(stats * (1.0 if layout.tp_rank == 0 else 0.0), layout.group)
         out = {"router/aux_loss": float(stats[:, -2].sum()), "router/z_loss": float(stats[:, -1].sum())}
         ratios = []
         for layer, row in zip(self.layers, stats):
@@ -243,23 +243,22 @@ class SparseMoE(nn.Module):
             x = mappings.copy_to_tp(x, self.tp_group)
         logits = self.router(x)
         probs, idx, w = route(logits, self.k, self.normalise)
+        counts = torch.bincount(idx.reshape(-1), minlength=self.num_experts)
         if self.losses is not None:
-            x = self.losses.attach(x, self.layer_idx, logits, probs, idx, tp_size=self.tp_size,
+            x = self.losses.attach(x, self.layer_idx, logits, probs, counts, tp_size=self.tp_size,
                                    record=torch._C._current_graph_task_id() == -1)
-        y = self._static(x, idx, w) if static else self._sparse(x, idx, w)
+        y = self._static(x, idx, w) if static else self._sparse(x, idx, w, counts)
         if self.sequence_parallel:
             return mappings.reduce_scatter_to_sequence(y, self.tp_group)
         return mappings.reduce_from_tp(y, self.tp_group)
 
     # ---- the sparse path: sort by expert, exchange, run, exchange back, weight and sum ----------
-    def _sparse(self, x, idx, w):
+    def _sparse(self, x, idx, w, counts):
         (N, k), H = idx.shape, x.shape[-1]
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        order = torch.argsort(idx.reshape(-1), stable=True)  # (token, slot) pairs by expert
         # each token's row k times, then a permutation: both have deterministic backwards (a sum
         # over k, a scatter to distinct rows), unlike a gather with repeated indices
         rows = x.unsqueeze(1).expand(N, k, H).reshape(N * k, H)[order]
-        counts = torch.bincount(flat, minlength=self.num_experts)
         out = self._run_experts(rows, counts)
         out = out[torch.argsort(order)].view(N, k, H)
         return (out.float() * w.unsqueeze(-1)).sum(1).to(x.dtype)
@@ -270,25 +269,17 @@ class SparseMoE(nn.Module):
         if self.ep_size == 1:
             return self._compute(rows, counts.tolist())
         # how many rows each rank sends us for each of our experts
-        got = torch.empty_like(counts)
-        dist.all_to_all_single(got, counts, group=self.ep_group)
-        sent = counts.view(self.ep_size, per_rank)
-        got = got.view(self.ep_size, per_rank)
-        in_rows, out_rows = sent.sum(1).tolist(), got.sum(1).tolist()
+        split = [per_rank] * self.ep_size
+        got = mappings.all_to_all_rows(counts, split, split, self.ep_group).view(self.ep_size, per_rank)
+        in_rows = counts.view(self.ep_size, per_rank).sum(1).tolist()
+        out_rows = got.sum(1).tolist()
         recv = mappings.all_to_all(rows, out_rows, in_rows, self.ep_group)  # (source, expert) order
         # regroup the received rows by expert (source order within an expert), run, put back
+        starts = (got.reshape(-1).cumsum(0) - got.reshape(-1)).view(self.ep_size, per_rank).tolist()
         got_l = got.tolist()
-        starts, acc = [], 0
-        for src in range(self.ep_size):
-            row_starts = []
-            for e in range(per_rank):
-                row_starts.append(acc)
-                acc += got_l[src][e]
-            starts.append(row_starts)
-        perm = [torch.arange(starts[src][e], starts[src][e] + got_l[src][e])
-                for e in range(per_rank) for src in range(self.ep_size)]
-        perm = torch.cat(perm).to(rows.device)
-        local_counts = [sum(got_l[src][e] for src in range(self.ep_size)) for e in range(per_rank)]
+        perm = torch.cat([torch.arange(starts[src][e], starts[src][e] + got_l[src][e])
+                          for e in range(per_rank) for src in range(self.ep_size)]).to(rows.device)
+        local_counts = got.sum(0).tolist()
         out = self._compute(recv[perm], local_counts)[torch.argsort(perm)]
         return mappings.all_to_all(out, in_rows, out_rows, self.ep_group)
 
