@@ -126,14 +126,13 @@ def layer_params(s: CallShape, layer: int | None = None) -> int:
     return _attention_params(s) + 3 * h * f + (2 * f + h) * cfg.mlp_bias
 
 
-def stage_layer_count(s: CallShape, stage: int) -> int:
-    L = s.mcfg.num_hidden_layers
-    return (stage + 1) * L // s.pp - stage * L // s.pp
-
-
 def stage_layer_ids(s: CallShape, stage: int) -> range:
-    L = s.mcfg.num_hidden_layers
-    return range(stage * L // s.pp, (stage + 1) * L // s.pp)
+    """The layers pipeline stage ``stage`` holds (the model's own split)."""
+    return stage_layers(s.mcfg.num_hidden_layers, s.pp, stage)
+
+
+def stage_layer_count(s: CallShape, stage: int) -> int:
+    return len(stage_layer_ids(s, stage))
 
 
 def stage_moe_layers(s: CallShape, stage: int) -> int:
