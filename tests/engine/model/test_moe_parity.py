@@ -13,7 +13,8 @@ from meshrl.parallel import mappings
 from meshrl.parallel.layout import ParallelLayout
 from meshrl.testing.tiny_models import make_tiny_hf
 from tests.engine.model.test_hf_interop import _state
-from tests.engine.model.test_model_parity import check_logits, reference_models
+from tests.engine.model.test_model_parity import (assert_shard_close, check_logits,
+                                                  reference_models)
 
 KINDS = ["qwen3_moe", "mixtral"]
 LENGTHS = [5, 40, 1, 17]
@@ -55,7 +56,6 @@ def hf_grad(ref: dict, name: str, cfg) -> torch.Tensor:
 
 
 GRAD_LENGTHS = [5, 40, 1, 18]  # 64 tokens: sequence parallelism splits them over tp
-GRAD_RTOL, GRAD_ATOL = 1e-3, 1e-3
 AUX, Z = 0.5, 0.1  # large, so a wrong loss weighting moves the router's gradient visibly
 
 
@@ -151,13 +151,8 @@ def test_moe_gradients_with_router_losses_match_transformers(dist_pool, moe_mode
             assert metrics["router/z_loss"] == pytest.approx(z, rel=1e-5), kind
             for name, (spec, grad) in shards.items():
                 seen.add(name)
-                want = hf_grad(ref, name, cfg)
-                if spec.dim is not None:
-                    stop = min(spec.stop, want.shape[spec.dim])
-                    want = want.narrow(spec.dim, spec.start, stop - spec.start)
-                    grad = grad.narrow(spec.dim, 0, stop - spec.start)
-                torch.testing.assert_close(grad, want, rtol=GRAD_RTOL, atol=GRAD_ATOL,
-                                           msg=lambda m: f"{kind} {layout} sp={sp} {name}: {m}")
+                assert_shard_close(grad, spec, hf_grad(ref, name, cfg),
+                                   f"{kind} {layout} sp={sp} {name}")
         experts = {n for n in seen if ".experts." in n}
         assert len(experts) == 3 * cfg.num_experts * len(cfg.moe_layers), kind
 
