@@ -3,11 +3,9 @@ two gloo ranks: the reward moves and the router losses and per-layer loads reach
 GRPO run whose actor trains at ep=2 and generates at tp=2 (a reallocation between them every step)."""
 import pytest
 
-from tests.engine.runtime.test_algorithms import _base, _moved, _run
-from meshrl.engine.data.jsonl import write_jsonl
 from meshrl.engine.runtime.metrics import read_metrics
-from meshrl.engine.tasks import make_dataset
-from meshrl.study.setup import init_scratch_model
+from tests.engine.runtime.test_algorithms import _base, _moved, _run
+from tests.engine.runtime.tiny import tiny_task
 
 MOE = dict(architectures=["MixtralForCausalLM"], hidden_size=64, intermediate_size=64,
            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
@@ -16,10 +14,7 @@ MOE = dict(architectures=["MixtralForCausalLM"], hidden_size=64, intermediate_si
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("moe_runs")
-    model = init_scratch_model(str(d / "init"), seed=3, overrides=MOE)
-    write_jsonl(d / "prompts.jsonl", make_dataset(300, seed=5, digits=(1, 2)))
-    return d, model
+    return tiny_task(tmp_path_factory, "moe_runs", prompts=300, shape=MOE)
 
 
 def _with_ep(base, ep):

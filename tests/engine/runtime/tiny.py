@@ -10,10 +10,11 @@ SEVENS = "tests.engine.runtime.toy_rewards:sevens"
 
 
 def tiny_task(tmp_path_factory, name: str, *, model_seed: int = 3, std: float = 0.02,
-              prompts: int = 64, data_seed: int = 5):
+              prompts: int = 64, data_seed: int = 5, shape: dict = TINY):
     """(folder, model dir): ``prompts.jsonl`` holds 1–2-digit additions. std 0.2 gives next-token
-    distributions far from uniform (temperature, clipping and greedy ties then matter)."""
+    distributions far from uniform (temperature, clipping and greedy ties then matter). ``shape``:
+    the model's HF config overrides (default the tiny Llama)."""
     d = tmp_path_factory.mktemp(name)
-    model = init_scratch_model(str(d / "init"), seed=model_seed, overrides=TINY, std=std)
+    model = init_scratch_model(str(d / "init"), seed=model_seed, overrides=shape, std=std)
     write_jsonl(d / "prompts.jsonl", make_dataset(prompts, seed=data_seed, digits=(1, 2)))
     return d, model
